@@ -1,0 +1,162 @@
+"""DB post-processing on synthetic probability maps, with expected boxes computed by hand.
+
+A filled block of pixels covering columns x0..x1 and rows y0..y1 (inclusive) has the contour
+rectangle [x0, x1] x [y0, y1] (cv2: a pixel's index is its coordinate), so width w = x1 - x0 and
+height h = y1 - y0. Unclipping grows it by d = (w * h) * 1.5 / (2 * (w + h)) on every side.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from wds_ocr.config import PostprocessConfig
+from wds_ocr.eval.postprocess import Detection, boxes_from_prob, map_polygons
+
+CONFIG = PostprocessConfig(thresh=0.3, box_thresh=0.6, unclip_ratio=1.5, min_size=3, max_candidates=1000)
+
+# Block A: rows 20..39, columns 30..89 -> w = 59, h = 19, area 1121, perimeter 156.
+D_A = 1121 * 1.5 / 156  # 10.778846...
+# Block B: rows 80..99, columns 20..49 -> w = 29, h = 19, area 551, perimeter 96.
+D_B = 551 * 1.5 / 96  # 8.609375
+
+
+def _two_blocks() -> np.ndarray:
+    prob = np.zeros((128, 160), dtype=np.float32)
+    prob[20:40, 30:90] = 0.9
+    prob[80:100, 20:50] = 0.9
+    return prob
+
+
+def _bounds(detection: Detection) -> tuple[float, float, float, float]:
+    xs, ys = detection.polygon[:, 0], detection.polygon[:, 1]
+    return float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+
+
+def _by_top(detections: list[Detection]) -> list[Detection]:
+    return sorted(detections, key=lambda det: det.polygon[:, 1].min())
+
+
+def test_two_blocks_give_two_boxes_grown_by_the_unclip_distance():
+    detections = _by_top(boxes_from_prob(_two_blocks(), CONFIG))
+
+    assert len(detections) == 2
+    expected = [
+        (30 - D_A, 20 - D_A, 89 + D_A, 39 + D_A),  # (19.22, 9.22, 99.78, 49.78)
+        (20 - D_B, 80 - D_B, 49 + D_B, 99 + D_B),  # (11.39, 71.39, 57.61, 107.61)
+    ]
+    for detection, bounds in zip(detections, expected):
+        assert _bounds(detection) == pytest.approx(bounds, abs=0.01)
+        assert detection.score == pytest.approx(0.9, abs=1e-6)
+
+
+def test_box_is_float64_clockwise_from_top_left_and_read_only():
+    detection = _by_top(boxes_from_prob(_two_blocks(), CONFIG))[0]
+    polygon = detection.polygon
+    x_min, y_min, x_max, y_max = _bounds(detection)
+
+    assert polygon.shape == (4, 2)
+    assert polygon.dtype == np.float64
+    assert polygon.tolist() == [[x_min, y_min], [x_max, y_min], [x_max, y_max], [x_min, y_max]]
+    with pytest.raises(ValueError):
+        polygon[0, 0] = 0.0
+
+
+def test_rotated_block_keeps_its_orientation():
+    prob = np.zeros((200, 200), dtype=np.float32)
+    corners = np.array([[60, 40], [160, 100], [140, 133], [40, 73]], dtype=np.int32)
+    cv2.fillPoly(prob, [corners], 0.95)
+    (detection,) = boxes_from_prob(prob, CONFIG)
+    top_left, top_right, bottom_right, bottom_left = detection.polygon
+
+    # Long side runs down-right at about atan(60 / 100) = 31 degrees.
+    angle = np.degrees(np.arctan2(top_right[1] - top_left[1], top_right[0] - top_left[0]))
+    assert angle == pytest.approx(31.0, abs=2.0)
+    assert top_left[0] < top_right[0] and bottom_left[0] < bottom_right[0]
+    assert top_left[1] < bottom_left[1] and top_right[1] < bottom_right[1]
+
+
+def test_low_score_blob_is_dropped_by_box_thresh():
+    prob = _two_blocks()
+    prob[50:70, 100:150] = 0.5  # above thresh 0.3, below box_thresh 0.6
+
+    assert len(boxes_from_prob(prob, CONFIG)) == 2
+    lenient = boxes_from_prob(prob, CONFIG.model_copy(update={"box_thresh": 0.45}))
+    assert len(lenient) == 3
+
+
+def test_tiny_blob_is_dropped_by_min_size():
+    prob = _two_blocks()
+    prob[5:7, 140:142] = 0.9  # 2x2 pixels: contour rectangle 1 x 1, short side 1 < 3
+    prob[110:125, 140:142] = 0.9  # 2x15 pixels: short side 1 < 3
+
+    assert len(boxes_from_prob(prob, CONFIG)) == 2
+    # min_size 0: the strip (1 x 14, d = 14 * 1.5 / 30 = 0.7) grows to 2.4 wide >= 0 + 2 and stays;
+    # the blob (1 x 1, d = 1 * 1.5 / 4 = 0.375) grows to 1.75 < 2 and is still dropped.
+    kept = boxes_from_prob(prob, CONFIG.model_copy(update={"min_size": 0.0}))
+    assert len(kept) == 3
+
+
+def test_max_candidates_limits_the_contours_considered():
+    limited = boxes_from_prob(_two_blocks(), CONFIG.model_copy(update={"max_candidates": 1}))
+    assert len(limited) == 1
+
+
+def test_padding_is_ignored_and_boxes_are_clipped_to_the_valid_region():
+    prob = np.zeros((128, 160), dtype=np.float32)
+    prob[100:120, 120:150] = 0.9  # entirely in the padding
+    prob[20:40, 70:130] = 0.9  # straddles the valid edge at x = 100
+
+    assert len(boxes_from_prob(prob, CONFIG)) == 2
+    (detection,) = boxes_from_prob(prob, CONFIG, valid=(100, 90))
+
+    # Only columns 70..99 remain: w = 29, h = 19, d = 8.609375; the right side is clipped to 100.
+    assert _bounds(detection) == pytest.approx((70 - D_B, 20 - D_B, 100.0, 39 + D_B), abs=0.01)
+    assert _bounds(detection)[2] == 100.0
+    assert prob[100, 120] == pytest.approx(0.9)  # the caller's map is not modified
+
+
+def test_boxes_are_clipped_to_the_map():
+    prob = np.zeros((64, 64), dtype=np.float32)
+    prob[0:20, 0:30] = 0.9
+
+    (detection,) = boxes_from_prob(prob, CONFIG)
+    x_min, y_min, x_max, y_max = _bounds(detection)
+    d = 29 * 19 * 1.5 / 96
+    assert (x_min, y_min) == (0.0, 0.0)
+    assert (x_max, y_max) == pytest.approx((29 + d, 19 + d), abs=0.01)
+
+
+def test_empty_map_gives_no_detections():
+    assert boxes_from_prob(np.zeros((32, 32), dtype=np.float32), CONFIG) == []
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match=r"2-D \(H, W\) map, got shape \(1, 32, 32\)"):
+        boxes_from_prob(np.zeros((1, 32, 32), dtype=np.float32), CONFIG)
+    message = r"valid region \(40, 33\) does not fit a map of width 32, height 32"
+    with pytest.raises(ValueError, match=message):
+        boxes_from_prob(np.zeros((32, 32), dtype=np.float32), CONFIG, valid=(40, 33))
+
+
+def test_map_polygons_applies_scale_and_offset_inverse():
+    # Forward: x' = 0.5 x + 10, y' = 0.5 y + 20; the inverse maps the map frame back.
+    forward = np.array([[0.5, 0.0, 10.0], [0.0, 0.5, 20.0], [0.0, 0.0, 1.0]])
+    inverse = np.array([[2.0, 0.0, -20.0], [0.0, 2.0, -40.0], [0.0, 0.0, 1.0]])
+    square = np.array([[30, 40], [50, 40], [50, 60], [30, 60]])
+
+    (mapped,) = map_polygons([square], inverse)
+    assert mapped.dtype == np.float64
+    assert mapped.tolist() == [[40.0, 40.0], [80.0, 40.0], [80.0, 80.0], [40.0, 80.0]]
+    (back,) = map_polygons([mapped], forward)
+    assert back.tolist() == square.tolist()
+
+
+def test_map_polygons_divides_by_the_projective_weight():
+    doubled_weight = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    (mapped,) = map_polygons([np.array([[4.0, 6.0], [8.0, 2.0]])], doubled_weight)
+    assert mapped.tolist() == [[2.0, 3.0], [4.0, 1.0]]
+    assert map_polygons([], doubled_weight) == []
+    with pytest.raises(ValueError, match=r"matrix must be 3x3, got shape \(2, 3\)"):
+        map_polygons([np.zeros((4, 2))], np.zeros((2, 3)))

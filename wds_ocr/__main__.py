@@ -1,0 +1,3 @@
+from wds_ocr.cli import main
+
+main()

@@ -1,0 +1,201 @@
+"""The ``wds-ocr`` command line. The only module that prints to the user or picks exit codes.
+
+Commands import their modules lazily so ``wds-ocr --help`` stays fast and light.
+Exit codes: 0 success, 1 a problem found or an operation failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from wds_ocr.errors import WdsOcrError
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turn package errors into one clear message and their exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except WdsOcrError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+def config_options(func: Callable) -> Callable:
+    func = click.option(
+        "--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+        help="Override one setting, e.g. --set transform.size=512 (repeatable).",
+    )(func)
+    func = click.option(
+        "--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML or YAML config file.",
+    )(func)
+    return func
+
+
+def _load(config_file: Path | None, overrides: tuple[str, ...]):
+    from wds_ocr.config import load_config
+
+    return load_config(config_file, overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="wds-ocr")
+def cli() -> None:
+    """Text-detection data prepared once, offline, into verifiable WebDataset shards,
+    streamed to a mixed-precision DBNet trainer."""
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to create.")
+@click.option("--n", "count", default=32, show_default=True, type=click.IntRange(1), help="Number of receipts.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Random seed.")
+@click.option("--val-fraction", default=0.25, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
+@handle_errors
+def synth(out: Path, count: int, seed: int, val_fraction: float) -> None:
+    """Write N synthetic receipts (images/<split>/, jsons/<split>.json) to OUT."""
+    from wds_ocr.data.synth import synthesize
+
+    try:
+        summary = synthesize(out, count, seed, val_fraction=val_fraction)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    splits = ", ".join(f"{name} {n}" for name, n in summary.counts.items())
+    click.echo(f"wrote {sum(summary.counts.values())} receipts to {out} ({splits}); "
+               f"{summary.words} words, {summary.exif_tagged} stored with an EXIF orientation tag")
+
+
+@cli.command("build-shards")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", required=True, help="Split folder to build, e.g. train or val.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [shards/<split>].")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 512), help="Worker processes.")
+@click.option("--partition", help="Build only part i of n (i from 0), e.g. 0/4; join with wds-ocr merge.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+@handle_errors
+def build_shards_command(source: Path, split: str, out: Path | None, workers: int, partition: str | None,
+                         quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Pre-transform SOURCE's SPLIT into WebDataset shards with a manifest."""
+    from tqdm import tqdm
+
+    from wds_ocr.shards.build import Partition, build_shards
+
+    config = _load(config_file, overrides)
+    out = out or Path("shards") / split
+    part = Partition.parse(partition) if partition else None
+    started = time.perf_counter()
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, initial=p.done - 1, unit="sample", desc="build", disable=quiet, file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(written=p.written, rejected=p.rejected, refresh=False)
+
+    try:
+        result = build_shards(source, split, out, config, workers=workers, partition=part, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - started
+    counts = result.manifest.counts
+    if result.up_to_date:
+        click.echo(f"{result.manifest_path} is up to date ({counts['written']} samples in "
+                   f"{len(result.manifest.shards)} shards); nothing to do")
+        return
+    nbytes = sum(entry.bytes for entry in result.manifest.shards)
+    click.echo(
+        f"samples in {counts['samples_in']}: written {counts['written']}, rejected {counts['rejected']}; "
+        f"words skipped {counts['words_skipped']}\n"
+        f"{len(result.manifest.shards)} shards, {nbytes / 1e6:.1f} MB"
+        f"{f', {result.reused_shards} reused from an earlier run' if result.reused_shards else ''}; "
+        f"{elapsed:.1f} s ({counts['written'] / max(elapsed, 1e-9):.1f} samples/s)\n"
+        f"manifest: {result.manifest_path}"
+    )
+    if counts["rejected"] or counts["words_skipped"]:
+        reasons: dict[str, int] = {}
+        for item in result.rejects:
+            reason = item["reason"].split(":")[0] if item["kind"] == "word" else item["reason"]
+            reasons[f"{item['kind']}: {reason}"] = reasons.get(f"{item['kind']}: {reason}", 0) + 1
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
+            click.echo(f"  {n:5d} x {reason}")
+        click.echo(f"details: {result.rejects_path}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@handle_errors
+def merge(folder: Path) -> None:
+    """Join the part manifests of a partitioned build in FOLDER into manifest.json."""
+    from wds_ocr.shards.merge import merge_parts
+
+    manifest, path = merge_parts(folder)
+    click.echo(f"merged {manifest.counts['written']} samples in {len(manifest.shards)} shards into {path}")
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.option("--against-source", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Re-run the live pipeline on this source and require bit-equal records.")
+@click.option("--sample", type=click.IntRange(1), help="With --against-source: compare K random records only.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for --sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_options
+@handle_errors
+def verify(shards: Path, against_source: Path | None, sample: int | None, seed: int, as_json: bool,
+           config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Check SHARDS (folder or manifest): hashes, tar structure, records, staleness.
+
+    Staleness is checked against the code's pipeline version, and against --config/--set
+    when given. Exit 1 on any problem.
+    """
+    from wds_ocr.shards.verify import verify_shards
+
+    config = _load(config_file, overrides) if (config_file or overrides) else None
+    report = verify_shards(shards, config, against_source, sample, seed)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1, sort_keys=True))
+    else:
+        for problem in report.problems:
+            click.echo(problem.line())
+        compared = f", {report.compared_with_source} equal-checked against the source" if against_source else ""
+        verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)" + (" (stale)" if report.stale else "")
+        click.echo(f"{report.shards_checked} shards, {report.samples_checked} records checked{compared}: {verdict}")
+    sys.exit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.option("--key", help="Show this record (default: the first).")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write image | polygons | gt | thresh_map.")
+@handle_errors
+def inspect(shards: Path, key: str | None, png: Path | None) -> None:
+    """Counts, sizes, dtypes and bytes per sample of SHARDS; optionally a PNG of one record."""
+    from wds_ocr.shards.inspect import inspect_shards
+
+    summary = inspect_shards(shards, key, png)
+    for line in summary.lines():
+        click.echo(line)
+
+
+def main() -> None:
+    cli(prog_name="wds-ocr")

@@ -1,0 +1,85 @@
+"""The deterministic resize + pad transform and its exact inverse.
+
+The longest side goes to ``size`` with cv2 INTER_LINEAR on uint8, the other side to the nearest
+integer of the same scale; the result is zero-padded to ``size x size`` at the top-left (default)
+or centred. Points use continuous pixel coordinates (an image of width W spans [0, W]); in that
+frame cv2's resize maps x to ``x * new_w / W`` exactly, so polygons are scaled by the very same
+per-axis factors the pixels were, and the 3x3 matrices below are exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from wds_ocr.config import TransformConfig
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    source_size: tuple[int, int]  # (width, height) of the canonical image
+    size: int  # side of the square output
+    resized_size: tuple[int, int]  # (width, height) after resizing, before padding
+    offset: tuple[int, int]  # (x, y) of the resized image inside the padded square
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Per-axis factors (sx, sy) actually applied to the pixels."""
+        return (
+            self.resized_size[0] / self.source_size[0],
+            self.resized_size[1] / self.source_size[1],
+        )
+
+    def matrix(self) -> np.ndarray:
+        """3x3 float64 map from canonical-image coordinates to transformed coordinates."""
+        sx, sy = self.scale
+        return np.array([[sx, 0.0, self.offset[0]], [0.0, sy, self.offset[1]], [0.0, 0.0, 1.0]])
+
+    def inverse(self) -> np.ndarray:
+        """3x3 float64 map from transformed coordinates back to canonical-image coordinates."""
+        sx, sy = self.scale
+        ox, oy = self.offset
+        return np.array([[1.0 / sx, 0.0, -ox / sx], [0.0, 1.0 / sy, -oy / sy], [0.0, 0.0, 1.0]])
+
+
+def _round_half_up(value: float) -> int:
+    return int(np.floor(value + 0.5))
+
+
+def plan_resize(width: int, height: int, config: TransformConfig) -> ResizePlan:
+    """Plan the transform for a canonical image of ``width x height`` pixels."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    size = config.size
+    if width >= height:
+        new_w, new_h = size, max(1, min(size, _round_half_up(height * size / width)))
+    else:
+        new_w, new_h = max(1, min(size, _round_half_up(width * size / height))), size
+    if config.pad == "center":
+        offset = ((size - new_w) // 2, (size - new_h) // 2)
+    else:
+        offset = (0, 0)
+    return ResizePlan((width, height), size, (new_w, new_h), offset)
+
+
+def resize_and_pad(pixels: np.ndarray, plan: ResizePlan) -> np.ndarray:
+    """(size, size, 3) uint8: the image resized with INTER_LINEAR and zero-padded."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 image, got {pixels.dtype} {pixels.shape}")
+    if (pixels.shape[1], pixels.shape[0]) != plan.source_size:
+        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, plan is for {plan.source_size}")
+    resized = cv2.resize(pixels, plan.resized_size, interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((plan.size, plan.size, 3), dtype=np.uint8)
+    ox, oy = plan.offset
+    out[oy : oy + plan.resized_size[1], ox : ox + plan.resized_size[0]] = resized
+    return out
+
+
+def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Apply a 3x3 (affine or projective) matrix to (N, 2) points; float64 result."""
+    pts = np.asarray(points, dtype=np.float64)
+    homogeneous = pts @ matrix[:2, :2].T + matrix[:2, 2]
+    w = pts @ matrix[2, :2] + matrix[2, 2]
+    return homogeneous / w[:, None]

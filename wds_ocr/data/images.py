@@ -1,0 +1,393 @@
+"""Image file bytes -> the canonical upright image: (H, W, 3) uint8 RGB with EXIF Orientation applied.
+
+Conventions every later stage relies on:
+
+- Orientation comes from the EXIF Orientation tag (0x0112) read here from the container
+  (JPEG APP1, PNG eXIf, WebP EXIF chunk, TIFF IFD0) and is applied with ``orient_array``, never
+  by a decoder's own auto-rotation, so pixels and polygon maps (``orient_points``) agree exactly.
+  Missing or out-of-range tags mean 1 (as stored).
+- Alpha is composited over white: ``out = (color * a + 255 * (255 - a) + 127) // 255`` per
+  channel (documents are printed on white paper, so a transparent background is white).
+- 16-bit samples keep their high byte (``value >> 8``), the exact inverse of 8 -> 16 bit
+  widening, never clipping.
+- Grayscale and 1-bit images are replicated into three equal channels; CMYK (including Adobe's
+  inverted CMYK JPEG) and palette images are converted by Pillow.
+
+Decoder choice: the common case, 8-bit RGB or gray JPEG and PNG without transparency, goes
+through ``cv2.imdecode`` (a 4961x7016 receipt JPEG: ~150 ms against Pillow's ~410-490 ms; 2x on
+PNG; pixel-identical output); every other mode goes through Pillow. Truncation is decided here from the
+container structure (JPEG end-of-image marker, PNG IEND chunk, WebP RIFF size), not from a
+decoder's warnings, so a partially decoded image is never returned whatever the decoder does.
+TIFF and BMP have no such end marker; for them Pillow's strict loading decides (it raises on a
+short file unless someone sets ``ImageFile.LOAD_TRUNCATED_IMAGES``, which this package never does).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from wds_ocr.data.orientation import inverse_orientation, orient_array
+from wds_ocr.errors import SampleError
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
+_REEXPORT = "re-export the image as JPEG or PNG"
+_COPY_AGAIN = "copy or download the file again (it is incomplete)"
+_JPEG_HEADER_TRUNCATED = f"truncated JPEG: the file ends inside its header; {_COPY_AGAIN}"
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_EXIF_PREFIX = b"Exif\x00\x00"
+_ORIENTATION_TAG = 0x0112
+# JPEG start-of-frame markers: 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC).
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+# Markers without a length field: TEM and the restart markers RST0-RST7.
+_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
+# Inside entropy-coded data 0xFF is followed by 0x00 (stuffing), 0xD0-0xD7 (restart) or 0xFF
+# (fill); anything else is a real marker.
+_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_PNG_GRAY, _PNG_RGB = 0, 2
+# OpenCV >= 4.11 decodes straight to RGB (saves a full-image BGR->RGB pass); older ones give BGR.
+_IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+_SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_ALPHA_OR_PALETTE_MODES = frozenset({"LA", "La", "PA", "P", "RGBA", "RGBa"})
+_CONVERTIBLE_COLOR_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
+
+
+@dataclass(frozen=True, eq=False)
+class CanonicalImage:
+    """A decoded image in the displayed (tag-applied) frame.
+
+    ``eq=False``: equality of numpy arrays is element-wise, so identity is the only sound default.
+    """
+
+    pixels: np.ndarray  # (H, W, 3) uint8 RGB, C-contiguous, displayed frame
+    orientation: int  # EXIF orientation found in the file, 1..8 (1 when absent or invalid)
+    stored_size: tuple[int, int]  # (width, height) of the pixel array as stored in the file
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of ``pixels``."""
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the container says before any pixel is decoded."""
+
+    exif: bytes | None  # TIFF-structured EXIF block (starts with II*\0 or MM\0*)
+    defect: str | None  # why the container is truncated or malformed; None when intact
+    fast: bool  # 8-bit RGB or gray without alpha: decode with OpenCV
+
+
+def read_image_bytes(path: Path, name: str) -> bytes:
+    """The bytes of an image file; SampleError(name, ...) when it cannot be used."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise SampleError(name, f"image file not found: {path}; check the dataset folder and the file name") from None
+    except IsADirectoryError:
+        raise SampleError(name, f"expected an image file but found a directory: {path}") from None
+    except PermissionError:
+        raise SampleError(name, f"cannot read image file {path}: permission denied; make the file readable") from None
+    except OSError as exc:
+        raise SampleError(name, f"cannot read image file {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise SampleError(name, f"image file is empty (0 bytes): {path}; re-export or re-copy the image")
+    return data
+
+
+def read_orientation(data: bytes) -> int:
+    """EXIF Orientation (1..8) of JPEG/PNG/WebP/TIFF bytes without decoding pixels.
+
+    1 when the format is unknown, the tag is absent, malformed or outside 1..8.
+    """
+    image_format = _sniff_format(data)
+    if image_format is None:
+        return 1
+    return _orientation_from_exif(_inspect(data, image_format).exif)
+
+
+def decode_canonical(data: bytes, name: str) -> CanonicalImage:
+    """Decode image bytes into the canonical upright RGB uint8 image (see the module docstring).
+
+    Raises SampleError(name, reason) for empty, truncated, corrupt, non-image or unsupported data.
+    """
+    if not data:
+        raise SampleError(name, f"no image data (0 bytes); {_REEXPORT}")
+    image_format = _sniff_format(data)
+    if image_format is None:
+        raise SampleError(name, _not_an_image_reason(data))
+    layout = _inspect(data, image_format)
+    if layout.defect is not None:
+        raise SampleError(name, layout.defect)
+    decode = _decode_with_opencv if layout.fast else _decode_with_pillow
+    stored = decode(data, name, image_format)
+    orientation = _orientation_from_exif(layout.exif)
+    pixels = np.ascontiguousarray(orient_array(stored, orientation))
+    if not pixels.flags.writeable:  # arrays over Pillow's buffers are read-only; OpenCV's are not
+        pixels = pixels.copy()
+    stored_size = (int(stored.shape[1]), int(stored.shape[0]))
+    return CanonicalImage(pixels=pixels, orientation=orientation, stored_size=stored_size)
+
+
+# ----------------------------------------------------------------------------- containers
+
+
+def _sniff_format(data: bytes) -> str | None:
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _not_an_image_reason(data: bytes) -> str:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            other_format = image.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        other_format = None
+    if other_format is not None:
+        supported = ", ".join(SUPPORTED_FORMATS)
+        return f"unsupported image format {other_format} (supported: {supported}); {_REEXPORT}"
+    return (
+        f"not an image: the data starts with {data[:8]!r}, not a JPEG, PNG, WebP, TIFF or BMP signature; "
+        "check that the file is really an image"
+    )
+
+
+def _inspect(data: bytes, image_format: str) -> _Layout:
+    if image_format == "JPEG":
+        return _inspect_jpeg(data)
+    if image_format == "PNG":
+        return _inspect_png(data)
+    if image_format == "WEBP":
+        return _inspect_webp(data)
+    # TIFF keeps its tags in the file's own IFD0; BMP has no EXIF. Pillow judges their integrity.
+    return _Layout(exif=data if image_format == "TIFF" else None, defect=None, fast=False)
+
+
+def _inspect_jpeg(data: bytes) -> _Layout:
+    size = len(data)
+    exif: bytes | None = None
+    precision = components = None
+    pos = 2
+    while True:
+        if pos < size and data[pos] != 0xFF:
+            return _Layout(exif, f"corrupt JPEG: expected a marker at byte {pos}; {_REEXPORT}", False)
+        while pos < size and data[pos] == 0xFF:
+            pos += 1
+        if pos + 3 > size:
+            return _Layout(exif, _JPEG_HEADER_TRUNCATED, False)
+        marker = data[pos]
+        pos += 1
+        if marker in _STANDALONE_MARKERS:
+            continue
+        if marker == 0xD9:
+            return _Layout(exif, f"corrupt JPEG: end-of-image marker before any image data; {_REEXPORT}", False)
+        end = pos + int.from_bytes(data[pos : pos + 2], "big")
+        if end > size:
+            return _Layout(exif, _JPEG_HEADER_TRUNCATED, False)
+        payload = data[pos + 2 : end]
+        if marker == 0xE1 and exif is None and payload.startswith(_EXIF_PREFIX):
+            exif = payload[len(_EXIF_PREFIX) :]
+        elif marker in _SOF_MARKERS and len(payload) >= 6:
+            precision, components = payload[0], payload[5]
+        elif marker == 0xDA:
+            break
+        pos = end
+    if components is None:
+        return _Layout(exif, f"corrupt JPEG: image data without a frame header; {_REEXPORT}", False)
+    if not _jpeg_reaches_end_marker(data, end):
+        return _Layout(
+            exif, f"truncated JPEG: the file ends before its end-of-image marker; {_COPY_AGAIN}", False
+        )
+    return _Layout(exif, None, precision == 8 and components in (1, 3))
+
+
+def _jpeg_reaches_end_marker(data: bytes, scan_start: int) -> bool:
+    """Follow the scans (several in a progressive JPEG) up to the end-of-image marker."""
+    size = len(data)
+    pos = scan_start
+    while True:
+        found = _MARKER_IN_SCAN.search(data, pos)
+        if found is None:
+            return False
+        marker = data[found.start() + 1]
+        if marker == 0xD9:
+            return True
+        if marker in _STANDALONE_MARKERS:
+            pos = found.end()
+            continue
+        length_at = found.end()
+        if length_at + 2 > size:
+            return False
+        pos = length_at + int.from_bytes(data[length_at : length_at + 2], "big")
+        if pos > size:
+            return False
+
+
+def _inspect_png(data: bytes) -> _Layout:
+    size = len(data)
+    exif: bytes | None = None
+    bit_depth = color_type = None
+    transparent = False
+    seen_image_data = False
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= size:
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        chunk_type = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        if end > size:
+            break
+        payload = data[pos + 8 : pos + 8 + length]
+        if chunk_type == b"IHDR" and length >= 10:
+            bit_depth, color_type = payload[8], payload[9]
+        elif chunk_type == b"eXIf" and exif is None:
+            exif = payload[len(_EXIF_PREFIX) :] if payload.startswith(_EXIF_PREFIX) else payload
+        elif chunk_type == b"tRNS":
+            transparent = True
+        elif chunk_type == b"IDAT":
+            seen_image_data = True
+        elif chunk_type == b"IEND":
+            if bit_depth is None:
+                return _Layout(exif, f"corrupt PNG: no IHDR header chunk; {_REEXPORT}", False)
+            if not seen_image_data:
+                return _Layout(exif, f"corrupt PNG: no image data (IDAT) chunk; {_REEXPORT}", False)
+            fast = bit_depth == 8 and color_type in (_PNG_GRAY, _PNG_RGB) and not transparent
+            return _Layout(exif, None, fast)
+        pos = end
+    return _Layout(exif, f"truncated PNG: the file ends before its IEND chunk; {_COPY_AGAIN}", False)
+
+
+def _inspect_webp(data: bytes) -> _Layout:
+    size = len(data)
+    declared = 8 + int.from_bytes(data[4:8], "little")
+    exif: bytes | None = None
+    pos = 12
+    while pos + 8 <= min(size, declared):
+        chunk_size = int.from_bytes(data[pos + 4 : pos + 8], "little")
+        if data[pos : pos + 4] == b"EXIF":
+            payload = data[pos + 8 : pos + 8 + chunk_size]
+            exif = payload[len(_EXIF_PREFIX) :] if payload.startswith(_EXIF_PREFIX) else payload
+            break
+        pos += 8 + chunk_size + (chunk_size & 1)
+    if size < declared:
+        defect = f"truncated WebP: {size} of the {declared} bytes its header declares; {_COPY_AGAIN}"
+        return _Layout(exif, defect, False)
+    return _Layout(exif, None, False)
+
+
+def _orientation_from_exif(exif: bytes | None) -> int:
+    """The Orientation tag of IFD0 in a TIFF-structured block; 1 when absent or malformed."""
+    if exif is None or len(exif) < 8:
+        return 1
+    if exif[:4] == b"II*\x00":
+        order = "<"
+    elif exif[:4] == b"MM\x00*":
+        order = ">"
+    else:
+        return 1
+    (ifd,) = struct.unpack_from(order + "I", exif, 4)
+    if ifd + 2 > len(exif):
+        return 1
+    (count,) = struct.unpack_from(order + "H", exif, ifd)
+    for index in range(count):
+        entry = ifd + 2 + 12 * index
+        if entry + 12 > len(exif):
+            return 1
+        tag, field_type = struct.unpack_from(order + "HH", exif, entry)
+        if tag != _ORIENTATION_TAG:
+            continue
+        if field_type == 3:  # SHORT, the type the EXIF standard prescribes
+            (value,) = struct.unpack_from(order + "H", exif, entry + 8)
+        elif field_type == 4:  # LONG, written by a few tools
+            (value,) = struct.unpack_from(order + "I", exif, entry + 8)
+        else:
+            return 1
+        return value if 1 <= value <= 8 else 1
+    return 1
+
+
+# ----------------------------------------------------------------------------- decoders
+
+
+def _decode_with_opencv(data: bytes, name: str, image_format: str) -> np.ndarray:
+    # IGNORE_ORIENTATION: the tag is applied by orient_array, once, for pixels and points alike.
+    color = cv2.IMREAD_COLOR if _IMREAD_COLOR_RGB is None else _IMREAD_COLOR_RGB
+    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), color | cv2.IMREAD_IGNORE_ORIENTATION)
+    if pixels is None:
+        raise SampleError(name, f"corrupt {image_format}: the decoder rejected the image data; {_REEXPORT}")
+    if _IMREAD_COLOR_RGB is None:
+        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+    return pixels
+
+
+def _decode_with_pillow(data: bytes, name: str, image_format: str) -> np.ndarray:
+    try:
+        with Image.open(io.BytesIO(data), formats=[image_format]) as image:
+            tag_before = getattr(image, "tag_v2", {}).get(_ORIENTATION_TAG)
+            image.load()
+            pixels = _pillow_to_rgb(image, name, image_format)
+            tag_after = getattr(image, "tag_v2", {}).get(_ORIENTATION_TAG)
+    except SampleError:
+        raise
+    except UnidentifiedImageError:
+        raise SampleError(name, f"corrupt {image_format}: its header cannot be parsed; {_REEXPORT}") from None
+    except Image.DecompressionBombError as exc:
+        raise SampleError(name, f"image too large to decode safely: {exc}") from None
+    except Exception as exc:  # Pillow plugins raise many types on bad data (OSError, SyntaxError, struct.error...)
+        raise SampleError(name, f"corrupt {image_format}: {exc}; {_REEXPORT}") from None
+    # Pillow's TIFF reader applies the Orientation tag itself and then deletes it. Go back to the
+    # stored frame, so that orient_array stays the one place where orientation is applied.
+    if tag_before in (2, 3, 4, 5, 6, 7, 8) and tag_after is None:
+        return orient_array(pixels, inverse_orientation(tag_before))
+    return pixels
+
+
+def _pillow_to_rgb(image: Image.Image, name: str, image_format: str) -> np.ndarray:
+    mode = image.mode
+    if mode in ("RGB", "L") and image.info.get("transparency") is not None:
+        return _composite_over_white(np.asarray(image.convert("RGBA")))
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode == "L":
+        return _gray_to_rgb(np.asarray(image))
+    if mode == "1":
+        return _gray_to_rgb(np.asarray(image.convert("L")))
+    if mode in _SIXTEEN_BIT_GRAY_MODES:
+        return _gray_to_rgb((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+    if mode in _ALPHA_OR_PALETTE_MODES:
+        return _composite_over_white(np.asarray(image.convert("RGBA")))
+    if mode in _CONVERTIBLE_COLOR_MODES:
+        return np.asarray(image.convert("RGB"))
+    raise SampleError(name, f"unsupported pixel mode {mode} in a {image_format} file; re-export the image as 8-bit RGB")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, np.newaxis], 3, axis=2)
+
+
+def _composite_over_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8 over a white background, rounded to nearest."""
+    alpha = rgba[:, :, 3:4].astype(np.uint16)
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[:, :, :3])
+    color = rgba[:, :, :3].astype(np.uint16)
+    # color * a + 255 * (255 - a) <= 255 * 255, so uint16 holds every intermediate.
+    blended = (color * alpha + 255 * (255 - alpha) + 127) // 255
+    return blended.astype(np.uint8)

@@ -1,0 +1,278 @@
+"""Read detection datasets: the receipt project's JSON layout and ICDAR-2015 text ground truth.
+
+Both layouts keep images in ``ROOT/images/<split>/``:
+
+* ``json``:  ``ROOT/jsons/<split>.json`` =
+  ``{"images": {name: {"words": {id: {"points": [[x, y], ...], "transcription": "..."}}}}}``
+* ``icdar``: ``ROOT/gts/<split>/gt_<stem>.txt``, one ``x1,y1,...,x4,y4,transcription`` per line.
+
+Reading checks structure only (point counts, numbers, NaN/inf); checks that need the image
+(zero area, points outside the image) happen in ``pipeline``. Problems with one word are
+recorded as ``Skip`` entries and the word is left out; problems with a whole sample are
+rejects; an annotation file that is ambiguous (duplicate names) or unreadable is a
+``SourceError``. Nothing is dropped without a recorded reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wds_ocr.config import SourceConfig
+from wds_ocr.errors import SourceError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Word:
+    word_id: str
+    points: np.ndarray  # (K, 2) float64, K >= 3, in the frame named by SourceConfig.annotation_frame
+    text: str | None
+    dont_care: bool
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    index: int  # position in the sorted listing; keys and shard order derive from it
+    name: str  # file name as in the dataset (may hold several dots)
+    image_path: Path
+    words: tuple[Word, ...]
+    skips: tuple["Skip", ...] = ()  # words left out while reading, with reasons
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A word or sample left out, and why. ``word_id`` is None for a whole sample."""
+
+    name: str
+    reason: str
+    word_id: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "word_id": self.word_id, "reason": self.reason}
+
+
+@dataclass
+class SourceListing:
+    root: Path
+    split: str
+    format: str
+    annotation_sha256: str  # digest of the annotation file(s), in listing order
+    samples: list[SourceSample] = field(default_factory=list)
+    rejects: list[Skip] = field(default_factory=list)  # samples that cannot be read at all
+
+    @property
+    def total(self) -> int:
+        """Samples in: listed samples plus samples rejected while listing."""
+        return len(self.samples) + len(self.rejects)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise SourceError(f"{where}: key {key!r} appears twice; remove or rename one of them")
+        seen[key] = value
+    return seen
+
+
+def _check_name(name: str, where: str) -> str | None:
+    """Reason a file name is unusable, or None."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        return f"image name {name!r} in {where} is not a plain file name"
+    return None
+
+
+def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
+    """(points, None) for a valid polygon, else (None, reason)."""
+    try:
+        pts = np.asarray(raw, dtype=np.float64)
+    except (TypeError, ValueError):
+        return None, "points are not numbers"
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        return None, f"points must be a list of [x, y] pairs, got shape {list(pts.shape)}"
+    if pts.shape[0] < 3:
+        return None, f"polygon has {pts.shape[0]} points, need at least 3"
+    if not np.isfinite(pts).all():
+        return None, "points contain NaN or infinity"
+    return pts, None
+
+
+def _images_dir(root: Path, split: str) -> Path:
+    folder = root / "images" / split
+    if not folder.is_dir():
+        raise SourceError(f"{folder} does not exist: expected images in ROOT/images/{split}/")
+    return folder
+
+
+def _is_dont_care(text: str | None, config: SourceConfig) -> bool:
+    return text is not None and text.strip() in config.dont_care
+
+
+def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[Word], list[Skip], str | None]:
+    if not isinstance(entry, dict):
+        return [], [], f"entry for {name} must be an object with a 'words' object"
+    raw_words = entry.get("words", {})
+    if raw_words is None:
+        raw_words = {}
+    if not isinstance(raw_words, dict):
+        return [], [], f"'words' of {name} must be an object keyed by word id"
+    words: list[Word] = []
+    skips: list[Skip] = []
+    for word_id in sorted(raw_words):
+        raw = raw_words[word_id]
+        if not isinstance(raw, dict) or "points" not in raw:
+            skips.append(Skip(name, "word has no 'points'", word_id))
+            continue
+        points, problem = parse_points(raw["points"])
+        if problem is not None:
+            skips.append(Skip(name, problem, word_id))
+            continue
+        text = raw.get("transcription")
+        if text is not None and not isinstance(text, str):
+            text = str(text)
+        words.append(Word(word_id, points, text, _is_dont_care(text, config)))
+    return words, skips, None
+
+
+def _list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
+    ann = root / "jsons" / f"{split}.json"
+    try:
+        raw_bytes = ann.read_bytes()
+    except FileNotFoundError:
+        raise SourceError(f"{ann} does not exist: expected annotations in ROOT/jsons/{split}.json") from None
+    except OSError as exc:
+        raise SourceError(f"{ann} cannot be read: {exc}") from None
+    try:
+        doc = json.loads(raw_bytes.decode("utf-8-sig"), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{ann} is not UTF-8 text: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SourceError(f"{ann} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
+        raise SourceError(f'{ann} must hold {{"images": {{name: {{"words": ...}}}}}}')
+    folder = _images_dir(root, split)
+    listing = SourceListing(root, split, "json", hashlib.sha256(raw_bytes).hexdigest())
+    entries = doc["images"]
+    on_disk = {p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    names = sorted(set(entries) | on_disk)
+    for index, name in enumerate(names):
+        if name not in entries:
+            listing.rejects.append(Skip(name, f"image has no entry in {ann}"))
+            continue
+        problem = _check_name(name, str(ann))
+        if problem is None:
+            words, skips, problem = _words_from_json(name, entries[name], config)
+        if problem is not None:
+            listing.rejects.append(Skip(name, problem))
+            continue
+        listing.samples.append(SourceSample(index, name, folder / name, tuple(words), tuple(skips)))
+    return listing
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_icdar_line(line: str, config: SourceConfig) -> tuple[np.ndarray | None, str | None, str | None]:
+    """(points, transcription, problem) for one ICDAR text line.
+
+    The transcription is everything after the coordinates and may itself hold commas. With
+    ``icdar_coords="quad"`` the first 8 fields are the coordinates (ICDAR 2015); with "polygon"
+    the leading numeric fields are, taken as whole pairs, always leaving the last field as text.
+    """
+    fields = line.split(",")
+    if config.icdar_coords == "quad":
+        count = 8
+    else:
+        numeric = 0
+        while numeric < len(fields) - 1 and _is_number(fields[numeric].strip()):
+            numeric += 1
+        count = numeric - numeric % 2
+    if len(fields) < count or count == 0:
+        return None, None, f"expected {count or 'at least 6'} coordinates then a transcription, got {line!r}"
+    coords = fields[:count]
+    text = ",".join(fields[count:]) if len(fields) > count else None
+    try:
+        values = [float(c) for c in coords]
+    except ValueError:
+        return None, text, f"coordinates are not numbers: {','.join(coords)!r}"
+    points, problem = parse_points(np.asarray(values, dtype=np.float64).reshape(-1, 2))
+    return points, text, problem
+
+
+def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
+    folder = _images_dir(root, split)
+    gt_dir = root / "gts" / split
+    if not gt_dir.is_dir():
+        raise SourceError(f"{gt_dir} does not exist: expected ground truth in ROOT/gts/{split}/gt_<stem>.txt")
+    images = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    by_stem: dict[str, str] = {}
+    for name in images:
+        stem = Path(name).stem
+        if stem in by_stem:
+            raise SourceError(
+                f"{folder}: {by_stem[stem]} and {name} share the stem {stem!r}, so both would use "
+                f"{gt_dir / f'gt_{stem}.txt'}; rename one of them"
+            )
+        by_stem[stem] = name
+    gt_files = {p.name for p in gt_dir.iterdir() if p.is_file() and p.name.startswith("gt_")}
+    digest = hashlib.sha256()
+    listing = SourceListing(root, split, "icdar", "")
+    orphans = sorted(gt_files - {f"gt_{Path(n).stem}.txt" for n in images})
+    names = sorted(images + orphans)
+    for index, name in enumerate(names):
+        if name in gt_files:
+            listing.rejects.append(Skip(name, f"ground truth {gt_dir / name} has no image in {folder}"))
+            continue
+        gt_path = gt_dir / f"gt_{Path(name).stem}.txt"
+        try:
+            raw_bytes = gt_path.read_bytes()
+        except FileNotFoundError:
+            listing.rejects.append(Skip(name, f"no ground truth file {gt_path}"))
+            continue
+        except OSError as exc:
+            listing.rejects.append(Skip(name, f"ground truth {gt_path} cannot be read: {exc}"))
+            continue
+        digest.update(gt_path.name.encode() + b"\x00" + hashlib.sha256(raw_bytes).digest())
+        try:
+            text = raw_bytes.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            listing.rejects.append(Skip(name, f"ground truth {gt_path} is not UTF-8 text: {exc}"))
+            continue
+        words: list[Word] = []
+        skips: list[Skip] = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            word_id = f"{number:04d}"
+            points, transcription, problem = parse_icdar_line(line.strip("\r\n"), config)
+            if problem is not None:
+                skips.append(Skip(name, f"{gt_path.name} line {number}: {problem}", word_id))
+                continue
+            words.append(Word(word_id, points, transcription, _is_dont_care(transcription, config)))
+        listing.samples.append(SourceSample(index, name, folder / name, tuple(words), tuple(skips)))
+    listing.annotation_sha256 = digest.hexdigest()
+    return listing
+
+
+def list_source(root: str | Path, split: str, config: SourceConfig) -> SourceListing:
+    """List every sample of a split, sorted by file name, with reading problems recorded."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"source folder {root} does not exist")
+    if not split or "/" in split or split in (".", ".."):
+        raise SourceError(f"split {split!r} must be a plain folder name such as train or val")
+    if config.format == "json":
+        return _list_json(root, split, config)
+    return _list_icdar(root, split, config)

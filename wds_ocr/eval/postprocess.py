@@ -1,0 +1,159 @@
+"""DB post-processing: one probability map -> scored quadrilaterals (MhLiao/DB ``boxes_from_bitmap``).
+
+Steps, per connected region of ``prob > thresh``:
+
+1. its contour (``cv2.findContours``, RETR_LIST + CHAIN_APPROX_SIMPLE; the first ``max_candidates``);
+2. the minimum-area rectangle of the contour; dropped when its short side is below ``min_size``;
+3. score = mean probability inside that rectangle; dropped when below ``box_thresh``;
+4. unclip: the rectangle offset outwards by ``area * unclip_ratio / perimeter`` (pyclipper, round
+   joins), which undoes the shrink the training targets applied to the text polygons;
+5. the minimum-area rectangle of the grown shape; dropped when its short side is below
+   ``min_size + 2``; finally clipped to the image.
+
+Coordinates are in the map's pixel frame with cv2's convention: a pixel's (column, row) index is its
+coordinate, so a region covering columns 30..89 yields a contour from x=30 to x=89. Nothing is
+rounded here; the caller maps polygons back to the original image (``map_polygons`` with the
+sample's inverse matrix) and rounds there if it wants to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyclipper
+
+from wds_ocr.config import PostprocessConfig
+
+# pyclipper works on integers: coordinates are scaled by this factor so the offset keeps 1/256 px.
+_CLIPPER_SCALE = 256.0
+# Largest distance (in pixels) between a round join's true arc and its polygon approximation.
+_ARC_TOLERANCE_PX = 0.25
+
+
+@dataclass(frozen=True, eq=False)
+class Detection:
+    """One detected text box: four corners clockwise from the top-left, and its mean probability."""
+
+    polygon: np.ndarray  # (4, 2) float64, read-only
+    score: float
+
+
+def boxes_from_prob(
+    prob: np.ndarray,
+    config: PostprocessConfig,
+    valid: tuple[int, int] | None = None,
+) -> list[Detection]:
+    """Scored boxes from one ``(H, W)`` probability map.
+
+    ``valid=(width, height)`` says only the top-left ``width x height`` part of the map is image and
+    the rest is padding: padding is ignored (zeroed before binarizing) and boxes are clipped to the
+    valid part instead of the whole map.
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    if prob.ndim != 2:
+        raise ValueError(f"prob must be a 2-D (H, W) map, got shape {prob.shape}")
+    height, width = prob.shape
+    if valid is not None:
+        valid_width, valid_height = int(valid[0]), int(valid[1])
+        if not (0 <= valid_width <= width and 0 <= valid_height <= height):
+            raise ValueError(
+                f"valid region {valid} does not fit a map of width {width}, height {height}"
+            )
+        if (valid_width, valid_height) != (width, height):
+            prob = prob.copy()
+            prob[valid_height:, :] = 0.0
+            prob[:, valid_width:] = 0.0
+        width, height = valid_width, valid_height
+
+    bitmap = (prob > config.thresh).astype(np.uint8)
+    contours, _ = cv2.findContours(bitmap, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+
+    detections = []
+    for contour in contours[: config.max_candidates]:
+        box, short_side = _min_area_box(contour.reshape(-1, 2))
+        if short_side < config.min_size:
+            continue
+        score = _mean_inside(prob, box)
+        if score < config.box_thresh:
+            continue
+        grown = _unclip(box, config.unclip_ratio)
+        if grown is None:
+            continue
+        box, short_side = _min_area_box(grown)
+        if short_side < config.min_size + 2:
+            continue
+        box[:, 0] = np.clip(box[:, 0], 0.0, float(width))
+        box[:, 1] = np.clip(box[:, 1], 0.0, float(height))
+        box.setflags(write=False)
+        detections.append(Detection(polygon=box, score=score))
+    return detections
+
+
+def map_polygons(polygons: list[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:
+    """Apply a 3x3 affine or projective ``matrix`` to each ``(K, 2)`` point array (float64 out)."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    if matrix.shape != (3, 3):
+        raise ValueError(f"matrix must be 3x3, got shape {matrix.shape}")
+    mapped = []
+    for polygon in polygons:
+        points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        homogeneous = np.hstack([points, np.ones((len(points), 1))]) @ matrix.T
+        mapped.append(homogeneous[:, :2] / homogeneous[:, 2:3])
+    return mapped
+
+
+def _min_area_box(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """Minimum-area rectangle of ``points``: corners ordered clockwise from top-left, short side."""
+    rect = cv2.minAreaRect(np.asarray(points, dtype=np.float32).reshape(-1, 1, 2))
+    corners = cv2.boxPoints(rect).astype(np.float64)
+    return _order_clockwise(corners), float(min(rect[1]))
+
+
+def _order_clockwise(corners: np.ndarray) -> np.ndarray:
+    """Order four rectangle corners as top-left, top-right, bottom-right, bottom-left.
+
+    The two corners with the smallest x form the left side (the upper one is top-left), the other
+    two the right side; with y pointing down that order runs clockwise on screen.
+    """
+    by_x = corners[np.argsort(corners[:, 0], kind="stable")]
+    left, right = by_x[:2], by_x[2:]
+    top_left, bottom_left = left[np.argsort(left[:, 1], kind="stable")]
+    top_right, bottom_right = right[np.argsort(right[:, 1], kind="stable")]
+    return np.array([top_left, top_right, bottom_right, bottom_left], dtype=np.float64)
+
+
+def _mean_inside(prob: np.ndarray, box: np.ndarray) -> float:
+    """Mean of ``prob`` over the pixels of the filled ``box``, computed within its bounding rectangle."""
+    map_height, map_width = prob.shape
+    x_min = int(np.clip(np.floor(box[:, 0].min()), 0, map_width - 1))
+    x_max = int(np.clip(np.ceil(box[:, 0].max()), 0, map_width - 1))
+    y_min = int(np.clip(np.floor(box[:, 1].min()), 0, map_height - 1))
+    y_max = int(np.clip(np.ceil(box[:, 1].max()), 0, map_height - 1))
+    mask = np.zeros((y_max - y_min + 1, x_max - x_min + 1), dtype=np.uint8)
+    # Rounded, not truncated: box corners from cv2.boxPoints carry float noise (29.99998).
+    local = np.round(box - np.array([x_min, y_min])).astype(np.int32)
+    cv2.fillPoly(mask, [local.reshape(-1, 1, 2)], 1)
+    return float(cv2.mean(prob[y_min : y_max + 1, x_min : x_max + 1], mask)[0])
+
+
+def _unclip(box: np.ndarray, unclip_ratio: float) -> np.ndarray | None:
+    """Offset ``box`` outwards by ``area * unclip_ratio / perimeter``; None for a degenerate box."""
+    xs, ys = box[:, 0], box[:, 1]
+    area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
+    perimeter = float(np.linalg.norm(box - np.roll(box, -1, axis=0), axis=1).sum())
+    if area <= 0.0 or perimeter <= 0.0:
+        return None
+    distance = area * unclip_ratio / perimeter
+    offset = pyclipper.PyclipperOffset()
+    offset.ArcTolerance = _ARC_TOLERANCE_PX * _CLIPPER_SCALE
+    offset.AddPath(
+        np.round(box * _CLIPPER_SCALE).astype(np.int64).tolist(),
+        pyclipper.JT_ROUND,
+        pyclipper.ET_CLOSEDPOLYGON,
+    )
+    paths = offset.Execute(distance * _CLIPPER_SCALE)
+    if not paths:
+        return None
+    return np.concatenate([np.asarray(path, dtype=np.float64) for path in paths]) / _CLIPPER_SCALE

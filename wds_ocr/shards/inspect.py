@@ -1,0 +1,78 @@
+"""inspect: what a shard folder holds, and a picture of one record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wds_ocr.errors import ManifestError, ShardFormatError
+from wds_ocr.shards.codec import Record, decode_record
+from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
+from wds_ocr.shards.tario import iter_members
+
+
+@dataclass
+class InspectSummary:
+    manifest: Manifest
+    record: Record
+    shard: str
+    png: Path | None
+    arrays: list[tuple[str, str, tuple[int, ...], int]] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        m = self.manifest
+        total = sum(e.bytes for e in m.shards)
+        counts = m.counts
+        out = [
+            f"shards: {len(m.shards)}  samples: {m.total_samples}  bytes: {total:,} "
+            f"({total / max(m.total_samples, 1) / 1e6:.2f} MB per sample)",
+            f"source: {m.source.get('format')} split {m.source.get('split')}; in {counts.get('samples_in')}, "
+            f"written {counts.get('written')}, rejected {counts.get('rejected')}, words skipped {counts.get('words_skipped')}",
+            f"settings: size {m.image_size}, fingerprint {m.fingerprint[:16]}...",
+        ]
+        for entry in m.shards:
+            out.append(f"  {entry.name}: {entry.samples} samples, {entry.bytes:,} bytes, "
+                       f"{entry.first_key} .. {entry.last_key}, sha256 {entry.sha256[:16]}...")
+        meta = self.record.meta
+        out.append(f"record {self.record.key} (in {self.shard}): {meta['name']}, original "
+                   f"{meta['original_size'][0]}x{meta['original_size'][1]}, orientation {meta['orientation']}, "
+                   f"{len(meta['word_ids'])} polygons")
+        for name, dtype, shape, nbytes in self.arrays:
+            out.append(f"  {name:18s} {dtype:4s} {str(list(shape)):16s} {nbytes:>10,} bytes")
+        if self.png is not None:
+            out.append(f"wrote {self.png}")
+        return out
+
+
+def read_record(folder: Path, manifest: Manifest, key: str | None) -> tuple[Record, str]:
+    """One record by key (default: the first), read with a single seek from the manifest offsets."""
+    for entry in manifest.shards:
+        if key is None or key in entry.keys:
+            position = 0 if key is None else entry.keys.index(key)
+            start, stop = entry.span(position)
+            with open(folder / entry.name, "rb") as handle:
+                handle.seek(start)
+                member = next(iter_members(handle, entry.name, start, stop))
+            return decode_record(member.data, entry.name, member.key), entry.name
+    raise ShardFormatError(str(folder), key, "no such key in the manifest; list keys with tar tf on a shard")
+
+
+def inspect_shards(location: str | Path, key: str | None = None, png: Path | None = None) -> InspectSummary:
+    path = manifest_path(location)
+    manifest = load_manifest(path)
+    if not manifest.shards:
+        raise ManifestError(f"{path} lists no shards")
+    record, shard = read_record(path.parent, manifest, key)
+    arrays = [(n, a.dtype.str.lstrip("<|"), a.shape, a.nbytes) for n, a in record.arrays.items()]
+    if png is not None:
+        from wds_ocr.viz import record_panel, write_png
+
+        targets = manifest.record_settings["targets"]
+        panel = record_panel(
+            record.arrays["image"], record.polygons(), record.arrays["ignored"].astype(bool),
+            record.arrays["gt"], record.arrays["thresh_map"], (targets["thresh_min"], targets["thresh_max"]),
+        )
+        write_png(png, panel)
+    return InspectSummary(manifest, record, shard, png, arrays)

@@ -1,0 +1,190 @@
+"""Reproducible tar writing and a strict tar member reader.
+
+Writing: ustar members with fixed mtime/uid/gid/mode and empty owner names, in the order given,
+so the same records always give the same bytes. Reading: only flat, regular members named
+``<key>.<ext>`` are accepted; absolute or ``..`` paths, folders, links, devices and fifos, and
+headers with a bad checksum are errors that name the shard and the member. Unlike ``tarfile``
+the reader can start at any member offset and stop after a byte limit (exact range reads from the
+manifest's per-sample offsets).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from wds_ocr.errors import ShardFormatError
+
+BLOCK = 512
+MAX_MEMBER_BYTES = 1 << 31
+
+
+@dataclass(frozen=True)
+class Member:
+    key: str
+    extension: str
+    offset: int  # byte offset of the member's header block in the shard
+    span: int  # header + data + padding
+    data: bytes
+    header: bytes  # the raw 512-byte header block
+    padding: bytes  # the raw bytes between the data and the next block boundary
+
+    def span_bytes_digest(self) -> str:
+        """sha256 hex of the member exactly as stored (header + data + padding)."""
+        digest = hashlib.sha256(self.header)
+        digest.update(self.data)
+        digest.update(self.padding)
+        return digest.hexdigest()
+
+
+def member_span(size: int) -> int:
+    """Bytes a member of ``size`` data bytes occupies: header block + data padded to 512."""
+    return BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what passes through."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.member = hashlib.sha256()
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.member.update(data)
+        self.count += len(data)
+        return self.raw.write(data)
+
+    def tell(self) -> int:
+        return self.count
+
+
+class TarWriter:
+    """Append members with fixed metadata; track offsets, bytes and sha256."""
+
+    def __init__(self, raw: BinaryIO):
+        self._out = _HashingWriter(raw)
+        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
+        self.offsets: list[int] = []
+        self.members_end = 0
+
+    def add(self, name: str, data: bytes) -> tuple[int, str]:
+        """Append a member; return its header offset and the sha256 hex of its span."""
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.type = tarfile.REGTYPE
+        offset = self._out.count
+        self._out.member = hashlib.sha256()
+        self._tar.addfile(info, io.BytesIO(data))
+        self.offsets.append(offset)
+        self.members_end = self._out.count
+        return offset, self._out.member.hexdigest()
+
+    def close(self) -> tuple[int, str]:
+        """Write the end-of-archive blocks; return (total bytes, sha256 hex)."""
+        self._tar.close()
+        return self._out.count, self._out.sha256.hexdigest()
+
+
+def _octal(field: bytes) -> int | None:
+    text = field.rstrip(b"\x00 ").lstrip(b" ")
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        return None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _octal(header[148:156])
+    computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+    return stored == computed
+
+
+def parse_header(header: bytes, shard: str, offset: int) -> tuple[str, str, int] | None:
+    """(key, extension, size) of a member header, None for an end-of-archive block."""
+    if header == b"\x00" * BLOCK:
+        return None
+    raw_name = header[0:100].split(b"\x00", 1)[0]
+    prefix = header[345:500].split(b"\x00", 1)[0] if header[257:262] == b"ustar" else b""
+    where = f"member at byte {offset}"
+    try:
+        name = (prefix + b"/" + raw_name if prefix else raw_name).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardFormatError(shard, None, f"{where}: name is not UTF-8") from None
+    if not _checksum_ok(header):
+        raise ShardFormatError(shard, None, f"{where} ({name!r}): header checksum mismatch (corrupt shard)")
+    kind = header[156:157]
+    if kind not in (b"0", b"\x00"):
+        what = {b"1": "hard link", b"2": "symbolic link", b"3": "character device", b"4": "block device",
+                b"5": "folder", b"6": "fifo"}.get(kind, f"type {kind!r} entry")
+        raise ShardFormatError(shard, None, f"{where} ({name!r}) is a {what}; shards hold regular files only")
+    if name.startswith("/") or "/" in name or "\\" in name or name in (".", ".."):
+        raise ShardFormatError(shard, None, f"{where}: path {name!r} is not a flat member name (absolute or nested paths are refused)")
+    if "." not in name or name.startswith("."):
+        raise ShardFormatError(shard, None, f"{where}: name {name!r} is not of the form <key>.<extension>")
+    key, extension = name.split(".", 1)
+    size = _octal(header[124:136])
+    if size is None or size < 0 or size > MAX_MEMBER_BYTES:
+        raise ShardFormatError(shard, key, f"{where}: size field is invalid or over 2 GiB")
+    return key, extension, size
+
+
+def _read_exact(stream: BinaryIO, count: int) -> bytes:
+    data = stream.read(count)
+    if len(data) == count or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < count:
+        more = stream.read(count - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def iter_members(
+    stream: BinaryIO, shard: str, start: int = 0, stop: int | None = None, hasher=None
+) -> Iterator[Member]:
+    """Yield members from ``stream`` positioned at byte ``start`` of the shard, up to byte ``stop``.
+
+    With ``stop=None`` reading continues to the end-of-archive blocks, which must be present.
+    ``hasher`` (e.g. hashlib.sha256()) sees every byte read, for streaming integrity checks.
+    """
+    offset = start
+    while stop is None or offset < stop:
+        header = _read_exact(stream, BLOCK)
+        if hasher is not None:
+            hasher.update(header)
+        if len(header) < BLOCK:
+            if stop is None:
+                raise ShardFormatError(shard, None, f"truncated at byte {offset + len(header)}: no end-of-archive blocks")
+            raise ShardFormatError(shard, None, f"truncated at byte {offset + len(header)}, expected data up to {stop}")
+        parsed = parse_header(header, shard, offset)
+        if parsed is None:
+            if stop is not None:
+                raise ShardFormatError(shard, None, f"end-of-archive at byte {offset}, expected members up to {stop}")
+            return
+        key, extension, size = parsed
+        padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        data = _read_exact(stream, size)
+        padding = _read_exact(stream, padded - size) if padded > size else b""
+        if hasher is not None:
+            hasher.update(data)
+            hasher.update(padding)
+        if len(data) + len(padding) < padded:
+            raise ShardFormatError(shard, key, f"truncated: member needs {size} bytes, {len(data)} present")
+        yield Member(key, extension, offset, BLOCK + padded, data, header, padding)
+        offset += BLOCK + padded
