@@ -259,3 +259,21 @@ def test_rss_stays_flat_over_five_epochs(synth_root, tmp_path):
     # own caching moves RSS by a few batches (a few MB) at most.
     growth = rss[-1] - rss[0]
     assert growth < per_epoch // 2, f"RSS grew by {growth / 1e6:.1f} MB over epochs 1-5: {[r // 10**6 for r in rss]}"
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_threaded_loader_yields_the_same_batches_as_dataloader_workers(uneven_shards, threads):
+    stream = ShardStream(uneven_shards, batch_size=2, train=True, seed=9, shuffle_block=2)
+    stream.set_epoch(1)
+    processes = list(make_loader(stream, 2))
+    threaded = list(make_loader(stream, threads, mode="threads"))
+    assert [b.keys for b in threaded] == [b.keys for b in processes]
+    assert all(torch.equal(a.images, b.images) and torch.equal(a.thresh_map, b.thresh_map)
+               for a, b in zip(threaded, processes))
+    stream.set_epoch(1, start_batch=3)
+    assert [b.keys for b in make_loader(stream, threads, mode="threads")] == [b.keys for b in processes[3:]]
+
+
+def test_unknown_loader_mode_is_refused(uneven_shards):
+    with pytest.raises(ValueError, match="loader mode must be 'threads' or 'processes', got 'gpu'"):
+        make_loader(ShardStream(uneven_shards, batch_size=2), 1, mode="gpu")

@@ -197,5 +197,52 @@ def inspect(shards: Path, key: str | None, png: Path | None) -> None:
         click.echo(line)
 
 
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", "shards", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Shards built from SOURCE (folder or manifest).")
+@click.option("--split", default=None, help="Split of SOURCE [the split the shards were built from].")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256))
+@click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--seconds", "min_seconds", default=5.0, show_default=True, type=click.FloatRange(0.0),
+              help="Run whole epochs of each path until this much time has passed.")
+@click.option("--no-stock", is_flag=True, help="Skip the stock-webdataset (.npy members) comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@config_options
+@handle_errors
+def bench(source: Path, shards: Path, split: str | None, workers: int, batch_size: int, min_seconds: float,
+          no_stock: bool, as_json: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Side by side: the live per-epoch path on SOURCE against streaming --shards."""
+    from wds_ocr.bench import run_bench
+    from wds_ocr.shards.manifest import load_manifest
+    from wds_ocr.shards.verify import config_from_manifest
+
+    manifest = load_manifest(shards)
+    config = _load(config_file, overrides) if (config_file or overrides) else config_from_manifest(manifest)
+    if config.fingerprint() != manifest.fingerprint:
+        _fail("the live path would not produce these shards (settings differ); pass the config they were built "
+              "with, or omit --config/--set to take it from the manifest", 2)
+    split = split or manifest.source["split"]
+    result = run_bench(source, split, shards, config, workers, batch_size, min_seconds, not no_stock,
+                       progress=None if as_json else lambda text: click.echo(f"... {text}", err=True))
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=1, sort_keys=True))
+        return
+    rows = [result.live, result.shards, result.shards_processes]
+    rows += [result.stock_webdataset] if result.stock_webdataset else []
+    click.echo(f"{result.samples_per_epoch} samples per epoch, batch {batch_size}, {workers} workers; "
+               f"normalization: {result.normalize_on}")
+    click.echo(f"{'path':22s} {'samples/s':>10s} {'MB/s':>9s} {'1st batch s':>11s} {'peak RSS MB':>11s} {'epochs':>6s}")
+    for row in rows:
+        click.echo(f"{row.name:22s} {row.samples_per_second:10.1f} {row.mb_per_second:9.1f} "
+                   f"{row.first_batch_seconds:11.3f} {row.peak_rss_mb:11.0f} {row.epochs:6d}")
+    click.echo(f"raw sequential read of the shard files: {result.raw_read_mb_per_second:.0f} MB/s")
+    click.echo(f"shards / live: {result.speedup:.1f}x samples/s; shard loader reads at "
+               f"{100 * result.raw_fraction:.0f}% of the raw read rate")
+    if result.stock_webdataset:
+        click.echo(f"shards / stock webdataset (.npy): "
+                   f"{result.shards.samples_per_second / max(result.stock_webdataset.samples_per_second, 1e-12):.1f}x")
+
+
 def main() -> None:
     cli(prog_name="wds-ocr")

@@ -16,8 +16,10 @@ With ``verify=True`` every member's sha256 is checked against the manifest as it
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +31,7 @@ import webdataset as wds
 from wds_ocr.errors import IntegrityError, ShardFormatError
 from wds_ocr.loader.plan import BatchPlan, plan_batches
 from wds_ocr.loader.remote import RangeReader, open_location
-from wds_ocr.shards.codec import MAP_NAMES, MEMBER_EXTENSION, decode_record
+from wds_ocr.shards.codec import MEMBER_EXTENSION, decode_record
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest
 from wds_ocr.shards.tario import BLOCK, parse_header
 
@@ -84,13 +86,25 @@ class Batch:
         return Batch(**pinned, info=self.info, index=self.index, skipped=self.skipped)
 
 
-def _allocate(shape: tuple[int, ...], dtype: torch.dtype, where: str) -> torch.Tensor:
-    tensor = torch.empty(shape, dtype=dtype)
+def _allocate_batch(n: int, size: int, where: str) -> dict[str, torch.Tensor]:
+    """All five fields of a batch as views into one storage: shared (worker), pinned or plain."""
+    layout = []
+    nbytes = 0
+    for name, (_, dtype, rank) in _FIELDS.items():
+        shape = (n, size, size, 3) if rank == 3 else (n, size, size)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        nbytes += (-nbytes) % 64
+        layout.append((name, dtype, shape, nbytes // itemsize))
+        nbytes += itemsize * int(np.prod(shape))
     if where == "shared":
-        tensor.share_memory_()
-    elif where == "pinned":
-        tensor = tensor.pin_memory()
-    return tensor
+        storage = torch.UntypedStorage._new_shared(nbytes)
+    else:
+        storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=where == "pinned").untyped_storage()
+    out = {}
+    for name, dtype, shape, offset in layout:
+        stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
+        out[name] = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
+    return out
 
 
 class ShardStream(wds.DataPipeline):
@@ -125,14 +139,24 @@ class ShardStream(wds.DataPipeline):
         self.verify = verify
         self.on_error = on_error
         self.rank, self.world_size = _rank_world(rank, world_size)
-        self.epoch = 0
-        self.start_batch = 0
+        # (epoch, start_batch) in shared memory: persistent DataLoader workers read the value the
+        # main process set before each epoch, so they need not be restarted every epoch.
+        self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.size = manifest.image_size
         super().__init__(self._plans, wds.split_by_worker, self._read_batches)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
+        """Select the epoch (training order) and the batch to start from (resume)."""
+        self._position[0] = epoch
+        self._position[1] = start_batch
+
+    @property
+    def epoch(self) -> int:
+        return int(self._position[0])
+
+    @property
+    def start_batch(self) -> int:
+        return int(self._position[1])
 
     def plans(self) -> list[BatchPlan]:
         return plan_batches(self.manifest, self.batch_size, self.rank, self.world_size, self.train,
@@ -176,10 +200,7 @@ class ShardStream(wds.DataPipeline):
     def read_batch(self, plan: BatchPlan, where: str = "plain") -> Batch:
         n = len(plan.samples)
         s = self.size
-        out = {
-            name: _allocate((n, s, s, 3) if rank == 3 else (n, s, s), dtype, where)
-            for name, (_, dtype, rank) in _FIELDS.items()
-        }
+        out = _allocate_batch(n, s, where)
         views = {name: t.numpy() for name, t in out.items()}
         info: list[SampleInfo] = []
         skipped: list[tuple[str, str | None, str]] = []
@@ -224,15 +245,57 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def make_loader(stream: ShardStream, workers: int, prefetch: int = 2) -> torch.utils.data.DataLoader:
-    """A DataLoader over ready-made batches (batch_size=None), pinned when CUDA is present."""
+class ThreadedLoader:
+    """Batches read by a pool of threads in the main process, in plan order.
+
+    The per-sample work is a positioned read plus one copy into the batch, both of which release
+    the GIL, so threads scale without worker processes: batches need no shared-memory transfer
+    and go straight into pinned memory when CUDA is present.
+    """
+
+    def __init__(self, stream: ShardStream, threads: int = 2, prefetch: int = 2):
+        self.stream = stream
+        self.threads = max(1, threads)
+        self.depth = max(1, threads * prefetch)
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def __iter__(self) -> Iterator[Batch]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        where = "pinned" if torch.cuda.is_available() else "plain"
+        plans = iter(self.stream.plans())
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="wds-ocr-read") as pool:
+            pending = deque(pool.submit(self.stream.read_batch, plan, where) for plan in itertools.islice(plans, self.depth))
+            while pending:
+                batch = pending.popleft().result()
+                plan = next(plans, None)
+                if plan is not None:
+                    pending.append(pool.submit(self.stream.read_batch, plan, where))
+                yield batch
+
+
+def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str = "processes"):
+    """An iterable of Batches for ``stream``.
+
+    ``mode="processes"``: a torch DataLoader over ready-made batches (batch_size=None), pinned when
+    CUDA is present; ``workers`` worker processes persist across epochs (``stream.set_epoch``
+    reaches them through shared memory). ``mode="threads"``: a ThreadedLoader with ``workers``
+    threads in this process — no shared-memory hand-off, the faster choice for this loader's
+    read-and-copy work (see docs/BENCHMARKS.md). Both yield the same batches in the same order.
+    """
+    if mode == "threads":
+        return ThreadedLoader(stream, threads=max(1, workers), prefetch=prefetch)
+    if mode != "processes":
+        raise ValueError(f"loader mode must be 'threads' or 'processes', got {mode!r}")
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch, multiprocessing_context="fork" if os.name == "posix" else None)
     return torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, **kwargs,
+        persistent_workers=workers > 0, **kwargs,
     )
 
 
-__all__ = ["Batch", "SampleInfo", "ShardStream", "make_loader", "MAP_NAMES"]
+__all__ = ["Batch", "SampleInfo", "ShardStream", "ThreadedLoader", "make_loader"]
