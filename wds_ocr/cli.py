@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -134,11 +135,18 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
     if counts["rejected"] or counts["words_skipped"]:
         reasons: dict[str, int] = {}
         for item in result.rejects:
-            reason = item["reason"].split(":")[0] if item["kind"] == "word" else item["reason"]
-            reasons[f"{item['kind']}: {reason}"] = reasons.get(f"{item['kind']}: {reason}", 0) + 1
+            group = f"{item['kind']}: {_reason_group(item['reason'])}"
+            reasons[group] = reasons.get(group, 0) + 1
         for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
             click.echo(f"  {n:5d} x {reason}")
         click.echo(f"details: {result.rejects_path}")
+
+
+def _reason_group(reason: str) -> str:
+    """A reason without its file/line prefix, numbers and details, for counting similar ones."""
+    reason = re.sub(r"^\S+ line \d+: ", "", reason)
+    reason = re.sub(r"-?\d+(\.\d+)?", "#", reason)
+    return reason.split(":")[0].split(" (")[0]
 
 
 @cli.command()

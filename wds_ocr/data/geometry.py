@@ -1,9 +1,13 @@
 """The deterministic resize + pad transform and its exact inverse.
 
 The longest side goes to ``size`` with cv2 INTER_LINEAR on uint8, the other side to the nearest
-integer of the same scale; the result is zero-padded to ``size x size`` at the top-left (default)
-or centred. Points use continuous pixel coordinates (an image of width W spans [0, W]); in that
-frame cv2's resize maps x to ``x * new_w / W`` exactly, so polygons are scaled by the very same
+integer of the same scale (halves round up, at least 1 pixel); the result is zero-padded to
+``size x size`` at the top-left (default) or centred (offset ``(size - new) // 2``).
+
+Points use continuous pixel coordinates: pixel (col, row) covers [col, col+1) x [row, row+1), its
+centre is (col + 0.5, row + 0.5), and an image of width W spans [0, W]. In that frame cv2's resize
+maps x to ``x * new_w / W`` exactly (it samples destination pixel j at source position
+``(j + 0.5) * W / new_w - 0.5`` in pixel-index units), so polygons are scaled by the very same
 per-axis factors the pixels were, and the 3x3 matrices below are exact.
 """
 
@@ -44,19 +48,23 @@ class ResizePlan:
         return np.array([[1.0 / sx, 0.0, -ox / sx], [0.0, 1.0 / sy, -oy / sy], [0.0, 0.0, 1.0]])
 
 
-def _round_half_up(value: float) -> int:
-    return int(np.floor(value + 0.5))
+def _scaled_round_half_up(side: int, size: int, longest: int) -> int:
+    """round_half_up(side * size / longest) in exact integer arithmetic (no float ties to misjudge)."""
+    return (2 * side * size + longest) // (2 * longest)
 
 
 def plan_resize(width: int, height: int, config: TransformConfig) -> ResizePlan:
     """Plan the transform for a canonical image of ``width x height`` pixels."""
+    if int(width) != width or int(height) != height:
+        raise ValueError(f"image size must be whole pixels, got {width!r}x{height!r}")
+    width, height = int(width), int(height)
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     size = config.size
     if width >= height:
-        new_w, new_h = size, max(1, min(size, _round_half_up(height * size / width)))
+        new_w, new_h = size, max(1, min(size, _scaled_round_half_up(height, size, width)))
     else:
-        new_w, new_h = max(1, min(size, _round_half_up(width * size / height))), size
+        new_w, new_h = max(1, min(size, _scaled_round_half_up(width, size, height))), size
     if config.pad == "center":
         offset = ((size - new_w) // 2, (size - new_h) // 2)
     else:

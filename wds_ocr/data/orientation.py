@@ -25,7 +25,11 @@ _INVERSE = {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 8, 7: 7, 8: 6}
 
 
 def _check(orientation: int) -> None:
-    if orientation not in _INVERSE:
+    try:
+        known = orientation in _INVERSE
+    except TypeError:  # unhashable: a list, an array
+        known = False
+    if not known:
         raise ValueError(f"EXIF orientation must be one of 1..8, got {orientation!r}")
 
 

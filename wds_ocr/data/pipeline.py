@@ -71,9 +71,11 @@ def check_word_geometry(
             f"y in [{low[1]:g}, {high[1]:g}] (check the annotation frame: source.annotation_frame)",
             word.word_id,
         )
+    if polygon_area(points) == 0.0:
+        return None, Skip(name, "polygon has zero area", word.word_id)
     clipped = np.clip(points, [0.0, 0.0], [float(width), float(height)])
     if polygon_area(clipped) == 0.0:
-        return None, Skip(name, "polygon has zero area", word.word_id)
+        return None, Skip(name, f"polygon has zero area once clipped to the {width}x{height} image", word.word_id)
     return clipped, None
 
 

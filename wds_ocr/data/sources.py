@@ -27,6 +27,7 @@ from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SourceError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,42 @@ def _check_name(name: str, where: str) -> str | None:
     return None
 
 
+def _is_coordinate(value: Any) -> bool:
+    # bool is an int subclass; JSON true/false is never a coordinate. Strings are not either,
+    # even numeric ones: a quoted number is a sign of a broken export.
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
-    """(points, None) for a valid polygon, else (None, reason)."""
-    try:
-        pts = np.asarray(raw, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None, "points are not numbers"
-    if pts.ndim != 2 or pts.shape[1] != 2:
-        return None, f"points must be a list of [x, y] pairs, got shape {list(pts.shape)}"
+    """(points, None) for a valid polygon, else (None, reason).
+
+    ``raw`` is a list of [x, y] pairs of JSON numbers, or a numeric (K, 2) array.
+    """
+    if isinstance(raw, np.ndarray):
+        if raw.dtype.kind not in "iuf":
+            return None, f"points are not numbers (array of {raw.dtype})"
+        pts = raw.astype(np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 2:
+            return None, f"points must be a list of [x, y] pairs, got shape {list(pts.shape)}"
+    else:
+        if not isinstance(raw, (list, tuple)) or not all(isinstance(point, (list, tuple)) for point in raw):
+            return None, f"points must be a list of [x, y] pairs, got {_shown(raw)}"
+        for point in raw:
+            for value in point:
+                if not _is_coordinate(value):
+                    return None, f"points are not numbers: {_shown(value)} in {_shown(list(point))}"
+        for point in raw:
+            if len(point) != 2:
+                return None, f"points must be [x, y] pairs, got a point with {len(point)} values: {_shown(list(point))}"
+        try:
+            pts = np.array(raw, dtype=np.float64).reshape(-1, 2)
+        except OverflowError:
+            return None, "points contain numbers too large for float64"
     if pts.shape[0] < 3:
         return None, f"polygon has {pts.shape[0]} points, need at least 3"
     if not np.isfinite(pts).all():
@@ -109,6 +138,22 @@ def _images_dir(root: Path, split: str) -> Path:
     if not folder.is_dir():
         raise SourceError(f"{folder} does not exist: expected images in ROOT/images/{split}/")
     return folder
+
+
+def _decode_utf8(raw_bytes: bytes) -> str:
+    """UTF-8 text without its optional byte-order mark; a decode error's positions are file offsets."""
+    skip = len(_UTF8_BOM) if raw_bytes.startswith(_UTF8_BOM) else 0
+    try:
+        return raw_bytes[skip:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnicodeDecodeError(exc.encoding, raw_bytes, exc.start + skip, exc.end + skip, exc.reason) from None
+
+
+def _undecodable_at(raw_bytes: bytes, exc: UnicodeDecodeError) -> str:
+    """Where the first undecodable byte is, as line and column (both from 1, column in bytes)."""
+    line = raw_bytes.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (raw_bytes.rfind(b"\n", 0, exc.start) + 1) + 1
+    return f"byte 0x{raw_bytes[exc.start]:02x} at line {line} column {column} ({exc.reason}); save the file as UTF-8"
 
 
 def _is_dont_care(text: str | None, config: SourceConfig) -> bool:
@@ -127,7 +172,10 @@ def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[
     skips: list[Skip] = []
     for word_id in sorted(raw_words):
         raw = raw_words[word_id]
-        if not isinstance(raw, dict) or "points" not in raw:
+        if not isinstance(raw, dict):
+            skips.append(Skip(name, f"word must be an object with 'points', got {_shown(raw)}", word_id))
+            continue
+        if "points" not in raw:
             skips.append(Skip(name, "word has no 'points'", word_id))
             continue
         points, problem = parse_points(raw["points"])
@@ -150,9 +198,9 @@ def _list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
     except OSError as exc:
         raise SourceError(f"{ann} cannot be read: {exc}") from None
     try:
-        doc = json.loads(raw_bytes.decode("utf-8-sig"), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
+        doc = json.loads(_decode_utf8(raw_bytes), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{ann} is not UTF-8 text: {exc}") from None
+        raise SourceError(f"{ann} is not UTF-8 text: {_undecodable_at(raw_bytes, exc)}") from None
     except json.JSONDecodeError as exc:
         raise SourceError(f"{ann} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
@@ -226,7 +274,7 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
                 f"{gt_dir / f'gt_{stem}.txt'}; rename one of them"
             )
         by_stem[stem] = name
-    gt_files = {p.name for p in gt_dir.iterdir() if p.is_file() and p.name.startswith("gt_")}
+    gt_files = {p.name for p in gt_dir.iterdir() if p.is_file() and p.name.startswith("gt_") and p.suffix == ".txt"}
     digest = hashlib.sha256()
     listing = SourceListing(root, split, "icdar", "")
     orphans = sorted(gt_files - {f"gt_{Path(n).stem}.txt" for n in images})
@@ -246,17 +294,21 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
             continue
         digest.update(gt_path.name.encode() + b"\x00" + hashlib.sha256(raw_bytes).digest())
         try:
-            text = raw_bytes.decode("utf-8-sig")
+            text = _decode_utf8(raw_bytes)
         except UnicodeDecodeError as exc:
-            listing.rejects.append(Skip(name, f"ground truth {gt_path} is not UTF-8 text: {exc}"))
+            reason = f"ground truth {gt_path} is not UTF-8 text: {_undecodable_at(raw_bytes, exc)}"
+            listing.rejects.append(Skip(name, reason))
             continue
         words: list[Word] = []
         skips: list[Skip] = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Split on "\n" only: str.splitlines() also splits on characters a transcription may hold
+        # (U+0085, U+2028, form feed, ...), which would cut a line in two and shift line numbers.
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             word_id = f"{number:04d}"
-            points, transcription, problem = parse_icdar_line(line.strip("\r\n"), config)
+            points, transcription, problem = parse_icdar_line(line, config)
             if problem is not None:
                 skips.append(Skip(name, f"{gt_path.name} line {number}: {problem}", word_id))
                 continue
@@ -271,7 +323,7 @@ def list_source(root: str | Path, split: str, config: SourceConfig) -> SourceLis
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"source folder {root} does not exist")
-    if not split or "/" in split or split in (".", ".."):
+    if not split or "/" in split or "\\" in split or "\x00" in split or split in (".", ".."):
         raise SourceError(f"split {split!r} must be a plain folder name such as train or val")
     if config.format == "json":
         return _list_json(root, split, config)
