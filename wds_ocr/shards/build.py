@@ -2,26 +2,24 @@
 
 Order and bytes depend only on the source and the record settings: samples are processed in
 listing order (N worker processes compute, the parent writes in order), so 1 or N workers give
-byte-identical shards. Each shard is written under a temporary name, fsynced and renamed; then a
-journal entry (in ``.journal.<prefix>/``) records what it covers. A build killed at any point and
-run again keeps the shards whose journal entry and sha256 check out, continues after them, and
-ends byte-identical to an uninterrupted build. The manifest is written last; the journal is then
-removed. ``--partition i/n`` builds a disjoint, contiguous part of the listing; ``merge_parts``
+byte-identical shards. Shards are written by ``writer.ShardSink`` (temporary name, fsync, rename,
+journal entry); a build killed at any point and run again keeps the shards the journal vouches for
+(``journal.reusable_entries``), continues after them, and ends byte-identical to an uninterrupted
+build. The rejects file and then the manifest are written last; the journal is then removed. A
+rerun over an unchanged source with the same settings finds the manifest current and rewrites
+nothing. ``--partition i/n`` builds a disjoint, contiguous part of the listing; ``merge_parts``
 joins the part manifests.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import multiprocessing
-import os
 import platform
 import re
-import shutil
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,22 +30,14 @@ from wds_ocr import __version__
 from wds_ocr.config import Config
 from wds_ocr.data.images import read_image_bytes
 from wds_ocr.data.pipeline import process_sample
-from wds_ocr.data.sources import SourceListing, SourceSample, list_source
+from wds_ocr.data.sources import Skip, SourceListing, SourceSample, list_source
 from wds_ocr.errors import BuildError, ManifestError, SampleError
-from wds_ocr.shards.codec import MEMBER_EXTENSION, encode_record
-from wds_ocr.shards.manifest import (
-    DIGEST_HEX,
-    MANIFEST_NAME,
-    Manifest,
-    ShardEntry,
-    load_manifest,
-    write_atomic,
-    write_manifest,
-)
-from wds_ocr.shards.tario import BLOCK, TarWriter, member_span
+from wds_ocr.shards.codec import encode_record
+from wds_ocr.shards.journal import BuildLock, Journal, file_sha256, remove_strays, reusable_entries
+from wds_ocr.shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, load_manifest, write_atomic, write_manifest
+from wds_ocr.shards.writer import Outcome, ShardSink, shard_name
 
-_RECORDSIZE = 20 * BLOCK
-_UNREADABLE = "unreadable"
+UNREADABLE = "unreadable"  # the image digest recorded for a file that cannot be read
 
 
 @dataclass(frozen=True)
@@ -63,6 +53,8 @@ class Partition:
         index, count = int(match.group(1)), int(match.group(2))
         if count < 1 or not 0 <= index < count:
             raise BuildError(f"--partition {text!r}: need 0 <= i < n")
+        if count > 999:
+            raise BuildError(f"--partition {text!r}: at most 999 parts")
         return cls(index, count)
 
     def bounds(self, total: int) -> tuple[int, int]:
@@ -103,14 +95,12 @@ class BuildResult:
     up_to_date: bool = False
 
 
-@dataclass
-class _Outcome:
-    position: int
-    digest: str
-    record: bytes | None = None
-    key: str | None = None
-    reject: dict[str, Any] | None = None
-    skips: list[dict[str, Any]] = field(default_factory=list)
+def image_digest(sample: SourceSample) -> str:
+    """sha256 hex of a sample's image file, or ``UNREADABLE``."""
+    try:
+        return hashlib.sha256(read_image_bytes(sample.image_path, sample.name)).hexdigest()
+    except SampleError:
+        return UNREADABLE
 
 
 # --- worker side -----------------------------------------------------------------------------
@@ -119,39 +109,49 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(samples: list[SourceSample], config: Config) -> None:
-    cv2.setNumThreads(1)
+    cv2.setNumThreads(1)  # one core per worker: N workers use N cores, not N x all cores
     _WORKER["samples"] = samples
     _WORKER["config"] = config
 
 
-def _skip_dicts(sample: SourceSample, skips) -> list[dict[str, Any]]:
+def _skip_dicts(sample: SourceSample, skips: tuple[Skip, ...]) -> list[dict[str, Any]]:
     return [dict(s.as_dict(), index=sample.index, kind="word") for s in skips]
 
 
-def _process_one(position: int) -> _Outcome:
+def _rejected(position: int, sample: SourceSample, digest: str, reason: str) -> Outcome:
+    reject = {"index": sample.index, "kind": "sample", "name": sample.name, "word_id": None, "reason": reason}
+    return Outcome(position, digest, reject=reject, skips=_skip_dicts(sample, sample.skips))
+
+
+def _process_one(position: int) -> Outcome:
     sample: SourceSample = _WORKER["samples"][position]
     config: Config = _WORKER["config"]
     try:
         data = read_image_bytes(sample.image_path, sample.name)
     except SampleError as exc:
-        reject = {"index": sample.index, "kind": "sample", "name": sample.name, "word_id": None, "reason": exc.reason}
-        return _Outcome(position, _UNREADABLE, reject=reject, skips=_skip_dicts(sample, sample.skips))
+        return _rejected(position, sample, UNREADABLE, exc.reason)
     digest = hashlib.sha256(data).hexdigest()
     try:
         processed = process_sample(sample, config, data)
     except SampleError as exc:
-        reject = {"index": sample.index, "kind": "sample", "name": sample.name, "word_id": None, "reason": exc.reason}
-        return _Outcome(position, digest, reject=reject, skips=_skip_dicts(sample, sample.skips))
+        return _rejected(position, sample, digest, exc.reason)
     key = record_key(sample.index, sample.name)
-    return _Outcome(position, digest, encode_record(processed, key), key, skips=_skip_dicts(sample, processed.skips))
+    return Outcome(position, digest, encode_record(processed, key), key, skips=_skip_dicts(sample, processed.skips))
 
 
-def _outcomes(samples: list[SourceSample], config: Config, positions: range, workers: int) -> Iterator[_Outcome]:
+def _outcomes(samples: list[SourceSample], config: Config, positions: range, workers: int) -> Iterator[Outcome]:
     """Outcomes in position order; at most ``4 * workers`` samples in flight."""
+    if not positions:
+        return
     if workers <= 1:
+        threads = cv2.getNumThreads()
         _init_worker(samples, config)
-        for position in positions:
-            yield _process_one(position)
+        try:
+            for position in positions:
+                yield _process_one(position)
+        finally:
+            _WORKER.clear()
+            cv2.setNumThreads(threads)
         return
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_init_worker, initargs=(samples, config)) as pool:
@@ -163,154 +163,13 @@ def _outcomes(samples: list[SourceSample], config: Config, positions: range, wor
                 break
         while pending:
             outcome = pending.popleft().get()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(pool.apply_async(_process_one, (nxt,)))
+            following = next(todo, None)
+            if following is not None:
+                pending.append(pool.apply_async(_process_one, (following,)))
             yield outcome
 
 
-# --- parent side -----------------------------------------------------------------------------
-
-
-class _Journal:
-    """Per-part record of completed shards, so a killed build resumes where it stopped."""
-
-    def __init__(self, out_dir: Path, prefix: str, settings: dict[str, Any]):
-        self.folder = out_dir / f".journal.{prefix}"
-        self.settings = settings
-
-    def load(self) -> list[dict[str, Any]]:
-        """Entries whose settings match; an empty list (and a wiped journal) otherwise."""
-        settings_file = self.folder / "settings.json"
-        try:
-            stored = json.loads(settings_file.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
-            stored = None
-        if stored != self.settings:
-            self.reset()
-            return []
-        entries = []
-        for path in sorted(self.folder.glob("*.tar.json")):
-            try:
-                entries.append(json.loads(path.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
-        return entries
-
-    def reset(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
-        write_atomic(self.folder / "settings.json", json.dumps(self.settings, sort_keys=True).encode())
-
-    def add(self, entry: dict[str, Any]) -> None:
-        write_atomic(self.folder / f"{entry['shard']['name']}.json", json.dumps(entry, sort_keys=True).encode())
-
-    def drop_from(self, name: str) -> None:
-        for path in sorted(self.folder.glob("*.tar.json")):
-            if path.name >= f"{name}.json":
-                path.unlink()
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class _ShardSink:
-    """Writes records into rolling shards: temp name, fsync, rename, journal entry."""
-
-    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int, journal: _Journal, first_index: int):
-        self.out_dir = out_dir
-        self.prefix = prefix
-        self.max_samples = max_samples
-        self.max_bytes = max_bytes
-        self.journal = journal
-        self.index = first_index
-        self.entries: list[ShardEntry] = []
-        self._open: tuple[Path, Any, TarWriter] | None = None
-        self._keys: list[str] = []
-        self._digests: list[str] = []
-        self._pending: dict[str, list] = {"rejects": [], "skips": [], "digests": []}
-
-    def name(self, index: int) -> str:
-        return f"{self.prefix}-{index:06d}.tar"
-
-    @property
-    def tail(self) -> dict[str, list]:
-        """Outcomes noted since the last closed shard (rejects after the last written sample)."""
-        return self._pending
-
-    def _would_overflow(self, size: int) -> bool:
-        if self._open is None:
-            return False
-        writer = self._open[2]
-        end = writer.members_end + member_span(size) + 2 * BLOCK
-        projected = (end + _RECORDSIZE - 1) // _RECORDSIZE * _RECORDSIZE
-        return projected > self.max_bytes
-
-    def consume(self, outcome: _Outcome) -> None:
-        """Note an outcome; append its record, rolling over by bytes before and by count after."""
-        if outcome.record is not None and self._would_overflow(len(outcome.record)):
-            self.close(next_position=outcome.position)
-        self._pending["digests"].append(outcome.digest)
-        if outcome.reject is not None:
-            self._pending["rejects"].append(outcome.reject)
-        self._pending["skips"].extend(outcome.skips)
-        if outcome.record is None or outcome.key is None:
-            return
-        if self._open is None:
-            final = self.out_dir / self.name(self.index)
-            tmp = final.with_name(f".{final.name}.tmp")
-            handle = open(tmp, "wb")
-            self._open = (tmp, handle, TarWriter(handle))
-        writer = self._open[2]
-        _, digest = writer.add(f"{outcome.key}.{MEMBER_EXTENSION}", outcome.record)
-        self._keys.append(outcome.key)
-        self._digests.append(digest[:DIGEST_HEX])
-        if len(self._keys) >= self.max_samples:
-            self.close(next_position=outcome.position + 1)
-
-    def close(self, next_position: int) -> None:
-        if self._open is None:
-            return
-        tmp, handle, writer = self._open
-        total, sha = writer.close()
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
-        final = self.out_dir / self.name(self.index)
-        os.replace(tmp, final)
-        entry = ShardEntry(
-            name=final.name,
-            samples=len(self._keys),
-            bytes=total,
-            sha256=sha,
-            first_key=self._keys[0],
-            last_key=self._keys[-1],
-            keys=tuple(self._keys),
-            offsets=tuple(writer.offsets),
-            digests=tuple(self._digests),
-            members_end=writer.members_end,
-        )
-        self.journal.add({"shard": asdict(entry), "next": next_position, **self._pending})
-        self.entries.append(entry)
-        self.index += 1
-        self._open = None
-        self._keys, self._digests = [], []
-        self._pending = {"rejects": [], "skips": [], "digests": []}
-
-    def abort(self) -> None:
-        if self._open is not None:
-            tmp, handle, _ = self._open
-            handle.close()
-            tmp.unlink(missing_ok=True)
-            self._open = None
+# --- manifest and rejects --------------------------------------------------------------------
 
 
 def environment() -> dict[str, str]:
@@ -343,6 +202,12 @@ def _reject_sort_key(item: dict[str, Any]) -> tuple:
     return (index, item["name"], item["kind"] != "sample", item["word_id"] or "", item["reason"])
 
 
+def write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
+    """rejects.jsonl: one JSON object per rejected sample or skipped word, in listing order."""
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in sorted(rejects, key=_reject_sort_key)]
+    write_atomic(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+
+
 def _names(partition: Partition | None) -> tuple[str, str, str]:
     if partition is None or partition.count == 1:
         return "shard", MANIFEST_NAME, "rejects.jsonl"
@@ -350,44 +215,93 @@ def _names(partition: Partition | None) -> tuple[str, str, str]:
     return f"shard-{tag}", f"manifest.part-{tag}.json", f"rejects.part-{tag}.jsonl"
 
 
-class _Lock:
-    def __init__(self, path: Path):
-        self.path = path
-        self.handle = None
+@dataclass(frozen=True)
+class _Plan:
+    """What one build (or part) covers and depends on."""
 
-    def __enter__(self) -> "_Lock":
-        self.handle = open(self.path, "a+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.handle.close()
-            raise BuildError(f"{self.path.parent} is being written by another build (lock {self.path.name}); "
-                             "wait for it or use another --out") from None
-        return self
+    listing: SourceListing
+    split: str
+    config: Config
+    partition: Partition | None
+    lo: int
+    hi: int
 
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.handle, fcntl.LOCK_UN)
-        self.handle.close()
-        self.path.unlink(missing_ok=True)
+    @property
+    def partitioned(self) -> bool:
+        return self.partition is not None and self.partition.count > 1
+
+    @property
+    def listing_rejects(self) -> list[dict[str, Any]]:
+        """Samples rejected while listing: counted once, by the whole build or by part 0."""
+        return _listing_rejects(self.listing) if not self.partitioned or self.partition.index == 0 else []
+
+    def source_fields(self, digests: list[str]) -> dict[str, Any]:
+        listing = self.listing
+        rejected_names = sorted(r.name for r in listing.rejects)
+        return {
+            "format": listing.format,
+            "split": self.split,
+            "annotation_sha256": listing.annotation_sha256,
+            "fingerprint": None if self.partitioned else source_fingerprint(listing.annotation_sha256, rejected_names, digests),
+            "listed": listing.total,
+            "listing_rejects": rejected_names,
+        }
+
+    def partition_fields(self) -> dict[str, int] | None:
+        if not self.partitioned:
+            return None
+        return {"index": self.partition.index, "count": self.partition.count, "lo": self.lo, "hi": self.hi}
+
+    def manifest(self, entries: list[ShardEntry], digests: list[str], rejects: int, skips: int) -> Manifest:
+        samples_in = (self.hi - self.lo) + len(self.listing_rejects)
+        written = sum(entry.samples for entry in entries)
+        if written + rejects != samples_in:
+            raise BuildError(f"internal count mismatch: {samples_in} samples in, {written} written, {rejects} rejected")
+        return Manifest(
+            fingerprint=self.config.fingerprint(),
+            record_settings=self.config.record_settings(),
+            source=self.source_fields(digests),
+            counts={"samples_in": samples_in, "written": written, "rejected": rejects, "words_skipped": skips},
+            shard_settings=self.config.shards.model_dump(mode="json"),
+            shards=tuple(entries),
+            environment=environment(),
+            partition=self.partition_fields(),
+            source_digests=tuple(digests) if self.partitioned else None,
+        )
+
+    def digest_at(self, position: int) -> str:
+        return image_digest(self.listing.samples[position])
 
 
-def write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
-    """rejects.jsonl: one JSON object per rejected sample or skipped word, in listing order."""
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in sorted(rejects, key=_reject_sort_key)]
-    write_atomic(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+def _current_manifest(manifest_file: Path, rejects_file: Path, plan: _Plan) -> Manifest | None:
+    """The existing manifest if it is exactly what this build would write now, else None.
 
-
-def _up_to_date(manifest_file: Path, fingerprint: str, shard_settings: dict, out_dir: Path) -> Manifest | None:
+    Cheap checks first (settings, listing, file sizes), then the source images, then the shards.
+    """
     try:
         manifest = load_manifest(manifest_file)
     except ManifestError:
         return None
-    if manifest.fingerprint != fingerprint or manifest.shard_settings != shard_settings:
+    config = plan.config
+    if (
+        manifest.fingerprint != config.fingerprint()
+        or manifest.shard_settings != config.shards.model_dump(mode="json")
+        or manifest.partition != plan.partition_fields()
+        or not rejects_file.is_file()
+    ):
         return None
+    folder = manifest_file.parent
     for entry in manifest.shards:
-        path = out_dir / entry.name
-        if not path.is_file() or path.stat().st_size != entry.bytes or _file_sha256(path) != entry.sha256:
+        path = folder / entry.name
+        if not path.is_file() or path.stat().st_size != entry.bytes:
             return None
+    digests = [plan.digest_at(position) for position in range(plan.lo, plan.hi)]
+    if manifest.source != plan.source_fields(digests):
+        return None
+    if plan.partitioned and manifest.source_digests != tuple(digests):
+        return None
+    if any(file_sha256(folder / entry.name) != entry.sha256 for entry in manifest.shards):
+        return None
     return manifest
 
 
@@ -405,117 +319,57 @@ def build_shards(
     listing = list_source(source, split, config.source)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix, manifest_name, rejects_name = _names(partition)
-    total = len(listing.samples)
-    lo, hi = partition.bounds(total) if partition else (0, total)
-    owns_listing_rejects = partition is None or partition.index == 0
-    fingerprint = config.fingerprint()
-    shard_settings = config.shards.model_dump(mode="json")
+    lo, hi = partition.bounds(len(listing.samples)) if partition else (0, len(listing.samples))
+    plan = _Plan(listing, split, config, partition, lo, hi)
     manifest_file = out_dir / manifest_name
+    rejects_file = out_dir / rejects_name
 
-    with _Lock(out_dir / f".lock.{prefix}"):
-        current = _up_to_date(manifest_file, fingerprint, shard_settings, out_dir)
-        if current is not None:
-            return BuildResult(out_dir, current, manifest_file, out_dir / rejects_name, [], len(current.shards), True)
-        manifest_file.unlink(missing_ok=True)
-        journal = _Journal(out_dir, prefix, {
-            "fingerprint": fingerprint,
-            "shard_settings": shard_settings,
+    with BuildLock(out_dir / f".lock.{prefix}"):
+        journal = Journal(out_dir, prefix, {
+            "fingerprint": config.fingerprint(),
+            "shard_settings": config.shards.model_dump(mode="json"),
             "annotation_sha256": listing.annotation_sha256,
             "names_sha256": hashlib.sha256("\n".join(s.name for s in listing.samples).encode()).hexdigest(),
             "range": [lo, hi],
         })
+        current = _current_manifest(manifest_file, rejects_file, plan)
+        if current is not None:
+            journal.remove()  # left over when a build was killed between the manifest and its cleanup
+            remove_strays(out_dir, prefix, {entry.name for entry in current.shards})
+            return BuildResult(out_dir, current, manifest_file, rejects_file, [], len(current.shards), True)
+        manifest_file.unlink(missing_ok=True)
         entries = journal.load()
-        kept = _reusable(entries, out_dir, lo)
+        kept = reusable_entries(entries, out_dir, prefix, lo, plan.digest_at)
         if len(kept) < len(entries):
-            journal.drop_from(entries[len(kept)]["shard"]["name"])
-        _remove_strays(out_dir, prefix, {e["shard"]["name"] for e in kept})
+            journal.drop_from(shard_name(prefix, len(kept)))
+        remove_strays(out_dir, prefix, {e["shard"]["name"] for e in kept})
 
         resume_at = kept[-1]["next"] if kept else lo
-        sink = _ShardSink(out_dir, prefix, config.shards.max_samples, config.shards.max_bytes, journal, len(kept))
-        sink.entries = [ShardEntry(**_entry_args(e["shard"])) for e in kept]
-        written = sum(entry.samples for entry in sink.entries)
+        reused = [ShardEntry(**{k: tuple(v) if isinstance(v, list) else v for k, v in e["shard"].items()}) for e in kept]
+        sink = ShardSink(out_dir, prefix, config.shards.max_samples, config.shards.max_bytes, journal, reused)
+        written = sum(entry.samples for entry in reused)
         counts = Progress(resume_at - lo, hi - lo, written, sum(len(e["rejects"]) for e in kept), written)
         try:
             for outcome in _outcomes(listing.samples, config, range(resume_at, hi), workers):
                 sink.consume(outcome)
+                counts.done += 1
                 if outcome.record is not None:
                     counts.written += 1
                 else:
                     counts.rejected += 1
-                counts.done += 1
                 if progress is not None:
                     progress(counts)
             sink.close(next_position=hi)
         except BaseException:
             sink.abort()
             raise
-        # Every outcome is now in a journal entry; the last close() took the tail after the last shard.
-        all_entries = journal.load()
-        rejects = [r for e in all_entries for r in e["rejects"]] + sink.tail["rejects"]
-        skips = [s for e in all_entries for s in e["skips"]] + sink.tail["skips"]
-        digests = [d for e in all_entries for d in e["digests"]] + sink.tail["digests"]
-        listing_rejects = _listing_rejects(listing) if owns_listing_rejects else []
-        all_rejects = listing_rejects + rejects
-        all_skips = skips
-        samples_in = (hi - lo) + len(listing_rejects)
-        manifest = Manifest(
-            fingerprint=fingerprint,
-            record_settings=config.record_settings(),
-            source={
-                "format": listing.format,
-                "split": split,
-                "annotation_sha256": listing.annotation_sha256,
-                "fingerprint": source_fingerprint(listing.annotation_sha256, [r.name for r in listing.rejects], digests)
-                if partition is None or partition.count == 1 else None,
-                "listed": listing.total,
-                "listing_rejects": sorted(r.name for r in listing.rejects),
-            },
-            counts={
-                "samples_in": samples_in,
-                "written": sum(e.samples for e in sink.entries),
-                "rejected": len(all_rejects),
-                "words_skipped": len(all_skips),
-            },
-            shard_settings=shard_settings,
-            shards=tuple(sink.entries),
-            environment=environment(),
-            partition=None if partition is None or partition.count == 1 else {"index": partition.index, "count": partition.count, "lo": lo, "hi": hi},
-            source_digests=None if partition is None or partition.count == 1 else tuple(digests),
-        )
-        if manifest.counts["written"] + manifest.counts["rejected"] != samples_in:
-            raise BuildError(f"internal count mismatch: {manifest.counts}")
-        write_rejects(out_dir / rejects_name, all_rejects + all_skips)
+        # Every outcome is now in a journal entry, or in the tail after the last shard.
+        done = journal.load() + [sink.tail]
+        rejects = plan.listing_rejects + [r for e in done for r in e["rejects"]]
+        skips = [s for e in done for s in e["skips"]]
+        digests = [d for e in done for d in e["digests"]]
+        manifest = plan.manifest(sink.entries, digests, len(rejects), len(skips))
+        write_rejects(rejects_file, rejects + skips)
         write_manifest(manifest_file, manifest)
         journal.remove()
-    return BuildResult(out_dir, manifest, manifest_file, out_dir / rejects_name, all_rejects + all_skips, len(kept))
-
-
-def _entry_args(body: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in body.items()}
-
-
-def _reusable(entries: list[dict[str, Any]], out_dir: Path, lo: int) -> list[dict[str, Any]]:
-    """The leading run of journal entries whose shard files are complete and hash right."""
-    kept = []
-    expected_start = lo
-    for entry in entries:
-        shard = entry["shard"]
-        path = out_dir / shard["name"]
-        if (
-            entry.get("next", -1) <= expected_start
-            or not path.is_file()
-            or path.stat().st_size != shard["bytes"]
-            or _file_sha256(path) != shard["sha256"]
-        ):
-            break
-        kept.append(entry)
-        expected_start = entry["next"]
-    return kept
-
-
-def _remove_strays(out_dir: Path, prefix: str, keep: set[str]) -> None:
-    """Delete temp files and shards of this prefix that no kept journal entry vouches for."""
-    pattern = re.compile(rf"^\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?$")
-    for path in out_dir.iterdir():
-        if pattern.match(path.name) and path.name not in keep:
-            path.unlink()
+    return BuildResult(out_dir, manifest, manifest_file, rejects_file, rejects + skips, len(kept))

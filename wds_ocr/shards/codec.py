@@ -131,12 +131,16 @@ def encode_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
         cursor += len(raw)
     blob_header = bytes([_BIN32]) + cursor.to_bytes(4, "big")
     header: dict[str, Any] = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "meta": meta, "arrays": specs}
-    # Pad the header so the blob starts on a 64-byte boundary inside the record.
-    for pad in range(ALIGN + 4):
+    # Pad the header so the blob starts on a 64-byte boundary inside the record. The packed pad
+    # grows by one byte per character but by two at 32 (str8 adds a length byte), so pads 0..63
+    # miss one residue; pads 32..95 (all str8) cover all 64.
+    for pad in range(2 * ALIGN):
         header["pad"] = "\x00" * pad
         packed = msgpack.packb(header, use_bin_type=True)
         if (1 + len(packed) + len(blob_header)) % ALIGN == 0:
             break
+    else:  # unreachable: 64 consecutive str8 lengths cover every residue
+        raise RuntimeError("cannot align the record blob")
     return b"\x92" + packed + blob_header + b"".join(chunks)
 
 
@@ -151,9 +155,12 @@ def _fail(shard: str, key: str | None, reason: str) -> ShardFormatError:
 def _read_header(view: memoryview, shard: str, key: str | None) -> tuple[dict[str, Any], int]:
     if len(view) < 8 or view[0] != 0x92:
         raise _fail(shard, key, "not a wds-ocr record: expected a 2-element msgpack array [header, blob]")
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=_MAX_HEADER, **_UNPACK_LIMITS)
-    fed = 1
     chunk = 1 << 16
+    # read_size: the unpacker's initial buffer (1 MiB by default, allocated on every decode).
+    unpacker = msgpack.Unpacker(
+        raw=False, strict_map_key=True, max_buffer_size=_MAX_HEADER, read_size=chunk, **_UNPACK_LIMITS
+    )
+    fed = 1
     while True:
         end = min(len(view), fed + chunk)
         unpacker.feed(view[fed:end])
@@ -162,8 +169,10 @@ def _read_header(view: memoryview, shard: str, key: str | None) -> tuple[dict[st
             header = unpacker.unpack()
             break
         except msgpack.OutOfData:
-            if fed >= len(view) or fed > _MAX_HEADER:
-                raise _fail(shard, key, "record header is truncated or larger than 16 MiB") from None
+            if fed >= len(view):
+                raise _fail(shard, key, f"record is truncated: its {len(view)} bytes end inside the header") from None
+            if fed > _MAX_HEADER:
+                raise _fail(shard, key, "record header is larger than 16 MiB") from None
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             raise _fail(shard, key, f"record header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
@@ -182,6 +191,10 @@ def _blob(view: memoryview, start: int, shard: str, key: str | None) -> memoryvi
     return view[start + 5 :]
 
 
+def _is_size(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
 def _array(blob: memoryview, name: str, spec: Any, shard: str, key: str | None) -> np.ndarray:
     expected_dtype, rank = ARRAY_SPECS[name]
     if not isinstance(spec, dict):
@@ -189,13 +202,9 @@ def _array(blob: memoryview, name: str, spec: Any, shard: str, key: str | None) 
     dtype, shape, offset, nbytes = (spec.get(f) for f in ("dtype", "shape", "offset", "nbytes"))
     if dtype != expected_dtype:
         raise _fail(shard, key, f"array {name}: dtype {dtype!r}, expected {expected_dtype!r}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) != rank
-        or not all(isinstance(d, int) and 0 <= d < (1 << 31) for d in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) != rank or not all(_is_size(d) and d < (1 << 31) for d in shape):
         raise _fail(shard, key, f"array {name}: shape {shape!r} is not a list of {rank} sizes")
-    if not isinstance(offset, int) or not isinstance(nbytes, int) or offset < 0 or nbytes < 0:
+    if not _is_size(offset) or not _is_size(nbytes):
         raise _fail(shard, key, f"array {name}: offset/nbytes must be non-negative integers")
     itemsize = np.dtype(dtype).itemsize
     count = 1

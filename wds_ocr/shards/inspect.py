@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from wds_ocr.errors import ManifestError, ShardFormatError
 from wds_ocr.shards.codec import Record, decode_record
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path

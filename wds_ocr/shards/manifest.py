@@ -104,6 +104,10 @@ def _shard_from(body: Any, where: str) -> ShardEntry:
         digests=tuple(_require(body, "digests", list, here)),
         members_end=_require(body, "members_end", int, here),
     )
+    if not all(isinstance(k, str) and k and "." not in k for k in entry.keys):
+        raise ManifestError(f"{here}: keys must be non-empty strings without dots")
+    if not all(isinstance(d, str) for d in entry.digests):
+        raise ManifestError(f"{here}: digests must be strings")
     n = entry.samples
     if not (len(entry.keys) == len(entry.offsets) == len(entry.digests) == n) or n < 1:
         raise ManifestError(f"{here}: samples={n} but {len(entry.keys)} keys, {len(entry.offsets)} offsets, "
@@ -118,6 +122,31 @@ def _shard_from(body: Any, where: str) -> ShardEntry:
     if not previous < entry.members_end <= entry.bytes:
         raise ManifestError(f"{here}: members_end {entry.members_end} is outside its {entry.bytes} bytes")
     return entry
+
+
+def _check_record_settings(settings: dict[str, Any], where: str) -> None:
+    """The fields readers use: transform.size and the targets' threshold range."""
+    transform = settings.get("transform")
+    targets = settings.get("targets")
+    if (
+        not isinstance(transform, dict)
+        or type(transform.get("size")) is not int
+        or not isinstance(targets, dict)
+        or not all(isinstance(targets.get(f), (int, float)) for f in ("thresh_min", "thresh_max"))
+    ):
+        raise ManifestError(f"{where}: record_settings lacks transform.size or targets.thresh_min/thresh_max")
+
+
+def _check_partition(partition: Any, digests: Any, where: str) -> None:
+    if partition is None and digests is None:
+        return
+    fields = ("index", "count", "lo", "hi")
+    if not isinstance(partition, dict) or not all(type(partition.get(f)) is int for f in fields):
+        raise ManifestError(f"{where}: partition must be an object with integer {', '.join(fields)}")
+    if not 0 <= partition["index"] < partition["count"] or not 0 <= partition["lo"] <= partition["hi"]:
+        raise ManifestError(f"{where}: partition {partition} is not a valid part")
+    if not isinstance(digests, list) or len(digests) != partition["hi"] - partition["lo"]:
+        raise ManifestError(f"{where}: a part manifest lists one source digest per sample of its range")
 
 
 def parse_manifest(text: str | bytes, where: str) -> Manifest:
@@ -135,6 +164,8 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
             "upgrade wds-ocr or rebuild the shards"
         )
     shards = _require(body, "shards", list, where)
+    _check_record_settings(_require(body, "record_settings", dict, where), where)
+    _check_partition(body.get("partition"), body.get("source_digests"), where)
     manifest = Manifest(
         fingerprint=_require(body, "fingerprint", str, where),
         record_settings=_require(body, "record_settings", dict, where),

@@ -3,7 +3,8 @@
 Every part must be present exactly once, agree on the fingerprint, record and shard settings,
 source listing and part count, and cover consecutive ranges of the listing. The merged manifest
 is what an unpartitioned build would have recorded (counts, source fingerprint), with the parts'
-shards in part order. It is written last; the rejects of all parts are joined into rejects.jsonl.
+shards in part order. The rejects of all parts are joined into rejects.jsonl; the manifest is
+written last.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, Callable
 
 from wds_ocr.errors import ManifestError
 from wds_ocr.shards.build import environment, source_fingerprint, write_rejects
@@ -19,14 +21,39 @@ from wds_ocr.shards.manifest import MANIFEST_NAME, Manifest, parse_manifest, wri
 _PART = re.compile(r"^manifest\.part-p(\d{3})of(\d{3})\.json$")
 
 
-def _agree(parts: list[tuple[Path, Manifest]], field: str, value_of) -> None:
+def _agree(parts: list[tuple[Path, Manifest]], what: str, value_of: Callable[[Manifest], Any]) -> None:
     first_path, first = parts[0]
     for path, part in parts[1:]:
         if value_of(part) != value_of(first):
             raise ManifestError(
-                f"{path.name} and {first_path.name} disagree on {field}: "
+                f"{path.name} and {first_path.name} disagree on {what}: "
                 f"{value_of(part)!r} vs {value_of(first)!r}; rebuild the parts with the same source and config"
             )
+
+
+def _read_part(path: Path) -> Manifest:
+    manifest = parse_manifest(path.read_bytes(), str(path))
+    match = _PART.match(path.name)
+    tag = (int(match.group(1)), int(match.group(2))) if match else None
+    if manifest.partition is None or tag != (manifest.partition["index"], manifest.partition["count"]):
+        raise ManifestError(f"{path}: its partition field {manifest.partition!r} does not match its file name")
+    return manifest
+
+
+def _read_rejects(path: Path, part: Manifest) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path} is missing: rebuild that part (build-shards --partition "
+                            f"{part.partition['index']}/{part.partition['count']})") from None
+    try:
+        rejects = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path} is not valid JSON lines: {exc}") from None
+    if len(rejects) != part.counts.get("rejected", 0) + part.counts.get("words_skipped", 0):
+        raise ManifestError(f"{path} holds {len(rejects)} lines, its manifest counts "
+                            f"{part.counts.get('rejected')} rejects + {part.counts.get('words_skipped')} skipped words")
+    return rejects
 
 
 def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
@@ -36,11 +63,10 @@ def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
     if not found:
         raise ManifestError(f"{folder} holds no part manifests (manifest.part-pIIIofNNN.json); "
                             "run build-shards --partition i/n first")
-    parts = [(path, parse_manifest(path.read_bytes(), str(path))) for path in found]
-    _agree(parts, "the part count", lambda m: (m.partition or {}).get("count"))
+    parts = [(path, _read_part(path)) for path in found]
+    _agree(parts, "the part count", lambda m: m.partition["count"])
     count = parts[0][1].partition["count"]
-    indices = [m.partition["index"] for _, m in parts]
-    missing = sorted(set(range(count)) - set(indices))
+    missing = sorted(set(range(count)) - {m.partition["index"] for _, m in parts})
     if missing:
         raise ManifestError(f"{folder}: parts {missing} of {count} are missing; build them before merging")
     _agree(parts, "the config fingerprint", lambda m: m.fingerprint)
@@ -53,24 +79,25 @@ def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
             raise ManifestError(f"{path.name} starts at sample {part.partition['lo']}, expected {expected_lo}")
         expected_lo = part.partition["hi"]
     first = parts[0][1]
-    digests = [d for _, part in parts for d in (part.source_digests or ())]
-    counts = {name: sum(part.counts[name] for _, part in parts) for name in first.counts}
+    listed = first.source.get("listed", 0) - len(first.source.get("listing_rejects", []))
+    if expected_lo != listed:
+        raise ManifestError(f"the parts cover samples 0..{expected_lo}, the source listing holds {listed}")
+    digests = [d for _, part in parts for d in part.source_digests]
     source = dict(first.source)
     source["fingerprint"] = source_fingerprint(source["annotation_sha256"], source.get("listing_rejects", []), digests)
     merged = Manifest(
         fingerprint=first.fingerprint,
         record_settings=first.record_settings,
         source=source,
-        counts=counts,
+        counts={name: sum(part.counts[name] for _, part in parts) for name in first.counts},
         shard_settings=first.shard_settings,
         shards=tuple(entry for _, part in parts for entry in part.shards),
         environment=environment(),
     )
     rejects = []
-    for index in range(count):
-        path = folder / f"rejects.part-p{index:03d}of{count:03d}.jsonl"
-        if path.is_file():
-            rejects += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for _, part in parts:
+        tag = f"p{part.partition['index']:03d}of{count:03d}"
+        rejects += _read_rejects(folder / f"rejects.part-{tag}.jsonl", part)
     write_rejects(folder / "rejects.jsonl", rejects)
     out = folder / MANIFEST_NAME
     write_manifest(out, merged)

@@ -179,6 +179,9 @@ def iter_members(
             return
         key, extension, size = parsed
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
+        if stop is not None and offset + BLOCK + padded > stop:
+            raise ShardFormatError(shard, key, f"member at byte {offset} declares {size} bytes, past the end of its "
+                                               f"range at byte {stop}")
         data = _read_exact(stream, size)
         padding = _read_exact(stream, padded - size) if padded > size else b""
         if hasher is not None:

@@ -22,17 +22,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from wds_ocr.config import PIPELINE_VERSION, Config
-from wds_ocr.data.images import read_image_bytes
+from wds_ocr.config import PIPELINE_VERSION, Config, build_config
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
-from wds_ocr.errors import ManifestError, SampleError, ShardFormatError
-from wds_ocr.shards.build import record_key, source_fingerprint
+from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatError
+from wds_ocr.shards.build import image_digest, record_key, source_fingerprint
 from wds_ocr.shards.codec import ARRAY_SPECS, MEMBER_EXTENSION, Record, decode_record, encode_record
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest, ShardEntry, load_manifest, manifest_path
-from wds_ocr.shards.tario import BLOCK, iter_members
-
-_CHUNK = 1 << 22
+from wds_ocr.shards.tario import BLOCK, Member, iter_members
 
 
 @dataclass(frozen=True)
@@ -82,11 +79,13 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def config_from_manifest(manifest: Manifest) -> Config:
-    """The configuration a manifest was built with (the record-relevant parts)."""
+    """The configuration a manifest was built with (the record-relevant parts). Raises ManifestError."""
     settings = manifest.record_settings
-    source = dict(settings["source"], format=manifest.source.get("format", "json"))
-    source["dont_care"] = tuple(source["dont_care"])
-    return Config(source=source, transform=settings["transform"], targets=settings["targets"])
+    try:
+        source = dict(settings["source"], format=manifest.source.get("format", "json"))
+        return build_config({"source": source, "transform": settings["transform"], "targets": settings["targets"]})
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise ManifestError(f"the manifest's record_settings are not a valid configuration: {exc}") from None
 
 
 def check_staleness(manifest: Manifest, config: Config | None, report: VerifyReport) -> None:
@@ -192,6 +191,39 @@ class _SourceCheck:
             report.add(shard, key, f"differs from the live pipeline: {what}")
 
 
+@dataclass
+class _ShardState:
+    next_position: int = 0  # the manifest position after the furthest member seen
+    next_offset: int = 0  # where the next member header should start
+    shifted: bool = False  # a member is missing or extra: later offsets are expected to move
+
+
+def _member_problems(member: Member, entry: ShardEntry, listed: dict[str, list[int]], state: _ShardState,
+                     report: VerifyReport) -> None:
+    """Where a member sits against the manifest: listed, in order, at its offset, with its digest."""
+    key = member.key
+    positions = listed.get(key)
+    if positions is None:
+        state.shifted = True
+        report.add(entry.name, key, "member is not listed in the manifest (inserted member?)")
+        return
+    # A key listed twice (itself a problem, reported as a duplicate) takes its next free position.
+    position = next((p for p in positions if p >= state.next_position), positions[0])
+    if position > state.next_position:
+        state.shifted = True
+        for missing in entry.keys[state.next_position:position]:
+            report.add(entry.name, missing, "listed in the manifest but missing from the shard (deleted member?)")
+    elif position < state.next_position:
+        state.shifted = True
+        report.add(entry.name, key, f"member is listed at position {position} but comes after position "
+                                    f"{state.next_position - 1} (reordered or repeated member)")
+    if not state.shifted and member.offset != entry.offsets[position]:
+        report.add(entry.name, key, f"at byte {member.offset}, manifest says {entry.offsets[position]}")
+    if member.span_bytes_digest()[:DIGEST_HEX] != entry.digests[position]:
+        report.add(entry.name, key, "member bytes differ from the manifest digest (corrupt member)")
+    state.next_position = max(state.next_position, position + 1)
+
+
 def _verify_shard(
     folder: Path, entry: ShardEntry, manifest: Manifest, report: VerifyReport, seen_keys: dict[str, str],
     source: _SourceCheck | None,
@@ -203,26 +235,23 @@ def _verify_shard(
     size = path.stat().st_size
     if size != entry.bytes:
         report.add(entry.name, None, f"size {size} bytes, manifest says {entry.bytes} (truncated or appended?)")
-    thresh_range = (manifest.record_settings["targets"]["thresh_min"], manifest.record_settings["targets"]["thresh_max"])
+    targets = manifest.record_settings["targets"]
+    thresh_range = (targets["thresh_min"], targets["thresh_max"])
+    listed: dict[str, list[int]] = {}
+    for position, key in enumerate(entry.keys):
+        listed.setdefault(key, []).append(position)
+    by_offset = dict(zip(entry.offsets, entry.keys))
+    state = _ShardState()
     whole = hashlib.sha256()
-    position = 0
     with open(path, "rb") as handle:
         try:
             for member in iter_members(handle, entry.name, hasher=whole):
                 key = member.key
-                expected = entry.keys[position] if position < entry.samples else None
+                state.next_offset = member.offset + member.span
                 if key in seen_keys:
                     report.add(entry.name, key, f"duplicate key (also in {seen_keys[key]})")
                 seen_keys[key] = entry.name
-                if expected is None:
-                    report.add(entry.name, key, f"member beyond the {entry.samples} the manifest lists")
-                elif key != expected:
-                    report.add(entry.name, key, f"member {position} should be {expected!r} (deleted, inserted or reordered member)")
-                elif member.offset != entry.offsets[position]:
-                    report.add(entry.name, key, f"at byte {member.offset}, manifest says {entry.offsets[position]}")
-                elif member.span_bytes_digest()[:DIGEST_HEX] != entry.digests[position]:
-                    report.add(entry.name, key, "member bytes differ from the manifest digest (corrupt member)")
-                position += 1
+                _member_problems(member, entry, listed, state, report)
                 if member.extension != MEMBER_EXTENSION:
                     report.add(entry.name, key, f"unexpected member extension {member.extension!r}")
                     continue
@@ -237,39 +266,55 @@ def _verify_shard(
                 if source is not None:
                     source.compare(entry.name, key, member.data, report)
         except ShardFormatError as exc:
-            report.add(entry.name, exc.key, exc.reason)
+            # A broken header names no key: the manifest says which member starts at that byte.
+            report.add(entry.name, exc.key or by_offset.get(state.next_offset), exc.reason)
             return
+        end = state.next_offset
         tail = handle.read()
     whole.update(tail)
-    if position < entry.samples:
-        missing = ", ".join(entry.keys[position:position + 3])
-        report.add(entry.name, entry.keys[position], f"{entry.samples - position} member(s) missing, from {missing}")
-    if tail.strip(b"\x00") or len(tail) < 2 * BLOCK:
+    for missing in entry.keys[state.next_position:]:
+        report.add(entry.name, missing, "listed in the manifest but missing from the shard (deleted member?)")
+    # iter_members consumed the first end-of-archive block; the second and the padding follow.
+    if tail.strip(b"\x00") or len(tail) < BLOCK:
         report.add(entry.name, None, "end-of-archive blocks are damaged or missing")
+    elif end != entry.members_end and not state.shifted:
+        report.add(entry.name, None, f"members end at byte {end}, manifest says {entry.members_end}")
     if whole.hexdigest() != entry.sha256:
         report.add(entry.name, None, f"sha256 {whole.hexdigest()[:16]}... differs from the manifest's {entry.sha256[:16]}...")
     report.shards_checked += 1
 
 
-def _source_digests(listing: SourceListing) -> list[str]:
-    digests = []
-    for sample in listing.samples:
-        try:
-            digests.append(hashlib.sha256(read_image_bytes(sample.image_path, sample.name)).hexdigest())
-        except SampleError:
-            digests.append("unreadable")
-    return digests
-
-
-def _rejected_names(folder: Path) -> set[str]:
+def _rejected_names(folder: Path, report: VerifyReport) -> set[str]:
     names: set[str] = set()
-    for path in folder.glob("rejects*.jsonl"):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                body = json.loads(line)
-                if body.get("kind") == "sample":
-                    names.add(body["name"])
+    for path in sorted(folder.glob("rejects*.jsonl")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                body = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                report.add(None, None, f"{path.name} line {number} is not valid JSON")
+                continue
+            if isinstance(body, dict) and body.get("kind") == "sample":
+                names.add(str(body.get("name")))
     return names
+
+
+def _check_source_coverage(manifest: Manifest, listing: SourceListing, source: _SourceCheck, folder: Path,
+                           report: VerifyReport) -> None:
+    """Every source sample of the manifest's range is in the shards or the rejects; images unchanged."""
+    lo, hi = (manifest.partition["lo"], manifest.partition["hi"]) if manifest.partition else (0, len(listing.samples))
+    rejected = _rejected_names(folder, report)
+    for sample in listing.samples[lo:hi]:
+        key = record_key(sample.index, sample.name)
+        if key not in source.seen and sample.name not in rejected:
+            report.add(None, key, f"source sample {sample.name} is neither in the shards nor in the rejects")
+    digests = [image_digest(sample) for sample in listing.samples[lo:hi]]
+    if manifest.partition:
+        changed = manifest.source_digests != tuple(digests)
+    else:
+        rejected_names = [r.name for r in listing.rejects]
+        changed = manifest.source.get("fingerprint") != source_fingerprint(listing.annotation_sha256, rejected_names, digests)
+    if changed or manifest.source.get("annotation_sha256") != listing.annotation_sha256:
+        report.add(None, None, "source fingerprint differs: the source images or annotations changed since the build")
 
 
 def verify_shards(
@@ -280,7 +325,11 @@ def verify_shards(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Verify a shard folder; ``config`` enables the staleness check against current settings."""
+    """Verify a shard folder; ``config`` enables the staleness check against current settings.
+
+    ``against_source`` re-runs the live pipeline under the settings the shards were built with
+    (a changed ``config`` is reported as stale, not as a difference in every record).
+    """
     path = manifest_path(location)
     report = VerifyReport(str(path))
     try:
@@ -292,25 +341,22 @@ def verify_shards(
     source = None
     listing = None
     if against_source is not None:
-        config = config or config_from_manifest(manifest)
-        listing = list_source(against_source, manifest.source["split"], config.source)
-        wanted = None
-        if sample is not None:
-            keys = [k for entry in manifest.shards for k in entry.keys]
-            wanted = set(random.Random(seed).sample(keys, min(sample, len(keys))))
-        source = _SourceCheck(listing, config, wanted)
+        try:
+            built_with = config_from_manifest(manifest)
+        except ManifestError as exc:
+            report.add(None, None, f"{exc}; cannot compare with the source")
+        else:
+            listing = list_source(against_source, manifest.source.get("split", ""), built_with.source)
+            wanted = None
+            if sample is not None:
+                keys = [k for entry in manifest.shards for k in entry.keys]
+                wanted = set(random.Random(seed).sample(keys, min(sample, len(keys))))
+            source = _SourceCheck(listing, built_with, wanted)
     seen: dict[str, str] = {}
     for entry in manifest.shards:
         _verify_shard(path.parent, entry, manifest, report, seen, source)
         if progress is not None:
             progress(entry.name)
     if source is not None and listing is not None:
-        rejected = _rejected_names(path.parent)
-        for key, sample_ in source.by_key.items():
-            if key not in source.seen and sample_.name not in rejected:
-                report.add(None, key, f"source sample {sample_.name} is neither in the shards nor in the rejects")
-        expected = manifest.source.get("fingerprint")
-        actual = source_fingerprint(listing.annotation_sha256, [r.name for r in listing.rejects], _source_digests(listing))
-        if expected != actual:
-            report.add(None, None, "source fingerprint differs: the source images or annotations changed since the build")
+        _check_source_coverage(manifest, listing, source, path.parent, report)
     return report

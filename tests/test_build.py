@@ -1,0 +1,438 @@
+"""build-shards: reproducible bytes, crash safety and resume, rollover, rejects."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wds_ocr.cli import cli
+from wds_ocr.config import load_config
+from wds_ocr.shards import build as build_module
+from wds_ocr.shards.build import Partition, build_shards, record_key
+from wds_ocr.shards.inspect import read_record
+from wds_ocr.shards.journal import Journal
+from wds_ocr.shards.manifest import load_manifest
+from wds_ocr.shards.tario import BLOCK, iter_members, member_span
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DOTTED = "drp.en_ko.in_house.selectstar_000058.jpg"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (hidden ones too) by relative path."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def settings(size: int = 128, max_samples: int = 3, *extra: str) -> list[str]:
+    return [f"transform.size={size}", f"shards.max_samples={max_samples}", *extra]
+
+
+def build(source: Path, out: Path, overrides: list[str], **kwargs):
+    return build_shards(source, "train", out, load_config(None, overrides), **kwargs)
+
+
+def cli_build(source: Path, out: Path, overrides: list[str], *extra: str):
+    args = ["build-shards", str(source), "--split", "train", "--out", str(out), "--quiet", *extra]
+    for override in overrides:
+        args += ["--set", override]
+    return CliRunner().invoke(cli, args)
+
+
+def interrupt_after(count: int):
+    """A progress callback that stops the build like Ctrl-C after ``count`` samples."""
+
+    def progress(p) -> None:
+        if p.done >= count:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+# --- reproducibility ---------------------------------------------------------------------------
+
+
+def test_two_builds_are_byte_identical_and_leave_only_their_outputs(synth_root, tmp_path):
+    first = build(synth_root, tmp_path / "a", settings())
+    build(synth_root, tmp_path / "b", settings())
+    files = snapshot(tmp_path / "a")
+    assert files == snapshot(tmp_path / "b")
+    assert sorted(files) == ["manifest.json", "rejects.jsonl", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert first.reused_shards == 0 and not first.up_to_date
+    manifest = first.manifest
+    assert [e.samples for e in manifest.shards] == [3, 3, 3]
+    assert manifest.counts == {"samples_in": 9, "written": 9, "rejected": 0, "words_skipped": 0}
+    assert manifest.fingerprint == load_config(None, settings()).fingerprint()
+    assert load_manifest(tmp_path / "a") == manifest
+
+
+def test_one_and_two_workers_give_identical_bytes(faulty_root, tmp_path):
+    build(faulty_root, tmp_path / "one", settings(), workers=1)
+    build(faulty_root, tmp_path / "two", settings(), workers=2)
+    assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
+
+
+# --- crash safety ------------------------------------------------------------------------------
+
+KILL_SETTINGS = settings(640, 2)
+
+
+@pytest.fixture(scope="module")
+def kill_reference(synth_root, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("kill_reference") / "shards"
+    build(synth_root, out, KILL_SETTINGS)
+    return snapshot(out)
+
+
+@pytest.mark.parametrize(
+    "kill_when",
+    [
+        "shard-000000.tar",  # right after the first rename (its journal entry may or may not exist)
+        ".journal.shard/shard-000001.tar.json",  # two shards journaled
+        ".shard-000003.tar.tmp",  # in the middle of writing a shard
+    ],
+)
+def test_sigkilled_build_resumes_to_identical_bytes(synth_root, tmp_path, kill_reference, kill_when):
+    out = tmp_path / "shards"
+    command = [sys.executable, "-m", "wds_ocr", "build-shards", str(synth_root), "--split", "train",
+               "--out", str(out), "--quiet"]
+    for override in KILL_SETTINGS:
+        command += ["--set", override]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    try:
+        while not (out / kill_when).exists():
+            assert process.poll() is None, f"build ended before {kill_when} appeared: {process.stderr.read()!r}"
+            assert time.monotonic() < deadline, f"{kill_when} never appeared"
+            time.sleep(0.001)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists(), "the build finished before it was killed"
+    journaled = len(list((out / ".journal.shard").glob("*.tar.json")))
+    if kill_when.startswith(".journal"):
+        assert journaled >= 2
+
+    result = cli_build(synth_root, out, KILL_SETTINGS)
+    assert result.exit_code == 0, result.output
+    assert "samples in 9: written 9, rejected 0; words skipped 0" in result.output
+    megabytes = sum(len(data) for name, data in kill_reference.items() if name.endswith(".tar")) / 1e6
+    if journaled:
+        assert f"5 shards, {megabytes:.1f} MB, {journaled} reused from an earlier run;" in result.output
+    else:
+        assert "reused" not in result.output
+    assert snapshot(out) == kill_reference
+
+
+@pytest.fixture(scope="module")
+def small_reference(synth_root, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("small_reference") / "shards"
+    build(synth_root, out, settings(128, 2))
+    return snapshot(out)
+
+
+def test_killed_after_the_manifest_temporary_resumes_identically(synth_root, tmp_path, small_reference, monkeypatch):
+    out = tmp_path / "shards"
+
+    def die_while_writing(path: Path, manifest) -> None:
+        path.with_name(f".{path.name}.tmp").write_bytes(manifest.to_json().encode()[:100])
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build_module, "write_manifest", die_while_writing)
+        with pytest.raises(KeyboardInterrupt):
+            build(synth_root, out, settings(128, 2))
+    (out / ".lock.shard").touch()  # a killed process leaves its (unlocked) lock file behind
+    assert (out / ".manifest.json.tmp").exists() and not (out / "manifest.json").exists()
+    result = build(synth_root, out, settings(128, 2))
+    assert result.reused_shards == 5 and not result.up_to_date
+    assert snapshot(out) == small_reference
+
+
+def test_killed_before_the_journal_was_removed_is_up_to_date(synth_root, tmp_path, small_reference, monkeypatch):
+    out = tmp_path / "shards"
+    with monkeypatch.context() as patch:
+        patch.setattr(Journal, "remove", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            build(synth_root, out, settings(128, 2))
+    assert (out / ".journal.shard").is_dir() and (out / "manifest.json").is_file()
+    result = build(synth_root, out, settings(128, 2))
+    assert result.up_to_date
+    assert snapshot(out) == small_reference
+
+
+def test_shard_renamed_without_its_journal_entry_is_rebuilt(synth_root, tmp_path, small_reference, monkeypatch):
+    out = tmp_path / "shards"
+    original_add = Journal.add
+    calls = []
+
+    def add_then_die(self, entry) -> None:
+        calls.append(entry["shard"]["name"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        original_add(self, entry)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Journal, "add", add_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            build(synth_root, out, settings(128, 2))
+    assert (out / "shard-000001.tar").is_file()
+    assert not (out / ".journal.shard" / "shard-000001.tar.json").exists()
+    result = build(synth_root, out, settings(128, 2))
+    assert result.reused_shards == 1
+    assert snapshot(out) == small_reference
+
+
+def test_interrupted_build_resumes_after_its_journaled_shards(synth_root, tmp_path, small_reference):
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        build(synth_root, out, settings(128, 2), progress=interrupt_after(5))
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert not list(out.glob(".*.tmp"))  # the open shard was dropped
+    seen = []
+    result = build(synth_root, out, settings(128, 2), progress=lambda p: seen.append((p.done, p.reused)))
+    assert result.reused_shards == 2
+    assert seen[0] == (5, 4) and seen[-1] == (9, 4)  # continued at sample 4 of 9 (0-based), 4 reused
+    assert snapshot(out) == small_reference
+
+
+def test_stale_journal_from_another_config_is_discarded(synth_root, tmp_path):
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        build(synth_root, out, settings(128, 2), progress=interrupt_after(5))
+    settings_file = out / ".journal.shard" / "settings.json"
+    assert json.loads(settings_file.read_text())["fingerprint"] == load_config(None, settings(128, 2)).fingerprint()
+    result = build(synth_root, out, settings(96, 2))
+    assert result.reused_shards == 0
+    build(synth_root, tmp_path / "clean", settings(96, 2))
+    assert snapshot(out) == snapshot(tmp_path / "clean")
+
+
+def test_journaled_shards_of_a_changed_image_are_rebuilt(synth_root, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(synth_root, source)
+    out = tmp_path / "shards"
+    with pytest.raises(KeyboardInterrupt):
+        build(source, out, settings(128, 2), progress=interrupt_after(7))
+    names = sorted(p.name for p in (source / "images" / "train").iterdir())
+    assert len(list((out / ".journal.shard").glob("*.tar.json"))) == 3
+    # Position 3 (in shard 1) now holds other pixels; annotations unchanged.
+    shutil.copyfile(source / "images" / "train" / names[4], source / "images" / "train" / names[3])
+    result = build(source, out, settings(128, 2))
+    assert result.reused_shards == 1
+    build(source, tmp_path / "clean", settings(128, 2))
+    assert snapshot(out) == snapshot(tmp_path / "clean")
+
+
+# --- rollover ---------------------------------------------------------------------------------
+
+
+def test_rollover_by_sample_count(uneven_shards):
+    manifest = load_manifest(uneven_shards)
+    assert [e.samples for e in manifest.shards] == [4, 4, 1]
+    keys = [k for e in manifest.shards for k in e.keys]
+    assert keys == sorted(keys) and len(set(keys)) == 9
+    assert [int(k.split("_")[0]) for k in keys] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def _projected(members_end: int, size: int) -> int:
+    end = members_end + member_span(size) + 2 * BLOCK
+    return math.ceil(end / (20 * BLOCK)) * 20 * BLOCK
+
+
+def test_rollover_by_bytes_fills_shards_up_to_max_bytes(synth_root, tmp_path):
+    max_bytes = 1 << 20
+    result = build(synth_root, tmp_path / "s", [f"transform.size=192", "shards.max_samples=1000",
+                                                f"shards.max_bytes={max_bytes}"])
+    shards = result.manifest.shards
+    sizes = []
+    for entry in shards:
+        with open(tmp_path / "s" / entry.name, "rb") as handle:
+            sizes.append([len(m.data) for m in iter_members(handle, entry.name)])
+    assert all(280_000 < size < 320_000 for sample in sizes for size in sample)  # ~0.3 MB records
+    assert [e.samples for e in shards] == [3, 3, 3]
+    for index, entry in enumerate(shards):
+        assert entry.bytes <= max_bytes
+        if index + 1 < len(shards):  # full: the next shard's first record did not fit
+            assert _projected(entry.members_end, sizes[index + 1][0]) > max_bytes
+
+
+def test_a_record_larger_than_max_bytes_gets_a_shard_of_its_own(synth_root, tmp_path):
+    result = build(synth_root, tmp_path / "s", ["transform.size=384", "shards.max_bytes=1048576"])
+    shards = result.manifest.shards
+    assert [e.samples for e in shards] == [1] * 9
+    assert all(e.bytes > 1 << 20 for e in shards)
+
+
+# --- rejects ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def faulty_root(synth_root, tmp_path_factory) -> Path:
+    """The synthetic train split plus one of every kind of bad sample and bad word."""
+    root = tmp_path_factory.mktemp("faulty") / "data"
+    shutil.copytree(synth_root, root)
+    images = root / "images" / "train"
+    annotation = root / "jsons" / "train.json"
+    doc = json.loads(annotation.read_text())
+    entries = doc["images"]
+    first = sorted(entries)[0]
+    good = images / first
+    words = entries[first]["words"]
+    shutil.copyfile(good, images / DOTTED)
+    entries[DOTTED] = {"words": words}
+    entries["missing.jpg"] = {"words": words}
+    (images / "empty.jpg").write_bytes(b"")
+    entries["empty.jpg"] = {"words": words}
+    (images / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    entries["truncated.jpg"] = {"words": words}
+    (images / "notes.jpg").write_text("shopping list: milk, eggs\n")
+    entries["notes.jpg"] = {"words": words}
+    shutil.copyfile(good, images / "orphan.jpg")  # no JSON entry
+    bad_words = {
+        "w_two": [[1, 1], [5, 5]],
+        "w_nan": [[float("nan"), 1], [5, 1], [5, 5]],
+        "w_flat": [[10, 10], [20, 10], [30, 10], [40, 10]],
+        "w_far": [[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5100]],
+    }
+    second = [name for name in sorted(entries) if name.startswith("synth_")][-1]
+    for word_id, points in bad_words.items():
+        entries[second]["words"][word_id] = {"points": points, "transcription": "X"}
+    annotation.write_text(json.dumps(doc))  # NaN is written as the NaN literal, which json reads back
+    return root
+
+
+def test_rejects_are_counted_listed_and_explained(faulty_root, tmp_path):
+    out = tmp_path / "s"
+    result = cli_build(faulty_root, out, settings(128, 4))
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    counts = manifest.counts
+    assert counts == {"samples_in": 15, "written": 10, "rejected": 5, "words_skipped": 4}
+    assert counts["samples_in"] == counts["written"] + counts["rejected"]
+    assert "samples in 15: written 10, rejected 5; words skipped 4" in result.output
+    assert f"details: {out / 'rejects.jsonl'}" in result.output
+
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    images = faulty_root / "images" / "train"
+    annotation = faulty_root / "jsons" / "train.json"
+    names = sorted(p.name for p in images.iterdir()) + ["missing.jpg"]
+    index = {name: i for i, name in enumerate(sorted(names))}
+    second = sorted(n for n in names if n.startswith("synth_"))[-1]
+    by_name = {(r["name"], r["word_id"]): r for r in rejects}
+    assert len(rejects) == 9
+    assert by_name[("orphan.jpg", None)] == {
+        "index": None, "kind": "sample", "name": "orphan.jpg", "word_id": None,
+        "reason": f"image has no entry in {annotation}",
+    }
+    assert by_name[("missing.jpg", None)]["reason"] == (
+        f"image file not found: {images / 'missing.jpg'}; check the dataset folder and the file name")
+    assert by_name[("empty.jpg", None)]["reason"] == (
+        f"image file is empty (0 bytes): {images / 'empty.jpg'}; re-export or re-copy the image")
+    assert by_name[("truncated.jpg", None)]["reason"] == (
+        "truncated JPEG: the file ends before its end-of-image marker; copy or download the file again (it is incomplete)")
+    assert by_name[("notes.jpg", None)]["reason"] == (
+        "not an image: the data starts with b'shopping', not a JPEG, PNG, WebP, TIFF or BMP signature; "
+        "check that the file is really an image")
+    for name in ("missing.jpg", "empty.jpg", "truncated.jpg", "notes.jpg"):
+        assert by_name[(name, None)]["index"] == index[name] and by_name[(name, None)]["kind"] == "sample"
+    word_reasons = {r["word_id"]: r["reason"] for r in rejects if r["kind"] == "word"}
+    assert {r["name"] for r in rejects if r["kind"] == "word"} == {second}
+    assert word_reasons["w_two"] == "polygon has 2 points, need at least 3"
+    assert word_reasons["w_nan"] == "points contain NaN or infinity"
+    assert word_reasons["w_flat"] == "polygon has zero area"
+    assert word_reasons["w_far"].startswith("points outside the ")
+    assert "x in [5000, 5100], y in [5000, 5100]" in word_reasons["w_far"]
+    # Listing order: rejects found while listing first, then by index, a sample's words by id.
+    assert [(r["name"], r["word_id"]) for r in rejects] == [
+        ("orphan.jpg", None), ("empty.jpg", None), ("missing.jpg", None), ("notes.jpg", None),
+        (second, "w_far"), (second, "w_flat"), (second, "w_nan"), (second, "w_two"), ("truncated.jpg", None),
+    ]
+
+    dotted_key = record_key(index[DOTTED], DOTTED)
+    assert dotted_key == "0000000_drp_en_ko_in_house_selectstar_000058"
+    record, shard = read_record(out, manifest, dotted_key)
+    assert record.meta["name"] == DOTTED and record.key == dotted_key and shard == "shard-000000.tar"
+    written_names = {read_record(out, manifest, k)[0].meta["name"] for e in manifest.shards for k in e.keys}
+    assert written_names == {DOTTED} | {n for n in names if n.startswith("synth_")}
+
+
+def test_partition_argument_is_validated():
+    assert Partition.parse(" 1 / 4 ") == Partition(1, 4)
+    assert Partition.parse("0/1").bounds(9) == (0, 9)
+    assert [Partition(i, 3).bounds(10) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
+    for text, message in [
+        ("1-4", "--partition '1-4' must look like i/n, e.g. 0/4 (i counts from 0)"),
+        ("4/4", "--partition '4/4': need 0 <= i < n"),
+        ("0/0", "--partition '0/0': need 0 <= i < n"),
+    ]:
+        with pytest.raises(Exception) as caught:
+            Partition.parse(text)
+        assert str(caught.value) == message
+
+
+def test_a_second_build_into_the_same_folder_is_refused_while_one_runs(synth_root, tmp_path):
+    out = tmp_path / "s"
+    holder = {}
+
+    def progress(p) -> None:
+        if p.done == 1:
+            with pytest.raises(Exception) as caught:
+                build(synth_root, out, settings())
+            holder["message"] = str(caught.value)
+
+    build(synth_root, out, settings(), progress=progress)
+    assert holder["message"] == (f"{out} is being written by another build (lock .lock.shard); "
+                                 "wait for it or use another --out")
+    assert not (out / ".lock.shard").exists()
+    assert os.listdir(out) and not list(out.glob(".journal*"))
+
+
+# --- up to date ---------------------------------------------------------------------------------
+
+
+def stats(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def test_rerun_with_nothing_changed_says_so_and_rewrites_nothing(synth_root, tmp_path):
+    out = tmp_path / "s"
+    build(synth_root, out, settings())
+    before, files = stats(out), snapshot(out)
+    result = cli_build(synth_root, out, settings())
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{out / 'manifest.json'} is up to date (9 samples in 3 shards); nothing to do\n"
+    assert stats(out) == before and snapshot(out) == files
+
+
+def test_rerun_after_a_source_image_changed_rebuilds(synth_root, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(synth_root, source)
+    out = tmp_path / "s"
+    first = build(source, out, settings())
+    names = sorted(p.name for p in (source / "images" / "train").iterdir())
+    shutil.copyfile(source / "images" / "train" / names[1], source / "images" / "train" / names[0])
+    again = build(source, out, settings())
+    assert not again.up_to_date and again.reused_shards == 0
+    assert again.manifest.source["fingerprint"] != first.manifest.source["fingerprint"]
+    assert again.manifest.source["annotation_sha256"] == first.manifest.source["annotation_sha256"]
+
+
+def test_rerun_with_other_shard_settings_rebuilds_and_removes_old_shards(synth_root, tmp_path):
+    out = tmp_path / "s"
+    build(synth_root, out, settings(128, 2))
+    result = build(synth_root, out, settings(128, 4))
+    assert not result.up_to_date
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]

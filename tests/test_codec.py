@@ -1,0 +1,215 @@
+"""Shard records: exact round trip, 64-byte alignment, stock-msgpack readability, strict decoding."""
+
+from __future__ import annotations
+
+import tracemalloc
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+
+from wds_ocr.config import load_config
+from wds_ocr.data.pipeline import ProcessedSample, process_sample
+from wds_ocr.data.sources import list_source
+from wds_ocr.errors import ShardFormatError
+from wds_ocr.shards.codec import (
+    ALIGN,
+    ARRAY_SPECS,
+    RECORD_FORMAT,
+    decode_record,
+    encode_arrays,
+    encode_record,
+    sample_arrays,
+    sample_meta,
+)
+
+SHARD = "shard-000003.tar"
+KEY = "0000003_synth_0003"
+
+
+@pytest.fixture(scope="module")
+def processed(synth_root: Path) -> ProcessedSample:
+    """synth_0003.jpg: stored with an EXIF orientation tag, 64x64 records."""
+    config = load_config(None, ["transform.size=64"])
+    listing = list_source(synth_root, "train", config.source)
+    sample = next(s for s in listing.samples if s.name == "synth_0003.jpg")
+    return process_sample(sample, config)
+
+
+@pytest.fixture(scope="module")
+def record_bytes(processed: ProcessedSample) -> bytes:
+    return encode_record(processed, KEY)
+
+
+def blob_start(data: bytes) -> int:
+    _, blob = msgpack.unpackb(data)
+    return len(data) - len(blob)
+
+
+def repack(data: bytes, edit) -> bytes:
+    """Decode with stock msgpack, let ``edit`` change the header, re-encode with a bin32 blob."""
+    header, blob = msgpack.unpackb(data)
+    edit(header)
+    return b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + blob
+
+
+def decode_error(data: bytes) -> ShardFormatError:
+    with pytest.raises(ShardFormatError) as caught:
+        decode_record(data, SHARD, KEY)
+    error = caught.value
+    assert (error.shard, error.key) == (SHARD, KEY)
+    assert str(error) == f"{SHARD} [{KEY}]: {error.reason}"
+    return error
+
+
+def test_round_trip_is_bit_exact(processed, record_bytes):
+    assert processed.meta.orientation != 1  # the EXIF-tagged sample
+    record = decode_record(record_bytes, SHARD, KEY)
+    expected = sample_arrays(processed)
+    assert list(record.arrays) == list(ARRAY_SPECS)
+    for name, (dtype, rank) in ARRAY_SPECS.items():
+        array = record.arrays[name]
+        assert array.dtype == np.dtype(dtype), name
+        assert array.ndim == rank and array.shape == expected[name].shape, name
+        assert array.tobytes() == np.asarray(expected[name]).astype(dtype).tobytes(), name
+    assert record.arrays["image"].shape == (64, 64, 3)
+    assert record.meta == sample_meta(processed, KEY)
+    assert record.meta["name"] == "synth_0003.jpg"
+    assert record.key == KEY
+    polygons = record.polygons("polygons_original")
+    assert len(polygons) == len(processed.meta.polygons_original) > 0
+    for got, want in zip(polygons, processed.meta.polygons_original):
+        assert got.tobytes() == want.astype("<f8").tobytes()
+
+
+def test_decoded_arrays_are_read_only_views_into_the_record(record_bytes):
+    record = decode_record(record_bytes)
+    buffer = np.frombuffer(record_bytes, dtype=np.uint8)
+    for name, array in record.arrays.items():
+        assert not array.flags.writeable, name
+        if array.size:
+            assert np.shares_memory(array, buffer), name
+
+
+def test_blob_and_every_array_start_64_byte_aligned(record_bytes):
+    start = blob_start(record_bytes)
+    assert start % ALIGN == 0
+    header, _ = msgpack.unpackb(record_bytes)
+    assert all(spec["offset"] % ALIGN == 0 for spec in header["arrays"].values())
+
+
+def test_alignment_holds_for_every_header_length():
+    # Regression: a header needing a 33-character pad used to leave the blob misaligned.
+    arrays = {name: np.zeros((1,) * rank, dtype=dtype) for name, (dtype, rank) in ARRAY_SPECS.items()}
+    misaligned = [n for n in range(200) if blob_start(encode_arrays({"key": "k", "name": "x" * n}, arrays)) % ALIGN]
+    assert misaligned == []
+
+
+def test_stock_msgpack_and_frombuffer_read_a_record(processed, record_bytes):
+    header, blob = msgpack.unpackb(record_bytes)
+    assert header["format"] == RECORD_FORMAT and header["version"] == 1
+    assert header["meta"]["key"] == KEY
+    for name, spec in header["arrays"].items():
+        count = int(np.prod(spec["shape"]))
+        array = np.frombuffer(blob, spec["dtype"], count, spec["offset"]).reshape(spec["shape"])
+        assert array.tobytes() == np.asarray(sample_arrays(processed)[name]).astype(spec["dtype"]).tobytes()
+
+
+def test_a_record_without_polygons_round_trips(processed):
+    arrays = dict(sample_arrays(processed))
+    arrays.update(
+        polygons_original=np.zeros((0, 2)), polygons=np.zeros((0, 2)), polygon_sizes=np.zeros(0, dtype="<i4"),
+        dont_care=np.zeros(0, dtype=bool), ignored=np.zeros(0, dtype=bool),
+    )
+    record = decode_record(encode_arrays({"key": "k"}, arrays))
+    assert record.arrays["polygons"].shape == (0, 2)
+    assert record.arrays["ignored"].shape == (0,)
+    assert record.polygons() == []
+
+
+def test_same_sample_encodes_to_the_same_bytes(processed, record_bytes):
+    assert encode_record(processed, KEY) == record_bytes
+
+
+def test_wrong_format_and_version_are_refused(record_bytes):
+    error = decode_error(repack(record_bytes, lambda h: h.update(format="other/record")))
+    assert error.reason == "record format 'other/record', expected 'wds-ocr/record'"
+    error = decode_error(repack(record_bytes, lambda h: h.update(version=2)))
+    assert error.reason == ("record version 2 is not supported (this code reads 1); "
+                            "rebuild the shards or upgrade wds-ocr")
+    error = decode_error(b"PK\x03\x04 a zip file, not a record")
+    assert error.reason == "not a wds-ocr record: expected a 2-element msgpack array [header, blob]"
+    error = decode_error(b"\x92" + msgpack.packb([1, 2]) + b"\xc6\x00\x00\x00\x00")
+    assert error.reason == "record header must be a msgpack map"
+
+
+def test_truncated_records_are_refused(record_bytes):
+    error = decode_error(record_bytes[:-100])
+    blob_bytes = len(record_bytes) - blob_start(record_bytes)
+    assert error.reason == f"record blob declares {blob_bytes} bytes but {blob_bytes - 100} follow the header"
+    error = decode_error(record_bytes[:50])
+    assert error.reason == "record is truncated: its 50 bytes end inside the header"
+    error = decode_error(record_bytes[: blob_start(record_bytes) - 5])
+    assert error.reason == "record blob missing: expected a msgpack bin32 after the header"
+
+
+def test_shape_that_disagrees_with_its_bytes_is_refused(record_bytes):
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["gt"].update(shape=[63, 64])))
+    assert error.reason == "array gt: shape [63, 64] x 1 bytes != declared 4096 bytes"
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["image"].update(shape=[64, 64])))
+    assert error.reason == "array image: shape [64, 64] is not a list of 3 sizes"
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["mask"].update(shape=[64, -64])))
+    assert error.reason == "array mask: shape [64, -64] is not a list of 2 sizes"
+
+
+def test_offset_beyond_the_blob_is_refused(record_bytes):
+    header, blob = msgpack.unpackb(record_bytes)
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["thresh_map"].update(offset=len(blob) - 100)))
+    assert error.reason == (f"array thresh_map: bytes {len(blob) - 100}..{len(blob) - 100 + 8192} "
+                            f"lie beyond the {len(blob)}-byte blob")
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["gt"].update(offset=-64)))
+    assert error.reason == "array gt: offset/nbytes must be non-negative integers"
+
+
+def test_unknown_or_missing_arrays_are_refused(record_bytes):
+    def add(header):
+        header["arrays"]["logits"] = dict(header["arrays"]["gt"])
+
+    error = decode_error(repack(record_bytes, add))
+    assert error.reason == "record arrays: unknown ['logits'], missing []"
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"].pop("thresh_mask")))
+    assert error.reason == "record arrays: unknown [], missing ['thresh_mask']"
+    error = decode_error(repack(record_bytes, lambda h: h.pop("meta")))
+    assert error.reason == "record header lacks its 'meta' or 'arrays' map"
+
+
+def test_wrong_dtype_is_refused(record_bytes):
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["thresh_map"].update(dtype="<f4")))
+    assert error.reason == "array thresh_map: dtype '<f4', expected '<f2'"
+    error = decode_error(repack(record_bytes, lambda h: h["arrays"]["image"].update(dtype="O")))
+    assert error.reason == "array image: dtype 'O', expected '|u1'"
+
+
+def test_oversized_declared_shape_is_refused_before_any_allocation(record_bytes):
+    huge = [2**30, 2**30, 3]
+    matching = repack(record_bytes, lambda h: h["arrays"]["image"].update(shape=huge, nbytes=3 * 2**60))
+    mismatched = repack(record_bytes, lambda h: h["arrays"]["image"].update(shape=huge))
+    too_wide = repack(record_bytes, lambda h: h["arrays"]["image"].update(shape=[2**31, 1, 3]))
+    tracemalloc.start()
+    try:
+        errors = [decode_error(data) for data in (matching, mismatched, too_wide)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 18  # the records are ~35 kB; nothing near the declared 3 EiB was allocated
+    offset = msgpack.unpackb(record_bytes)[0]["arrays"]["image"]["offset"]
+    assert errors[0].reason.startswith(f"array image: bytes {offset}..{offset + 3 * 2**60} lie beyond the ")
+    assert errors[1].reason == f"array image: shape {huge} x 1 bytes != declared 12288 bytes"
+    assert errors[2].reason == "array image: shape [2147483648, 1, 3] is not a list of 3 sizes"
+
+
+def test_key_must_match_the_member(record_bytes):
+    with pytest.raises(ShardFormatError) as caught:
+        decode_record(record_bytes, SHARD, "0000009_other")
+    assert caught.value.reason == f"record says its key is '{KEY}', but its tar member is '0000009_other'"

@@ -1,0 +1,136 @@
+"""Rolling shard writer: records in listing order -> ``<prefix>-NNNNNN.tar`` files.
+
+Each shard is written under a temporary name (``.<name>.tmp``), closed with its end-of-archive
+blocks, fsynced and renamed; only then does its journal entry record what it covers (the shard
+entry, the listing position to continue from, and the rejects, word skips and image digests of
+every outcome since the previous shard). A shard rolls over before a record that would push it
+past ``max_bytes`` (a single record larger than that gets a shard of its own) and after
+``max_samples`` records.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from wds_ocr.shards.codec import MEMBER_EXTENSION
+from wds_ocr.shards.manifest import DIGEST_HEX, ShardEntry
+from wds_ocr.shards.tario import BLOCK, TarWriter, member_span
+
+# tarfile pads the archive to a multiple of its record size (20 blocks).
+RECORD_SIZE = 20 * BLOCK
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+@dataclass
+class Outcome:
+    """What processing one listing position gave: a record, or a reject; plus its word skips."""
+
+    position: int
+    digest: str  # sha256 hex of the image file, or "unreadable"
+    record: bytes | None = None
+    key: str | None = None
+    reject: dict[str, Any] | None = None
+    skips: list[dict[str, Any]] = field(default_factory=list)
+
+
+class JournalLike(Protocol):
+    def add(self, entry: dict[str, Any]) -> None: ...
+
+
+def _empty_tail() -> dict[str, list]:
+    return {"rejects": [], "skips": [], "digests": []}
+
+
+class ShardSink:
+    """Appends records to rolling shards; every closed shard gets a journal entry."""
+
+    def __init__(self, out_dir: Path, prefix: str, max_samples: int, max_bytes: int, journal: JournalLike,
+                 entries: list[ShardEntry]):
+        self.out_dir = out_dir
+        self.prefix = prefix
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        self.journal = journal
+        self.entries = list(entries)  # closed shards, including those reused from an earlier run
+        self._open: tuple[Path, BinaryIO, TarWriter] | None = None
+        self._keys: list[str] = []
+        self._digests: list[str] = []
+        self._tail = _empty_tail()
+
+    @property
+    def tail(self) -> dict[str, list]:
+        """Outcomes noted since the last closed shard (rejects after the last written sample)."""
+        return self._tail
+
+    def _would_overflow(self, size: int) -> bool:
+        if self._open is None:
+            return False
+        writer = self._open[2]
+        end = writer.members_end + member_span(size) + 2 * BLOCK
+        projected = (end + RECORD_SIZE - 1) // RECORD_SIZE * RECORD_SIZE
+        return projected > self.max_bytes
+
+    def consume(self, outcome: Outcome) -> None:
+        """Note an outcome; append its record, rolling over by bytes before and by count after."""
+        if outcome.record is not None and self._would_overflow(len(outcome.record)):
+            self.close(next_position=outcome.position)
+        self._tail["digests"].append(outcome.digest)
+        if outcome.reject is not None:
+            self._tail["rejects"].append(outcome.reject)
+        self._tail["skips"].extend(outcome.skips)
+        if outcome.record is None or outcome.key is None:
+            return
+        if self._open is None:
+            final = self.out_dir / shard_name(self.prefix, len(self.entries))
+            tmp = final.with_name(f".{final.name}.tmp")
+            handle = open(tmp, "wb")
+            self._open = (tmp, handle, TarWriter(handle))
+        writer = self._open[2]
+        _, digest = writer.add(f"{outcome.key}.{MEMBER_EXTENSION}", outcome.record)
+        self._keys.append(outcome.key)
+        self._digests.append(digest[:DIGEST_HEX])
+        if len(self._keys) >= self.max_samples:
+            self.close(next_position=outcome.position + 1)
+
+    def close(self, next_position: int) -> None:
+        """Finish the open shard (if any): end blocks, fsync, rename, journal entry."""
+        if self._open is None:
+            return
+        tmp, handle, writer = self._open
+        total, sha = writer.close()
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        final = self.out_dir / shard_name(self.prefix, len(self.entries))
+        os.replace(tmp, final)
+        entry = ShardEntry(
+            name=final.name,
+            samples=len(self._keys),
+            bytes=total,
+            sha256=sha,
+            first_key=self._keys[0],
+            last_key=self._keys[-1],
+            keys=tuple(self._keys),
+            offsets=tuple(writer.offsets),
+            digests=tuple(self._digests),
+            members_end=writer.members_end,
+        )
+        self.journal.add({"shard": asdict(entry), "next": next_position, **self._tail})
+        self.entries.append(entry)
+        self._open = None
+        self._keys, self._digests = [], []
+        self._tail = _empty_tail()
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temporary file)."""
+        if self._open is not None:
+            tmp, handle, _ = self._open
+            handle.close()
+            tmp.unlink(missing_ok=True)
+            self._open = None
