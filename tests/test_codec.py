@@ -151,7 +151,18 @@ def test_truncated_records_are_refused(record_bytes):
     error = decode_error(record_bytes[:50])
     assert error.reason == "record is truncated: its 50 bytes end inside the header"
     error = decode_error(record_bytes[: blob_start(record_bytes) - 5])
-    assert error.reason == "record blob missing: expected a msgpack bin32 after the header"
+    assert error.reason == "record blob missing: expected msgpack bin data after the header"
+
+
+def test_a_record_reencoded_by_stock_msgpack_still_decodes(record_bytes):
+    header, blob = msgpack.unpackb(record_bytes)
+    reencoded = msgpack.packb([header, blob], use_bin_type=True)  # stock packer: smallest bin type
+    assert len(blob) < 1 << 16 and reencoded[len(reencoded) - len(blob) - 3] == 0xC5  # bin16, not bin32
+    original = decode_record(record_bytes)
+    again = decode_record(reencoded)
+    assert again.meta == original.meta
+    for name, array in original.arrays.items():
+        assert np.array_equal(again.arrays[name], array)
 
 
 def test_shape_that_disagrees_with_its_bytes_is_refused(record_bytes):

@@ -95,6 +95,9 @@ class LoaderConfig(_Section):
     """Streaming loader settings."""
 
     batch_size: int = Field(default=8, ge=1, le=4096)
+    # "threads": reader threads in the training process (no shared-memory hand-off: fastest for
+    # this read-and-copy loader); "processes": torch DataLoader worker processes.
+    mode: Literal["threads", "processes"] = "threads"
     workers: int = Field(default=2, ge=0, le=256)
     shuffle_block: int = Field(default=64, ge=1, le=1_000_000)
     seed: int = Field(default=0, ge=0)

@@ -180,15 +180,20 @@ def _read_header(view: memoryview, shard: str, key: str | None) -> tuple[dict[st
     return header, 1 + unpacker.tell()
 
 
+# msgpack bin families: marker -> bytes of the big-endian length that follows it. wds-ocr writes
+# bin32; a record re-encoded by another msgpack writer may use the smallest that fits.
+_BIN_LENGTH_BYTES = {0xC4: 1, 0xC5: 2, _BIN32: 4}
+
+
 def _blob(view: memoryview, start: int, shard: str, key: str | None) -> memoryview:
-    if start + 5 > len(view) or view[start] != _BIN32:
-        raise _fail(shard, key, "record blob missing: expected a msgpack bin32 after the header")
-    length = int.from_bytes(view[start + 1 : start + 5], "big")
-    if start + 5 + length != len(view):
-        raise _fail(
-            shard, key, f"record blob declares {length} bytes but {len(view) - start - 5} follow the header"
-        )
-    return view[start + 5 :]
+    width = _BIN_LENGTH_BYTES.get(view[start]) if start < len(view) else None
+    if width is None or start + 1 + width > len(view):
+        raise _fail(shard, key, "record blob missing: expected msgpack bin data after the header")
+    length = int.from_bytes(view[start + 1 : start + 1 + width], "big")
+    body = start + 1 + width
+    if body + length != len(view):
+        raise _fail(shard, key, f"record blob declares {length} bytes but {len(view) - body} follow the header")
+    return view[body:]
 
 
 def _is_size(value: Any) -> bool:
