@@ -1,0 +1,140 @@
+"""Tests for wds_ocr.eval.evaluate: shards and the live path give identical scores; map -> original frame."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from wds_ocr.config import Config, PostprocessConfig, load_config
+from wds_ocr.data.pipeline import process_sample
+from wds_ocr.data.sources import list_source
+from wds_ocr.data.synth import synthesize
+from wds_ocr.errors import CheckpointError
+from wds_ocr.eval.evaluate import detect, evaluate_shards, evaluate_source, valid_region
+from wds_ocr.eval.postprocess import boxes_from_prob, map_polygons
+from wds_ocr.model.dbnet import DBNet
+from wds_ocr.shards.build import build_shards
+from wds_ocr.train.checkpoint import save_checkpoint
+
+torch.set_num_threads(2)
+
+# A randomly initialised tiny model finds hundreds of (wrong) boxes with box_thresh 0.3: enough
+# detections for the comparison of the two paths to mean something.
+RANDOM_MODEL = ["model.neck_channels=32", "postprocess.box_thresh=0.3", "loader.workers=0"]
+
+
+def random_checkpoint(path: Path, config: Config) -> Path:
+    torch.manual_seed(0)
+    save_checkpoint(path, {"config": config.model_dump(mode="json"), "model": DBNet(config.model).state_dict()})
+    return path
+
+
+@pytest.fixture(scope="module")
+def receipts(tmp_path_factory) -> Path:
+    """8 synthetic receipts (2 stored with EXIF orientation tags) plus one corrupt file in train."""
+    root = tmp_path_factory.mktemp("receipts")
+    synthesize(root, 8, seed=3, val_fraction=0.0, min_side=200, max_side=320)
+    annotations = root / "jsons" / "train.json"
+    doc = json.loads(annotations.read_text())
+    doc["images"]["synth_0001b.jpg"] = {"words": {}}
+    annotations.write_text(json.dumps(doc))
+    (root / "images" / "train" / "synth_0001b.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+@pytest.mark.parametrize("pad", ["top_left", "center"])
+def test_shards_and_live_path_give_identical_scores_on_synthetic_receipts(receipts, tmp_path, pad):
+    config = load_config(None, ["transform.size=128", f"transform.pad={pad}", *RANDOM_MODEL])
+    build_shards(receipts, "train", tmp_path / "shards", config)
+    checkpoint = random_checkpoint(tmp_path / "random.pt", config)
+    for precision in ("32", "bf16-mixed"):
+        from_shards = evaluate_shards(checkpoint, tmp_path / "shards", config, precision=precision, batch_size=3,
+                                      workers=0, device="cpu")
+        live = evaluate_source(checkpoint, receipts, "train", config, precision=precision, batch_size=3, workers=2,
+                               device="cpu")
+        assert from_shards.score == live.score
+        assert from_shards.per_image == live.per_image
+        assert from_shards.images == live.images == 7 and from_shards.mode == live.mode == precision
+        assert from_shards.score.gt_care > 0 and from_shards.score.det_care > 0
+    assert len(live.skipped) == 1 and live.skipped[0].startswith("synth_0001b.jpg: ")
+    names = sorted(json.loads((receipts / "jsons" / "train.json").read_text())["images"])
+    assert [image.name for image in live.per_image] == [name for name in names if name != "synth_0001b.jpg"]
+
+
+def test_valid_region_recovers_the_resize_plan(receipts):
+    for pad in ("top_left", "center"):
+        config = load_config(None, ["transform.size=128", f"transform.pad={pad}"])
+        samples = [s for s in list_source(receipts, "train", config.source).samples if s.name != "synth_0001b.jpg"]
+        assert len(samples) == 7
+        for sample in samples:
+            meta = process_sample(sample, config).meta
+            assert valid_region(meta.inverse_matrix, meta.original_size) == (meta.offset, meta.resized_size)
+
+
+def test_detect_maps_boxes_to_the_original_image_and_ignores_padding():
+    config = PostprocessConfig()
+    # An original image of 400 x 200 at size 128: resized to 128 x 64, padded below (top-left)
+    # or 32 px above and below (center).
+    scale = 128 / 400
+    top_left = np.array([[1 / scale, 0, 0], [0, 1 / scale, 0], [0, 0, 1]])
+    center = np.array([[1 / scale, 0, 0], [0, 1 / scale, -32 / scale], [0, 0, 1]])
+    prob_top = np.zeros((128, 128), dtype=np.float32)
+    prob_top[10:30, 20:90] = 0.95
+    prob_top[70:100, 10:100] = 0.95  # in the padding: never a box
+    prob_center = np.zeros((128, 128), dtype=np.float32)
+    prob_center[42:62, 20:90] = 0.95
+    prob_center[:30, 10:100] = 0.95  # padding above
+    found_top = detect(prob_top, top_left, (400, 200), config)
+    found_center = detect(prob_center, center, (400, 200), config)
+    assert len(found_top) == len(found_center) == 1
+    np.testing.assert_allclose(found_top[0].polygon, found_center[0].polygon, atol=1e-9)
+    expected = map_polygons([boxes_from_prob(prob_top[:64], config)[0].polygon], top_left)[0]
+    np.testing.assert_allclose(found_top[0].polygon, expected)
+    assert found_top[0].polygon[:, 0].min() >= 0 and found_top[0].polygon[:, 0].max() <= 400
+    assert found_top[0].polygon[:, 1].min() >= 0 and found_top[0].polygon[:, 1].max() <= 200
+
+
+def test_evaluating_a_missing_checkpoint_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate_shards(tmp_path / "none.pt", tmp_path, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sroie_val_shards(sroie_root, tmp_path_factory) -> tuple[Path, Config]:
+    """The 40 real val receipts as shards at 256 px, built once for this module."""
+    config = load_config(None, ["transform.size=256", *RANDOM_MODEL])
+    out = tmp_path_factory.mktemp("sroie_val")
+    build_shards(sroie_root, "val", out, config, workers=2)
+    return out, config
+
+
+def test_shards_and_live_path_give_identical_scores_on_real_receipts(sroie_root, sroie_val_shards, tmp_path):
+    shards, config = sroie_val_shards
+    checkpoint = random_checkpoint(tmp_path / "random.pt", config)
+    from_shards = evaluate_shards(checkpoint, shards, config, precision="32", batch_size=8, workers=0, device="cpu")
+    live = evaluate_source(checkpoint, sroie_root, "val", config, precision="32", batch_size=8, workers=2,
+                           device="cpu")
+    assert from_shards.images == live.images == 40
+    assert from_shards.score == live.score
+    assert from_shards.per_image == live.per_image
+    assert from_shards.score.gt_care > 2000 and from_shards.score.det_care > 0
+    assert (from_shards.score.precision, from_shards.score.recall, from_shards.score.hmean) == \
+        (live.score.precision, live.score.recall, live.score.hmean)
+    assert from_shards.seconds > 0 and from_shards.images_per_s > 0 and live.skipped == ()
+
+
+def test_config_from_checkpoint_applies_overrides(tmp_path):
+    from wds_ocr.errors import ConfigError
+    from wds_ocr.train.checkpoint import config_from_checkpoint
+
+    config = load_config(None, ["transform.size=256", *RANDOM_MODEL])
+    checkpoint = random_checkpoint(tmp_path / "random.pt", config)
+    assert config_from_checkpoint(checkpoint) == config
+    changed = config_from_checkpoint(checkpoint, ["postprocess.box_thresh=0.5"])
+    assert changed.postprocess.box_thresh == 0.5 and changed.transform.size == 256
+    with pytest.raises(ConfigError, match="postprocess.box_thresh"):
+        config_from_checkpoint(checkpoint, ["postprocess.box_thresh=2"])

@@ -1,0 +1,144 @@
+"""Checkpoints as plain containers: saved with ``torch.save``, read with ``weights_only=True``.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts only:
+
+    format, version      "wds-ocr/checkpoint", 1
+    config               the resolved Config as a JSON-able dict (``model_dump(mode="json")``)
+    model                the DBNet state dict (unwrapped: no DDP / torch.compile prefixes)
+    optimizer, scaler    their ``state_dict()`` (both plain containers)
+    scheduler            {"schedule", "base_lr", "warmup_steps", "total_steps", "step"}
+    position             {"epoch", "batch", "step"}: the epoch in progress, the micro-batches of it
+                         already consumed, and optimizer steps taken; resume starts right there
+    rng                  torch CPU/CUDA generator states and Python/NumPy states, as tensors/ints
+    best_hmean           the best validation H-mean so far (None before any validation)
+    world_size           ranks of the run that wrote it
+
+Reading never unpickles code: ``torch.load(..., weights_only=True)`` refuses anything but
+tensors and plain containers, and a file that needs more is reported as a ``CheckpointError``.
+Files are written under a temporary name and renamed, so a crash never leaves half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wds_ocr.config import Config, _apply_override, build_config
+from wds_ocr.errors import CheckpointError, ConfigError
+from wds_ocr.model.dbnet import DBNet
+
+CHECKPOINT_FORMAT = "wds-ocr/checkpoint"
+CHECKPOINT_VERSION = 1
+LAST_NAME = "last.pt"
+BEST_NAME = "best.pt"
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` (plain containers) atomically: temp file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    temporary = path.with_name(f".{path.name}.tmp")
+    torch.save(body, temporary)
+    os.replace(temporary, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's dict, on the CPU; CheckpointError for a missing, unsafe or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        body = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} holds objects that need unpickling, which is refused "
+            f"(only tensors and plain containers are read): {first_line}"
+        ) from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file): {exc}") from None
+    if not isinstance(body, dict) or body.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a wds-ocr checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    if body.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has version {body.get('version')!r}; this wds-ocr reads version {CHECKPOINT_VERSION}"
+        )
+    for key in ("config", "model"):
+        if not isinstance(body.get(key), dict):
+            raise CheckpointError(f"checkpoint {path} has no {key!r} section")
+    return body
+
+
+def checkpoint_config(body: dict[str, Any], path: str | Path) -> Config:
+    """The Config stored in a checkpoint, validated again."""
+    try:
+        return build_config(body["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path}: its stored configuration is not valid here: {exc}") from None
+
+
+def config_from_checkpoint(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+    """A checkpoint's config with ``section.field=value`` overrides applied (for evaluate and
+    predict: post-processing thresholds, loader settings), validated again."""
+    body = load_checkpoint(path)
+    data = json.loads(json.dumps(body["config"]))  # a deep, plain copy
+    for override in overrides:
+        _apply_override(data, override)
+    return build_config(data)
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Load a state dict strictly; a mismatch names the first keys that differ."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()
+        raise CheckpointError(
+            f"checkpoint {path} was made for another model: {' '.join(line.strip() for line in reason[:4])}"
+        ) from None
+
+
+def load_model(path: str | Path, device: torch.device) -> tuple[DBNet, Config]:
+    """A DBNet in eval mode, channels_last on ``device``, and the checkpoint's config."""
+    body = load_checkpoint(path)
+    config = checkpoint_config(body, path)
+    model = DBNet(config.model.model_copy(update={"backbone_weights": None}))
+    load_model_state(model, body["model"], path)
+    model.to(device, memory_format=torch.channels_last)
+    return model.eval(), config
+
+
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every generator the process might draw from, as tensors and plain numbers.
+
+    CUDA: only ``device``'s generator (touching every GPU would create a context on each).
+    """
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    on_cuda = device is not None and device.type == "cuda"
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if on_cuda else None,
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": python_version, "internal": list(python_internal), "gauss": python_gauss},
+    }
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"], numpy_state["gauss"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss"]))

@@ -1,0 +1,311 @@
+"""The DBNet training loop, nanoGPT style: the whole loop on one page, no globals.
+
+Data: ``ShardStream(train=True)`` plans this rank's batches for an epoch (every rank the same
+count) and ``make_loader`` streams them (threads or processes, per ``loader.mode``), pinned when
+CUDA is present; the shards must have been built with this config's record settings (they are
+what evaluate_source and predict later apply to images). On the device each batch is
+copied (``to_device``, non-blocking), normalized and jointly augmented (``prepare``), run through
+the model under autocast and scored by ``DBLoss`` (in float32). AdamW, linear warmup then cosine
+or poly decay, gradient clipping, gradient accumulation (DDP all-reduces on the last micro-batch
+only), optional ``torch.compile``. GradScaler is enabled for "16-mixed" only.
+
+DDP comes from the environment (torchrun): rank 0 alone logs (its own loss; samples/s counts
+all ranks) and writes checkpoints. Checkpoints (``last.pt`` after each validation, at an epoch's
+end every ``checkpoint_seconds`` and at the end; ``best.pt`` on a new best H-mean) hold all a
+resume needs: model, optimizer, scaler, schedule step, loader position and RNG states; ``resume``
+continues exactly where the run stopped (the next step's loss is the uninterrupted run's).
+
+Timing: ``data_wait`` is the share of wall time spent blocked in ``next(loader)``; samples/s and
+data_wait are measured between log steps, which end with a CPU-GPU synchronization (``.tolist()``
+of the losses), so the window's wall time is real device time too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from wds_ocr.config import Config, TrainConfig
+from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
+from wds_ocr.eval.evaluate import evaluate_batches, reduce_metric
+from wds_ocr.eval.metric import DetectionScore
+from wds_ocr.loader.device import Augmenter, prepare, to_device
+from wds_ocr.loader.plan import batches_per_epoch
+from wds_ocr.loader.stream import Batch, ShardStream, make_loader
+from wds_ocr.model.dbnet import DBNet
+from wds_ocr.model.loss import DBLoss
+from wds_ocr.train.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model_state, restore_rng_state,
+                                      rng_state, save_checkpoint)
+from wds_ocr.train.log import MetricsLog
+from wds_ocr.train.runtime import Runtime, allow_tf32, autocast, start_runtime, stop_runtime
+from wds_ocr.train.schedule import LrSchedule
+
+LOSS_PARTS = ("total", "bce", "l1", "dice")
+# last.pt is rewritten at an epoch's end when this long has passed since it was last written (and
+# always after a validation and at the end of the run): short epochs do not spend their time saving.
+CHECKPOINT_SECONDS = 300.0
+# Settings that fix which samples a loader position refers to: a resume must not change them.
+RESUME_FIXED = (("loader", "batch_size"), ("loader", "seed"), ("loader", "shuffle_block"), ("train", "accumulate"))
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    """What the progress callback sees at each log step ("train") and validation ("eval")."""
+
+    event: str
+    step: int  # optimizer steps taken
+    total_steps: int  # steps this run will take (max_steps or the whole schedule)
+    epoch: int  # 0-based epoch: in progress ("train") or just finished ("eval")
+    loss: float | None = None
+    lr: float | None = None
+    samples_per_s: float | None = None  # all ranks together
+    data_wait: float | None = None  # fraction of wall time blocked waiting for the next batch
+    score: DetectionScore | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    steps: int  # optimizer steps taken in total (including those before a resume)
+    epochs: int  # epochs completed
+    last_checkpoint: Path
+    best_checkpoint: Path | None
+    best_hmean: float | None
+    final_loss: float | None  # the last logged step's loss
+    seconds: float
+    samples_per_s: float
+    data_wait: float
+    world_size: int
+
+
+@dataclass
+class Position:
+    epoch: int = 0  # epoch in progress
+    batch: int = 0  # micro-batches of it already consumed
+    step: int = 0  # optimizer steps taken
+
+
+@dataclass
+class _Meter:
+    """Samples and data-wait seconds since ``start`` (one log window, or the whole run)."""
+
+    start: float
+    samples: int = 0
+    wait: float = 0.0
+
+    def rates(self, world_size: int) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return self.samples * world_size / elapsed, self.wait / elapsed
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on convolution/linear weights only, not on BatchNorm or biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+
+
+def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Optimizer,
+             scaler: torch.amp.GradScaler, world_size: int, device: torch.device) -> tuple[Position, float | None]:
+    """Load a checkpoint into the run's objects; its position and best H-mean."""
+    path = path / LAST_NAME if path.is_dir() else path
+    body = load_checkpoint(path)
+    stored, current = body["config"], config.model_dump(mode="json")
+    stored_model = {k: v for k, v in stored.get("model", {}).items() if k != "backbone_weights"}
+    current_model = {k: v for k, v in current["model"].items() if k != "backbone_weights"}
+    if stored_model != current_model:
+        raise CheckpointError(f"cannot resume from {path}: model settings {stored_model} differ from {current_model}")
+    for section, name in RESUME_FIXED:
+        if stored.get(section, {}).get(name) != current[section][name]:
+            raise CheckpointError(f"cannot resume from {path}: {section}.{name} was "
+                                  f"{stored.get(section, {}).get(name)!r}, now {current[section][name]!r}")
+    if body.get("world_size") != world_size:
+        raise CheckpointError(f"cannot resume from {path}: it was written by a run of {body.get('world_size')} "
+                              f"rank(s), this run has {world_size}; resume with the same number of ranks")
+    load_model_state(model, body["model"], path)
+    optimizer.load_state_dict(body["optimizer"])
+    if scaler.is_enabled() and body["scaler"]:
+        scaler.load_state_dict(body["scaler"])
+    restore_rng_state(body["rng"], device)
+    return Position(**body["position"]), body.get("best_hmean")
+
+
+def _differences(built: Any, now: Any, prefix: str = "") -> list[str]:
+    if isinstance(built, dict) and isinstance(now, dict):
+        return [line for name in sorted(set(built) | set(now))
+                for line in _differences(built.get(name), now.get(name), f"{prefix}{name}.")]
+    return [] if built == now else [f"{prefix.rstrip('.')}: built with {built!r}, config has {now!r}"]
+
+
+def _check_shards(stream: ShardStream, config: Config, location: str | Path) -> None:
+    """The shards must hold what this config's live path would produce (the checkpoint's config
+    is what evaluate_source and predict later transform images with)."""
+    if stream.manifest.fingerprint != config.fingerprint():
+        changes = "; ".join(_differences(stream.manifest.record_settings, config.record_settings()))
+        raise StaleShardsError(f"{location} was built with other settings ({changes or 'settings differ'}); "
+                               "train with the settings the shards were built with, or rebuild them")
+
+
+def _validate(model: DBNet, loader: Iterable[Batch], config: Config, runtime: Runtime) -> DetectionScore:
+    batches = ((batch.images, batch.info) for batch in loader if len(batch))
+    metric, _ = evaluate_batches(model, batches, config.postprocess, config.train.precision, runtime.device)
+    return reduce_metric(metric, runtime).score()  # every rank takes part in the all-reduce
+
+
+def train(config: Config, train_shards: str | Path, val_shards: str | Path | None = None,
+          out_dir: str | Path = Path("runs/train"), device: str = "auto", resume: str | Path | None = None,
+          progress: Callable[[TrainProgress], None] | None = None, max_steps: int | None = None,
+          checkpoint_seconds: float = CHECKPOINT_SECONDS) -> TrainResult:
+    """Train DBNet on ``train_shards``, validating on ``val_shards`` each ``train.eval_every`` epochs.
+
+    ``max_steps`` stops after that many optimizer steps in total (the schedule still spans all
+    ``train.epochs``), leaving a ``last.pt`` that ``resume`` continues exactly. ``last.pt`` is
+    also written after each validation and at an epoch's end ``checkpoint_seconds`` after the
+    previous write.
+    """
+    tc, out_dir, started = config.train, Path(out_dir), time.perf_counter()
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
+    runtime = start_runtime(device)
+    log = MetricsLog(out_dir, enabled=runtime.is_main)
+    try:
+        allow_tf32(runtime.device)
+        torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+        loader_config = config.loader
+        stream = ShardStream(train_shards, loader_config.batch_size, train=True, seed=loader_config.seed,
+                             shuffle_block=loader_config.shuffle_block, verify=loader_config.verify_hashes,
+                             on_error=loader_config.on_error, rank=runtime.rank, world_size=runtime.world_size)
+        _check_shards(stream, config, train_shards)
+        steps_per_epoch = batches_per_epoch(stream.manifest, loader_config.batch_size, runtime.world_size,
+                                            train=True) // tc.accumulate
+        if steps_per_epoch == 0:
+            raise ConfigError(f"{train_shards} holds {stream.manifest.total_samples} samples: too few for one step "
+                              f"of {tc.accumulate} x {loader_config.batch_size} per rank on {runtime.world_size} "
+                              "rank(s); lower loader.batch_size or train.accumulate")
+        micro_per_epoch = steps_per_epoch * tc.accumulate
+        schedule = LrSchedule(tc.lr, tc.warmup_steps, tc.epochs * steps_per_epoch, tc.schedule)
+        stop_at = schedule.total_steps if max_steps is None else min(max_steps, schedule.total_steps)
+        loader = make_loader(stream, loader_config.workers, mode=loader_config.mode)
+        val_loader = None
+        if val_shards is not None:
+            val_stream = ShardStream(val_shards, loader_config.batch_size, train=False,
+                                     verify=loader_config.verify_hashes, on_error=loader_config.on_error,
+                                     rank=runtime.rank, world_size=runtime.world_size)
+            _check_shards(val_stream, config, val_shards)
+            val_loader = make_loader(val_stream, loader_config.workers, mode=loader_config.mode)
+
+        model_config = config.model if resume is None else config.model.model_copy(update={"backbone_weights": None})
+        raw_model = DBNet(model_config).to(runtime.device, memory_format=torch.channels_last)
+        criterion = DBLoss(config.loss, raw_model.k)
+        optimizer = _optimizer(raw_model, tc, runtime.device)
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=tc.precision == "16-mixed")
+        position, best_hmean = Position(), None
+        if resume is not None:
+            position, best_hmean = _restore(Path(resume), config, raw_model, optimizer, scaler,
+                                             runtime.world_size, runtime.device)
+        model: torch.nn.Module = torch.compile(raw_model) if tc.compile else raw_model
+        if runtime.distributed:
+            model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
+                                            else None)
+        augmenter = Augmenter(config.augment, config.targets.thresh_min, seed=tc.seed)
+
+        saved_at, saved_step = time.perf_counter(), None
+
+        def checkpoint(names: tuple[str, ...]) -> None:
+            nonlocal saved_at, saved_step
+            saved_at, saved_step = time.perf_counter(), position.step
+            if runtime.is_main:
+                state = {"config": config.model_dump(mode="json"), "model": raw_model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                         "scheduler": schedule.state(position.step), "position": vars(position).copy(),
+                         "rng": rng_state(runtime.device), "best_hmean": best_hmean,
+                         "world_size": runtime.world_size}
+                for name in names:  # torch.save copies device tensors to the host: a CPU-GPU sync
+                    save_checkpoint(out_dir / name, state)
+
+        total, window, final_loss = _Meter(time.perf_counter()), _Meter(time.perf_counter()), None
+        while position.step < stop_at:
+            stream.set_epoch(position.epoch, position.batch)
+            batches = iter(loader)
+            model.train()
+            while position.batch < micro_per_epoch and position.step < stop_at:
+                lr = schedule(position.step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                step_parts = torch.zeros(len(LOSS_PARTS), device=runtime.device)
+                for micro in range(tc.accumulate):
+                    waiting = time.perf_counter()
+                    batch = next(batches)  # blocks until the loader has a batch ready: the data wait
+                    waited = time.perf_counter() - waiting
+                    window.wait, total.wait = window.wait + waited, total.wait + waited
+                    # non_blocking copy from pinned memory: the CPU queues it and moves on
+                    images, maps = prepare(to_device(batch, runtime.device), augmenter, position.epoch, batch.index,
+                                           runtime.rank)
+                    last_micro = micro == tc.accumulate - 1
+                    no_sync = model.no_sync() if runtime.distributed and not last_micro else contextlib.nullcontext()
+                    with no_sync:  # DDP all-reduces gradients only in the last micro-batch's backward
+                        with autocast(runtime.device, tc.precision):
+                            outputs = model(images)
+                        loss, parts = criterion(outputs, maps)
+                        scaler.scale(loss / tc.accumulate).backward()
+                    step_parts += torch.stack([parts[name] for name in LOSS_PARTS])  # stays on the device
+                    position.batch += 1
+                    window.samples, total.samples = window.samples + len(batch), total.samples + len(batch)
+                if tc.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip)
+                scaler.step(optimizer)  # with fp16 the scaler reads the inf/NaN check: a CPU-GPU sync
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                if position.step % tc.log_every == 0 or position.step == stop_at:
+                    values = (step_parts / tc.accumulate).tolist()  # sync: the CPU waits for the GPU here
+                    final_loss = values[0]
+                    samples_per_s, data_wait = window.rates(runtime.world_size)
+                    record = {"event": "train", "step": position.step, "epoch": position.epoch, "lr": lr,
+                              **{("loss" if n == "total" else n): v for n, v in zip(LOSS_PARTS, values)},
+                              "samples_per_s": samples_per_s, "data_wait": data_wait}
+                    log.write(record)
+                    if progress is not None and runtime.is_main:
+                        progress(TrainProgress("train", position.step, stop_at, position.epoch, values[0], lr,
+                                               samples_per_s, data_wait))
+                    window = _Meter(time.perf_counter())
+            if position.batch < micro_per_epoch:
+                break  # stopped mid-epoch at max_steps
+            position = Position(position.epoch + 1, 0, position.step)
+            names: tuple[str, ...] = ()
+            if val_loader is not None and tc.eval_every and position.epoch % tc.eval_every == 0:
+                evaluated = time.perf_counter()
+                score = _validate(raw_model, val_loader, config, runtime)
+                log.write({"event": "eval", "step": position.step, "epoch": position.epoch - 1,
+                           "precision": score.precision, "recall": score.recall, "hmean": score.hmean,
+                           "matched": score.matched, "gt_care": score.gt_care, "det_care": score.det_care,
+                           "images": score.images, "seconds": time.perf_counter() - evaluated})
+                if progress is not None and runtime.is_main:
+                    progress(TrainProgress("eval", position.step, stop_at, position.epoch - 1, score=score))
+                names = (LAST_NAME,)
+                if best_hmean is None or score.hmean > best_hmean:
+                    best_hmean, names = score.hmean, (LAST_NAME, BEST_NAME)
+            elif time.perf_counter() - saved_at >= checkpoint_seconds:
+                names = (LAST_NAME,)
+            if names:
+                checkpoint(names)
+                window = _Meter(time.perf_counter())  # validation and saving are not training time
+        if saved_step != position.step:
+            checkpoint((LAST_NAME,))
+        samples_per_s, data_wait = total.rates(runtime.world_size)
+        best_path = out_dir / BEST_NAME
+        return TrainResult(out_dir, position.step, position.epoch, out_dir / LAST_NAME,
+                           best_path if best_hmean is not None else None, best_hmean, final_loss,
+                           time.perf_counter() - started, samples_per_s, data_wait, runtime.world_size)
+    finally:
+        log.close()
+        stop_runtime(runtime)

@@ -1,0 +1,126 @@
+"""Where a run executes: device choice, DDP from the environment, and mixed precision.
+
+DDP is detected the way torchrun announces it: ``WORLD_SIZE`` > 1 with ``RANK`` and ``LOCAL_RANK``
+(and ``MASTER_ADDR``/``MASTER_PORT`` for the rendezvous). The process group uses NCCL when the
+device is CUDA and gloo otherwise. ``Precision`` names the three supported modes: "bf16-mixed"
+and "16-mixed" run the forward pass under ``torch.autocast``; "32" runs in float32 (TF32
+matmuls allowed on CUDA). Only "16-mixed" needs loss scaling (``GradScaler``), since bfloat16
+has float32's exponent range.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+from wds_ocr.errors import ConfigError
+
+Precision = Literal["bf16-mixed", "16-mixed", "32"]
+PRECISIONS: tuple[str, ...] = ("bf16-mixed", "16-mixed", "32")
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the run."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # True when this process group was started here (and is ended here)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} must be a whole number (set by torchrun)") from None
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> this rank's CUDA device when CUDA is present, else the CPU; otherwise torch's name."""
+    if name == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a device name (use auto, cpu, cuda or cuda:N): {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for CUDA, but this torch build or machine has no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def start_runtime(device: str = "auto") -> Runtime:
+    """Resolve the device and, under torchrun (WORLD_SIZE > 1), join the process group."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"RANK={rank} does not fit WORLD_SIZE={world_size} (set by torchrun)")
+    resolved = resolve_device(device, local_rank)
+    if world_size == 1:
+        return Runtime(resolved)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        owns = True
+    return Runtime(resolved, rank, world_size, local_rank, owns)
+
+
+def stop_runtime(runtime: Runtime) -> None:
+    """Leave the process group this runtime started (others are left to their owner).
+
+    Called from a ``finally``: after a clean run every rank waits for the others before any tears
+    down (rank 0 hosts the rendezvous store); while an exception propagates it does not wait,
+    since the other ranks may never arrive.
+    """
+    if runtime.owns_group and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The forward-pass context for ``precision`` ("32": no autocast at all)."""
+    dtype = _AUTOCAST_DTYPES.get(check_precision(precision))
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def allow_tf32(device: torch.device) -> None:
+    """Let float32 matmuls and convolutions use TF32 tensor cores on CUDA (a speed/precision trade
+    the DBNet reference makes implicitly on Ampere+)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
