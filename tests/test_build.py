@@ -254,7 +254,7 @@ def _projected(members_end: int, size: int) -> int:
 
 def test_rollover_by_bytes_fills_shards_up_to_max_bytes(synth_root, tmp_path):
     max_bytes = 1 << 20
-    result = build(synth_root, tmp_path / "s", [f"transform.size=192", "shards.max_samples=1000",
+    result = build(synth_root, tmp_path / "s", ["transform.size=192", "shards.max_samples=1000",
                                                 f"shards.max_bytes={max_bytes}"])
     shards = result.manifest.shards
     sizes = []

@@ -15,7 +15,7 @@ import torch
 
 from wds_ocr.config import load_config
 from wds_ocr.data.synth import synthesize
-from wds_ocr.eval.evaluate import evaluate_shards
+from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.shards.build import build_shards
 from wds_ocr.train.checkpoint import load_checkpoint
 from wds_ocr.train.log import read_metrics
@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     import json, os, sys
     import torch
     from wds_ocr.config import load_config
-    from wds_ocr.eval.evaluate import evaluate_shards
+    from wds_ocr.infer.evaluate import evaluate_shards
     from wds_ocr.train.loop import train
 
     torch.set_num_threads(1)

@@ -16,7 +16,6 @@ import torch
 
 from wds_ocr.errors import IntegrityError, ShardFormatError
 from wds_ocr.loader.stream import ShardStream, make_loader
-from wds_ocr.shards.codec import decode_record
 from wds_ocr.shards.inspect import read_record
 from wds_ocr.shards.manifest import load_manifest, write_manifest
 from wds_ocr.shards.tario import BLOCK, TarWriter, iter_members

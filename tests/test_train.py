@@ -14,7 +14,7 @@ import torch
 from wds_ocr.config import Config, load_config
 from wds_ocr.data.synth import synthesize
 from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
-from wds_ocr.eval.evaluate import evaluate_shards, evaluate_source
+from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
 from wds_ocr.loader.device import prepare, to_device
 from wds_ocr.loader.stream import ShardStream
 from wds_ocr.model.dbnet import DBNet

@@ -30,7 +30,7 @@ import torch
 
 from wds_ocr.config import Config, load_config
 from wds_ocr.data.synth import synthesize
-from wds_ocr.eval.evaluate import evaluate_shards
+from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.loader.device import normalize
 from wds_ocr.loader.plan import batches_per_epoch
 from wds_ocr.loader.stream import ShardStream, make_loader

@@ -391,9 +391,25 @@ def build_config(data: dict[str, Any]) -> Config:
         raise ConfigError(format_validation_error(exc)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> Config:
-    """Read an optional TOML/YAML file, apply ``section.field=value`` overrides, validate."""
-    data: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for name, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(name), dict):
+            _merge(into[name], value)
+        else:
+            into[name] = value
+    return into
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    base: dict[str, Any] | None = None,
+) -> Config:
+    """Validate ``base`` (settings a manifest or checkpoint recorded), then an optional TOML/YAML
+    file on top of it, then ``section.field=value`` overrides."""
+    data: dict[str, Any] = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        _merge(data, _read_file(Path(path)))
     for override in overrides:
         _apply_override(data, override)
     return build_config(data)

@@ -20,7 +20,6 @@ Files are written under a temporary name and renamed, so a crash never leaves ha
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wds_ocr.config import Config, _apply_override, build_config
+from wds_ocr.config import Config, build_config, load_config
 from wds_ocr.errors import CheckpointError, ConfigError
 from wds_ocr.model.dbnet import DBNet
 
@@ -88,11 +87,7 @@ def checkpoint_config(body: dict[str, Any], path: str | Path) -> Config:
 def config_from_checkpoint(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """A checkpoint's config with ``section.field=value`` overrides applied (for evaluate and
     predict: post-processing thresholds, loader settings), validated again."""
-    body = load_checkpoint(path)
-    data = json.loads(json.dumps(body["config"]))  # a deep, plain copy
-    for override in overrides:
-        _apply_override(data, override)
-    return build_config(data)
+    return load_config(None, overrides, base=load_checkpoint(path)["config"])
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:

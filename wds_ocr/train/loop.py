@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wds_ocr.config import Config, TrainConfig
 from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
-from wds_ocr.eval.evaluate import evaluate_batches, reduce_metric
+from wds_ocr.infer.evaluate import evaluate_batches, reduce_metric
 from wds_ocr.eval.metric import DetectionScore
 from wds_ocr.loader.device import Augmenter, prepare, to_device
 from wds_ocr.loader.plan import batches_per_epoch

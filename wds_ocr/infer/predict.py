@@ -28,7 +28,7 @@ from wds_ocr.config import Config
 from wds_ocr.data.geometry import plan_resize, resize_and_pad
 from wds_ocr.data.images import decode_canonical, read_image_bytes
 from wds_ocr.errors import ConfigError, SampleError
-from wds_ocr.eval.evaluate import detect, probability_maps
+from wds_ocr.infer.evaluate import detect, probability_maps
 from wds_ocr.eval.postprocess import Detection
 from wds_ocr.train.checkpoint import load_model
 from wds_ocr.train.runtime import check_precision, resolve_device

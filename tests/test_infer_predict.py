@@ -1,4 +1,4 @@
-"""Tests for wds_ocr.eval.predict: JSON + overlay per image, boxes in the original (EXIF-applied) frame."""
+"""Tests for wds_ocr.infer.predict: JSON + overlay per image, boxes in the original (EXIF-applied) frame."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import list_source
 from wds_ocr.data.synth import synthesize
 from wds_ocr.errors import ConfigError, SampleError
-from wds_ocr.eval.evaluate import detect, probability_maps
-from wds_ocr.eval.predict import predict
+from wds_ocr.infer.evaluate import detect, probability_maps
+from wds_ocr.infer.predict import predict
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.train.checkpoint import load_model, save_checkpoint
 

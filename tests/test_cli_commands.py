@@ -1,0 +1,103 @@
+"""The end-to-end commands through the CLI: demo, train, evaluate, predict, bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wds_ocr.cli import cli
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """A small demo: 8 receipts, one epoch (seconds, not minutes)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--out", str(out), "--n", "8", "--workers", "1",
+                                      "--set", "train.epochs=1", "--set", "postprocess.box_thresh=0.3"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_tells_the_whole_story(demo_run):
+    out, output = demo_run
+    stages = [line for line in output.splitlines() if line.startswith("== ")]
+    assert stages == ["== synth", "== build-shards", "== verify", "== train", "== evaluate", "== timings"]
+    assert "8 receipts ({'train': 6, 'val': 2})" in output
+    assert "train: 6 records, 6 bit-equal to the live pipeline: OK" in output
+    assert "shards and live path agree: yes" in output
+    assert (out / "run" / "last.pt").is_file() and (out / "shards" / "val" / "manifest.json").is_file()
+    again = CliRunner().invoke(cli, ["demo", "--out", str(out), "--n", "8", "--workers", "1",
+                                     "--set", "train.epochs=1", "--set", "postprocess.box_thresh=0.3"])
+    assert again.exit_code == 0, again.output
+    assert "reusing" in again.output and "train: 6 written, 0 rejected (up to date)" in again.output
+
+
+def test_evaluate_from_shards_and_source_agree_as_json(demo_run):
+    out, _ = demo_run
+    checkpoint = str(out / "run" / "last.pt")
+    runner = CliRunner()
+    common = ["--checkpoint", checkpoint, "--json", "--workers", "0", "--set", "postprocess.box_thresh=0.3"]
+    from_shards = runner.invoke(cli, ["evaluate", "--shards", str(out / "shards" / "val"), *common])
+    from_source = runner.invoke(cli, ["evaluate", "--source", str(out / "data"), "--split", "val", *common])
+    assert from_shards.exit_code == 0 and from_source.exit_code == 0, from_shards.output + from_source.output
+    a, b = json.loads(from_shards.output), json.loads(from_source.output)
+    assert a["images"] == 2
+    assert {k: a[k] for k in ("precision", "recall", "hmean", "matched", "gt_care", "det_care")} == \
+           {k: b[k] for k in ("precision", "recall", "hmean", "matched", "gt_care", "det_care")}
+
+
+def test_evaluate_needs_exactly_one_input(demo_run):
+    out, _ = demo_run
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(out / "run" / "last.pt")])
+    assert result.exit_code == 2
+    assert "error: give exactly one of --shards or --source" in result.output
+
+
+def test_predict_writes_json_and_overlays(demo_run, tmp_path):
+    out, _ = demo_run
+    images = sorted((out / "data" / "images" / "val").glob("*.jpg"))
+    result = CliRunner().invoke(cli, ["predict", "--checkpoint", str(out / "run" / "last.pt"), *map(str, images),
+                                      "--out", str(tmp_path / "pred")])
+    assert result.exit_code == 0, result.output
+    assert f"{len(images)} images predicted into {tmp_path / 'pred'}" in result.output
+    for image in images:
+        body = json.loads((tmp_path / "pred" / f"{image.stem}.json").read_text())
+        assert body["image"] == image.name and body["width"] > 0
+        assert (tmp_path / "pred" / f"{image.stem}.png").is_file()
+
+
+def test_predict_names_a_bad_image(demo_run, tmp_path):
+    out, _ = demo_run
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    result = CliRunner().invoke(cli, ["predict", "--checkpoint", str(out / "run" / "last.pt"), str(bad),
+                                      "--out", str(tmp_path / "pred")])
+    assert result.exit_code == 1
+    assert result.output == (f"error: {bad}: not an image: the data starts with b'not an i', not a JPEG, PNG, WebP, "
+                             "TIFF or BMP signature; check that the file is really an image\n")
+
+
+def test_train_resumes_from_its_checkpoint(demo_run, tmp_path):
+    out, _ = demo_run
+    shards = str(out / "shards" / "train")
+    runner = CliRunner()
+    first = runner.invoke(cli, ["train", "--shards", shards, "--out", str(tmp_path / "run"), "--max-steps", "1",
+                                "--quiet", "--set", "model.neck_channels=64", "--set", "train.epochs=2", "--set", "loader.batch_size=4"])
+    assert first.exit_code == 0, first.output
+    assert "trained 1 step over 1 epoch on 1 process in" in first.output
+    resumed = runner.invoke(cli, ["train", "--shards", shards, "--out", str(tmp_path / "run"), "--quiet",
+                                  "--resume", str(tmp_path / "run" / "last.pt"), "--set", "model.neck_channels=64",
+                                  "--set", "train.epochs=2", "--set", "loader.batch_size=4"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "trained 2 steps over 2 epochs on 1 process in" in resumed.output  # 6 samples / batch 4 = 1 step per epoch
+
+
+def test_train_refuses_settings_the_shards_were_not_built_with(demo_run, tmp_path):
+    out, _ = demo_run
+    result = CliRunner().invoke(cli, ["train", "--shards", str(out / "shards" / "train"), "--out", str(tmp_path),
+                                      "--set", "transform.size=256"])
+    assert result.exit_code == 1
+    assert "error:" in result.output and "transform.size" in result.output
