@@ -291,7 +291,7 @@ def test_fingerprint_changes_with_every_record_setting(override: str) -> None:
         "loader.batch_size=32",
         "loader.workers=0",
         "loader.seed=7",
-        "augment.hflip=0.5",
+        "augment.hflip=0.25",
         "model.backbone=resnet50",
         "loss.bce_weight=1",
         "postprocess.box_thresh=0.5",

@@ -108,7 +108,7 @@ class LoaderConfig(_Section):
 class AugmentConfig(_Section):
     """Training augmentation, applied on the device to image and maps together."""
 
-    hflip: float = Field(default=0.0, ge=0.0, le=1.0)
+    hflip: float = Field(default=0.5, ge=0.0, le=1.0)
     affine: bool = True
     scale_min: float = Field(default=0.75, gt=0.0, le=4.0)
     scale_max: float = Field(default=1.25, gt=0.0, le=4.0)
