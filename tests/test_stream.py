@@ -276,3 +276,9 @@ def test_threaded_loader_yields_the_same_batches_as_dataloader_workers(uneven_sh
 def test_unknown_loader_mode_is_refused(uneven_shards):
     with pytest.raises(ValueError, match="loader mode must be 'threads' or 'processes', got 'gpu'"):
         make_loader(ShardStream(uneven_shards, batch_size=2), 1, mode="gpu")
+
+
+def test_file_url_and_manifest_path_read_the_same_shards(uneven_shards):
+    expected = run_rank(uneven_shards, 0, 1, 0)
+    assert run_rank(f"file://{uneven_shards}", 0, 1, 0) == expected
+    assert run_rank(uneven_shards / "manifest.json", 0, 1, 0) == expected

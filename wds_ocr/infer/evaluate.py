@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,32 +36,12 @@ from wds_ocr.errors import SampleError
 from wds_ocr.eval.metric import DetectionMetric, DetectionScore
 from wds_ocr.eval.postprocess import Detection, boxes_from_prob, map_polygons
 from wds_ocr.loader.device import normalize
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.stream import SampleInfo, ShardStream, make_loader
+from wds_ocr.shards.build import record_key
 from wds_ocr.train.checkpoint import load_model
 from wds_ocr.train.runtime import Runtime, autocast, check_precision, start_runtime, stop_runtime
 
 EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
-
-
-class GroundTruth(Protocol):
-    """What evaluation reads about a sample (``loader.stream.SampleInfo`` has these fields)."""
-
-    name: str
-    original_size: tuple[int, int]
-    inverse_matrix: np.ndarray
-    polygons: list[np.ndarray]
-    dont_care: np.ndarray
-
-
-@dataclass(frozen=True)
-class SampleTruth:
-    """GroundTruth of a live-path sample."""
-
-    name: str
-    original_size: tuple[int, int]
-    inverse_matrix: np.ndarray
-    polygons: list[np.ndarray]
-    dont_care: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -120,7 +100,7 @@ def probability_maps(model: torch.nn.Module, images: torch.Tensor, device: torch
         return prob.cpu().numpy()
 
 
-def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, Sequence[GroundTruth]]],
+def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, Sequence[SampleInfo]]],
                      config: PostprocessConfig, precision: str, device: torch.device,
                      progress: EvalProgress | None = None, total: int = 0) -> tuple[DetectionMetric, list[ImageEval]]:
     """Run the model over (images, truths) batches and match every image; this rank's counts."""
@@ -197,14 +177,14 @@ class _LiveSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray | None, SampleTruth | str]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, SampleInfo | str]:
         try:
             processed = process_sample(self.samples[index], self.config)
         except SampleError as exc:
             return None, str(exc)
         meta = processed.meta
-        truth = SampleTruth(meta.name, meta.original_size, meta.inverse_matrix, list(meta.polygons_original),
-                            np.asarray(meta.dont_care, dtype=bool))
+        truth = SampleInfo(record_key(processed.index, meta.name), meta.name, meta.original_size, meta.inverse_matrix,
+                           list(meta.polygons_original), np.asarray(meta.dont_care, dtype=bool))
         return processed.image, truth
 
 
@@ -213,12 +193,12 @@ def _as_is(item: Any) -> Any:
 
 
 def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
-                  skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[SampleTruth]]]:
+                  skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[SampleInfo]]]:
     """Batches of consecutive good samples (bad ones left out first, as the shard build does)."""
     extra: dict[str, Any] = {"multiprocessing_context": "fork"} if workers > 0 and os.name == "posix" else {}
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, **extra)
     images: list[np.ndarray] = []
-    truths: list[SampleTruth] = []
+    truths: list[SampleInfo] = []
     for image, truth in loader:
         if image is None:
             skipped.append(truth)

@@ -160,6 +160,13 @@ def _validate(model: DBNet, loader: Iterable[Batch], config: Config, runtime: Ru
     return reduce_metric(metric, runtime).score()  # every rank takes part in the all-reduce
 
 
+def _stand_in(batch: Batch) -> Batch:
+    """A one-sample all-zero batch for a rank whose batch came back empty under DDP."""
+    shapes = {name: (1, *t.shape[1:]) for name, t in batch.tensors().items()}
+    return Batch(**{name: torch.zeros(shape, dtype=batch.tensors()[name].dtype) for name, shape in shapes.items()},
+                 info=[], index=batch.index, skipped=batch.skipped)
+
+
 def train(config: Config, train_shards: str | Path, val_shards: str | Path | None = None,
           out_dir: str | Path = Path("runs/train"), device: str = "auto", resume: str | Path | None = None,
           progress: Callable[[TrainProgress], None] | None = None, max_steps: int | None = None,
@@ -246,16 +253,21 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                     batch = next(batches)  # blocks until the loader has a batch ready: the data wait
                     waited = time.perf_counter() - waiting
                     window.wait, total.wait = window.wait + waited, total.wait + waited
+                    empty = len(batch) == 0  # every sample skipped as corrupt (loader.on_error=skip)
+                    if empty and not runtime.distributed:
+                        position.batch += 1
+                        continue
                     # non_blocking copy from pinned memory: the CPU queues it and moves on
-                    images, maps = prepare(to_device(batch, runtime.device), augmenter, position.epoch, batch.index,
-                                           runtime.rank)
+                    images, maps = prepare(to_device(_stand_in(batch) if empty else batch, runtime.device), augmenter,
+                                           position.epoch, batch.index, runtime.rank)
                     last_micro = micro == tc.accumulate - 1
                     no_sync = model.no_sync() if runtime.distributed and not last_micro else contextlib.nullcontext()
                     with no_sync:  # DDP all-reduces gradients only in the last micro-batch's backward
                         with autocast(runtime.device, tc.precision):
                             outputs = model(images)
                         loss, parts = criterion(outputs, maps)
-                        scaler.scale(loss / tc.accumulate).backward()
+                        # an empty batch under DDP still runs (zero-weighted) so every rank joins the all-reduce
+                        scaler.scale(loss * (0.0 if empty else 1.0) / tc.accumulate).backward()
                     step_parts += torch.stack([parts[name] for name in LOSS_PARTS])  # stays on the device
                     position.batch += 1
                     window.samples, total.samples = window.samples + len(batch), total.samples + len(batch)
