@@ -1,0 +1,201 @@
+"""Data commands: synth, build-shards, merge, verify, inspect, bench."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from wds_ocr.cli.base import cli, config_options, fail, handle_errors, load_settings
+
+
+@cli.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder to create.")
+@click.option("--n", "count", default=32, show_default=True, type=click.IntRange(1), help="Number of receipts.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Random seed.")
+@click.option("--val-fraction", default=0.25, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
+@handle_errors
+def synth(out: Path, count: int, seed: int, val_fraction: float) -> None:
+    """Write N synthetic receipts (images/<split>/, jsons/<split>.json) to OUT."""
+    from wds_ocr.data.synth import synthesize
+
+    try:
+        summary = synthesize(out, count, seed, val_fraction=val_fraction)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    splits = ", ".join(f"{name} {n}" for name, n in summary.counts.items())
+    click.echo(f"wrote {sum(summary.counts.values())} receipts to {out} ({splits}); "
+               f"{summary.words} words, {summary.exif_tagged} stored with an EXIF orientation tag")
+
+
+@cli.command("build-shards")
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--split", required=True, help="Split folder to build, e.g. train or val.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [shards/<split>].")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 512), help="Worker processes.")
+@click.option("--partition", help="Build only part i of n (i from 0), e.g. 0/4; join with wds-ocr merge.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+@handle_errors
+def build_shards_command(source: Path, split: str, out: Path | None, workers: int, partition: str | None,
+                         quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Pre-transform SOURCE's SPLIT into WebDataset shards with a manifest."""
+    from tqdm import tqdm
+
+    from wds_ocr.shards.build import Partition, build_shards
+
+    config = load_settings(config_file, overrides)
+    out = out or Path("shards") / split
+    part = Partition.parse(partition) if partition else None
+    started = time.perf_counter()
+    bar = None
+
+    def progress(p) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, initial=p.done - 1, unit="sample", desc="build", disable=quiet, file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(written=p.written, rejected=p.rejected, refresh=False)
+
+    try:
+        result = build_shards(source, split, out, config, workers=workers, partition=part, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - started
+    counts = result.manifest.counts
+    if result.up_to_date:
+        click.echo(f"{result.manifest_path} is up to date ({counts['written']} samples in "
+                   f"{len(result.manifest.shards)} shards); nothing to do")
+        return
+    nbytes = sum(entry.bytes for entry in result.manifest.shards)
+    click.echo(
+        f"samples in {counts['samples_in']}: written {counts['written']}, rejected {counts['rejected']}; "
+        f"words skipped {counts['words_skipped']}\n"
+        f"{len(result.manifest.shards)} shards, {nbytes / 1e6:.1f} MB"
+        f"{f', {result.reused_shards} reused from an earlier run' if result.reused_shards else ''}; "
+        f"{elapsed:.1f} s ({counts['written'] / max(elapsed, 1e-9):.1f} samples/s)\n"
+        f"manifest: {result.manifest_path}"
+    )
+    if counts["rejected"] or counts["words_skipped"]:
+        reasons: dict[str, int] = {}
+        for item in result.rejects:
+            group = f"{item['kind']}: {_reason_group(item['reason'])}"
+            reasons[group] = reasons.get(group, 0) + 1
+        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
+            click.echo(f"  {n:5d} x {reason}")
+        click.echo(f"details: {result.rejects_path}")
+
+
+def _reason_group(reason: str) -> str:
+    """A reason without its file/line prefix, numbers and details, for counting similar ones."""
+    reason = re.sub(r"^\S+ line \d+: ", "", reason)
+    reason = re.sub(r"-?\d+(\.\d+)?", "#", reason)
+    return reason.split(":")[0].split(" (")[0]
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@handle_errors
+def merge(folder: Path) -> None:
+    """Join the part manifests of a partitioned build in FOLDER into manifest.json."""
+    from wds_ocr.shards.merge import merge_parts
+
+    manifest, path = merge_parts(folder)
+    click.echo(f"merged {manifest.counts['written']} samples in {len(manifest.shards)} shards into {path}")
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.option("--against-source", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Re-run the live pipeline on this source and require bit-equal records.")
+@click.option("--sample", type=click.IntRange(1), help="With --against-source: compare K random records only.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for --sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@config_options
+@handle_errors
+def verify(shards: Path, against_source: Path | None, sample: int | None, seed: int, as_json: bool,
+           config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Check SHARDS (folder or manifest): hashes, tar structure, records, staleness.
+
+    Staleness is checked against the code's pipeline version, and against --config/--set
+    when given. Exit 1 on any problem.
+    """
+    from wds_ocr.shards.verify import verify_shards
+
+    config = load_settings(config_file, overrides) if (config_file or overrides) else None
+    report = verify_shards(shards, config, against_source, sample, seed)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=1, sort_keys=True))
+    else:
+        for problem in report.problems:
+            click.echo(problem.line())
+        compared = f", {report.compared_with_source} equal-checked against the source" if against_source else ""
+        verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)" + (" (stale)" if report.stale else "")
+        click.echo(f"{report.shards_checked} shards, {report.samples_checked} records checked{compared}: {verdict}")
+    sys.exit(0 if report.ok else 1)
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.option("--key", help="Show this record (default: the first).")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write image | polygons | gt | thresh_map.")
+@handle_errors
+def inspect(shards: Path, key: str | None, png: Path | None) -> None:
+    """Counts, sizes, dtypes and bytes per sample of SHARDS; optionally a PNG of one record."""
+    from wds_ocr.shards.inspect import inspect_shards
+
+    summary = inspect_shards(shards, key, png)
+    for line in summary.lines():
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--shards", "shards", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Shards built from SOURCE (folder or manifest).")
+@click.option("--split", default=None, help="Split of SOURCE [the split the shards were built from].")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256))
+@click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--seconds", "min_seconds", default=5.0, show_default=True, type=click.FloatRange(0.0),
+              help="Run whole epochs of each path until this much time has passed.")
+@click.option("--no-stock", is_flag=True, help="Skip the stock-webdataset (.npy members) comparison.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@config_options
+@handle_errors
+def bench(source: Path, shards: Path, split: str | None, workers: int, batch_size: int, min_seconds: float,
+          no_stock: bool, as_json: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Side by side: the live per-epoch path on SOURCE against streaming --shards."""
+    from wds_ocr.bench import run_bench
+    from wds_ocr.shards.manifest import load_manifest
+    from wds_ocr.shards.verify import config_from_manifest
+
+    manifest = load_manifest(shards)
+    config = load_settings(config_file, overrides) if (config_file or overrides) else config_from_manifest(manifest)
+    if config.fingerprint() != manifest.fingerprint:
+        fail("the live path would not produce these shards (settings differ); pass the config they were built "
+              "with, or omit --config/--set to take it from the manifest", 2)
+    split = split or manifest.source["split"]
+    result = run_bench(source, split, shards, config, workers, batch_size, min_seconds, not no_stock,
+                       progress=None if as_json else lambda text: click.echo(f"... {text}", err=True))
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=1, sort_keys=True))
+        return
+    rows = [result.live, result.shards, result.shards_processes]
+    rows += [result.stock_webdataset] if result.stock_webdataset else []
+    click.echo(f"{result.samples_per_epoch} samples per epoch, batch {batch_size}, {workers} workers; "
+               f"normalization: {result.normalize_on}")
+    click.echo(f"{'path':22s} {'samples/s':>10s} {'MB/s':>9s} {'1st batch s':>11s} {'peak RSS MB':>11s} {'epochs':>6s}")
+    for row in rows:
+        click.echo(f"{row.name:22s} {row.samples_per_second:10.1f} {row.mb_per_second:9.1f} "
+                   f"{row.first_batch_seconds:11.3f} {row.peak_rss_mb:11.0f} {row.epochs:6d}")
+    click.echo(f"raw sequential read of the shard files: {result.raw_read_mb_per_second:.0f} MB/s")
+    click.echo(f"shards / live: {result.speedup:.1f}x samples/s; shard loader reads at "
+               f"{100 * result.raw_fraction:.0f}% of the raw read rate")
+    if result.stock_webdataset:
+        click.echo(f"shards / stock webdataset (.npy): "
+                   f"{result.shards.samples_per_second / max(result.stock_webdataset.samples_per_second, 1e-12):.1f}x")

@@ -1,0 +1,157 @@
+"""Model commands: train, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from wds_ocr.cli.base import (
+    cli,
+    config_options,
+    counter_bar,
+    fail,
+    handle_errors,
+    is_rank0,
+    load_with_base,
+    plural,
+    score_line,
+)
+
+
+@cli.command()
+@click.option("--shards", "train_shards", required=True, help="Training shards (folder, manifest or URL).")
+@click.option("--val-shards", help="Validation shards; the best checkpoint is chosen by their H-mean.")
+@click.option("--out", default=Path("runs/train"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Continue exactly from a checkpoint (last.pt).")
+@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps in total.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+@handle_errors
+def train(train_shards: str, val_shards: str | None, out: Path, device: str, resume: Path | None,
+          max_steps: int | None, quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Train DBNet on shards (mixed precision per train.precision; torchrun for DDP).
+
+    Settings start from those the shards were built with; --config/--set go on top. Run several
+    processes with: torchrun --nproc-per-node N -m wds_ocr train ...
+    """
+    from tqdm import tqdm
+
+    from wds_ocr.loader.remote import open_location
+    from wds_ocr.shards.verify import config_from_manifest
+    from wds_ocr.train.loop import train as run_training
+
+    manifest, _ = open_location(train_shards)
+    base = config_from_manifest(manifest).model_dump(mode="json")
+    config = load_with_base(base, config_file, overrides)
+    bar = tqdm(unit="step", desc="train", disable=quiet or not is_rank0(), file=sys.stderr)
+
+    def progress(p) -> None:
+        if p.event == "train":
+            bar.total = p.total_steps
+            bar.n = p.step
+            bar.set_postfix(epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
+                            samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}", refresh=False)
+            bar.refresh()
+        elif p.score is not None:
+            bar.write(f"epoch {p.epoch} validation: {score_line(p.score)}", file=sys.stderr)
+
+    try:
+        result = run_training(config, train_shards, val_shards, out, device, resume, progress, max_steps)
+    finally:
+        bar.close()
+    if not is_rank0():
+        return
+    best = f"; best H-mean {result.best_hmean:.4f} ({result.best_checkpoint})" if result.best_checkpoint else ""
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    click.echo(f"trained {plural(result.steps, 'step')} over {plural(result.epochs, 'epoch')} on "
+               f"{plural(result.world_size, 'process', 'processes')} in "
+               f"{result.seconds:.1f} s ({result.samples_per_s:.1f} samples/s, "
+               f"{result.data_wait:.0%} of the time waiting for data){loss}\n"
+               f"checkpoint: {result.last_checkpoint}{best}\nmetrics: {out / 'metrics.jsonl'}")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--shards", help="Evaluate on these shards (folder, manifest or URL).")
+@click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Evaluate through the live path on this source folder instead (with --split).")
+@click.option("--split", default="val", show_default=True, help="Split of --source.")
+@click.option("--precision", type=click.Choice(["bf16-mixed", "16-mixed", "32"]),
+              help="Autocast mode [the checkpoint's train.precision].")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
+@handle_errors
+def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: str, precision: str | None,
+             batch_size: int, workers: int, device: str, as_json: bool, quiet: bool,
+             overrides: tuple[str, ...]) -> None:
+    """Precision, recall and H-mean (ICDAR 2015 IoU protocol) of a checkpoint, in original coordinates."""
+    from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
+    from wds_ocr.train.checkpoint import config_from_checkpoint
+
+    if (shards is None) == (source is None):
+        fail("give exactly one of --shards or --source", 2)
+    config = config_from_checkpoint(checkpoint, overrides)
+    precision = precision or config.train.precision
+    bar, update = counter_bar(0, "evaluate", quiet or as_json)
+    try:
+        if shards is not None:
+            result = evaluate_shards(checkpoint, shards, config, precision, batch_size, workers, device, update)
+        else:
+            result = evaluate_source(checkpoint, source, split, config, precision, batch_size, workers, device, update)
+    finally:
+        bar.close()
+    if not is_rank0():
+        return
+    score = result.score
+    if as_json:
+        body = {"precision": score.precision, "recall": score.recall, "hmean": score.hmean, "matched": score.matched,
+                "gt_care": score.gt_care, "det_care": score.det_care, "images": result.images,
+                "seconds": result.seconds, "images_per_s": result.images_per_s, "precision_mode": result.mode,
+                "skipped": list(result.skipped)}
+        click.echo(json.dumps(body, indent=1, sort_keys=True))
+        return
+    for item in result.skipped:
+        click.echo(f"skipped {item}", err=True)
+    click.echo(f"{score_line(score)}\n{result.images} images in {result.seconds:.1f} s "
+               f"({result.images_per_s:.1f} images/s, {result.mode})")
+
+
+@cli.command()
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--precision", type=click.Choice(["bf16-mixed", "16-mixed", "32"]),
+              help="Autocast mode [the checkpoint's train.precision].")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-overlay", is_flag=True, help="JSON only, no overlay PNGs.")
+@click.option("--skip-bad", is_flag=True, help="Report unreadable images and go on instead of stopping.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+              help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
+@handle_errors
+def predict(checkpoint: Path, images: tuple[Path, ...], out: Path, precision: str | None, batch_size: int,
+            device: str, no_overlay: bool, skip_bad: bool, overrides: tuple[str, ...]) -> None:
+    """Detect text in IMAGES: <stem>.json (polygons in original coordinates) and <stem>.png overlays."""
+    from wds_ocr.infer.predict import predict as run_predict
+    from wds_ocr.train.checkpoint import config_from_checkpoint
+
+    config = config_from_checkpoint(checkpoint, overrides)
+    result = run_predict(checkpoint, list(images), out, config, precision or config.train.precision, batch_size,
+                         device, overlay=not no_overlay, on_error="skip" if skip_bad else "raise")
+    for item in result.failed:
+        click.echo(f"skipped {item}", err=True)
+    regions = sum(p.polygons for p in result.predictions)
+    click.echo(f"{len(result.predictions)} images predicted into {out}, {regions} text regions "
+               f"({result.images_per_s:.1f} images/s); {len(result.failed)} skipped")
+    if result.failed:
+        sys.exit(1)
