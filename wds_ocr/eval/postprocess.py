@@ -25,6 +25,7 @@ import numpy as np
 import pyclipper
 
 from wds_ocr.config import PostprocessConfig
+from wds_ocr.data.geometry import apply_matrix
 
 # pyclipper works on integers: coordinates are scaled by this factor so the offset keeps 1/256 px.
 _CLIPPER_SCALE = 256.0
@@ -96,12 +97,7 @@ def map_polygons(polygons: list[np.ndarray], matrix: np.ndarray) -> list[np.ndar
     matrix = np.asarray(matrix, dtype=np.float64)
     if matrix.shape != (3, 3):
         raise ValueError(f"matrix must be 3x3, got shape {matrix.shape}")
-    mapped = []
-    for polygon in polygons:
-        points = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
-        homogeneous = np.hstack([points, np.ones((len(points), 1))]) @ matrix.T
-        mapped.append(homogeneous[:, :2] / homogeneous[:, 2:3])
-    return mapped
+    return [apply_matrix(np.asarray(polygon, dtype=np.float64).reshape(-1, 2), matrix) for polygon in polygons]
 
 
 def _min_area_box(points: np.ndarray) -> tuple[np.ndarray, float]:
