@@ -17,6 +17,7 @@ from wds_ocr.shards.codec import (
     ALIGN,
     ARRAY_SPECS,
     RECORD_FORMAT,
+    RECORD_VERSION,
     decode_record,
     encode_arrays,
     encode_record,
@@ -108,7 +109,7 @@ def test_alignment_holds_for_every_header_length():
 
 def test_stock_msgpack_and_frombuffer_read_a_record(processed, record_bytes):
     header, blob = msgpack.unpackb(record_bytes)
-    assert header["format"] == RECORD_FORMAT and header["version"] == 1
+    assert header["format"] == RECORD_FORMAT and header["version"] == RECORD_VERSION
     assert header["meta"]["key"] == KEY
     for name, spec in header["arrays"].items():
         count = int(np.prod(spec["shape"]))
@@ -120,11 +121,11 @@ def test_a_record_without_polygons_round_trips(processed):
     arrays = dict(sample_arrays(processed))
     arrays.update(
         polygons_original=np.zeros((0, 2)), polygons=np.zeros((0, 2)), polygon_sizes=np.zeros(0, dtype="<i4"),
-        dont_care=np.zeros(0, dtype=bool), ignored=np.zeros(0, dtype=bool),
+        dont_care=np.zeros(0, dtype=bool), left_out=np.zeros(0, dtype=np.uint8),
     )
     record = decode_record(encode_arrays({"key": "k"}, arrays))
     assert record.arrays["polygons"].shape == (0, 2)
-    assert record.arrays["ignored"].shape == (0,)
+    assert record.arrays["left_out"].shape == (0,)
     assert record.polygons() == []
 
 
@@ -135,8 +136,8 @@ def test_same_sample_encodes_to_the_same_bytes(processed, record_bytes):
 def test_wrong_format_and_version_are_refused(record_bytes):
     error = decode_error(repack(record_bytes, lambda h: h.update(format="other/record")))
     assert error.reason == "record format 'other/record', expected 'wds-ocr/record'"
-    error = decode_error(repack(record_bytes, lambda h: h.update(version=2)))
-    assert error.reason == ("record version 2 is not supported (this code reads 1); "
+    error = decode_error(repack(record_bytes, lambda h: h.update(version=1)))
+    assert error.reason == ("record version 1 is not supported (this code reads 2); "
                             "rebuild the shards or upgrade wds-ocr")
     error = decode_error(b"PK\x03\x04 a zip file, not a record")
     assert error.reason == "not a wds-ocr record: expected a 2-element msgpack array [header, blob]"

@@ -54,7 +54,10 @@ def test_merged_parts_equal_an_unpartitioned_build(whole, parts, faulty_root, tm
     assert result.exit_code == 0, result.output
     merged, expected = load_manifest(folder), load_manifest(whole)
     assert result.output == f"merged 10 samples in {len(merged.shards)} shards into {folder / 'manifest.json'}\n"
-    assert merged.counts == expected.counts == {"samples_in": 15, "written": 10, "rejected": 5, "words_skipped": 4}
+    assert merged.counts == expected.counts
+    assert {k: v for k, v in merged.counts.items() if k != "words"} == {
+        "samples_in": 15, "written": 10, "rejected": 5, "words_skipped": 4}
+    assert merged.coverage.words > 0
     assert merged.source == expected.source
     assert merged.source["fingerprint"] is not None
     assert (merged.fingerprint, merged.record_settings, merged.shard_settings) == (

@@ -188,7 +188,7 @@ def test_skip_policy_reports_and_shrinks_the_batch(uneven_shards, tmp_path):
     rewrite_record(folder, key, lambda h: h.__setitem__("version", 99))
     batch = first_batch(folder, on_error="skip")
     assert len(batch) == 8 and key not in batch.keys
-    assert batch.skipped == [("shard-000000.tar", key, "record version 99 is not supported (this code reads 1); "
+    assert batch.skipped == [("shard-000000.tar", key, "record version 99 is not supported (this code reads 2); "
                                                        "rebuild the shards or upgrade wds-ocr")]
 
 

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from test_build import build, settings
 from wds_ocr.cli import cli
 from wds_ocr.config import load_config
+from wds_ocr.data.coverage import Coverage
+from wds_ocr.errors import ShardFormatError
 from wds_ocr.shards.codec import decode_record, encode_arrays
 from wds_ocr.shards.manifest import load_manifest, write_manifest
 from wds_ocr.shards.tario import BLOCK, Member, TarWriter, iter_members
@@ -85,7 +87,16 @@ def rewrite_shard(folder: Path, items: list[tuple[str, bytes]], name: str = SHAR
         for e in manifest.shards
     )
     written = sum(e.samples for e in shards)
-    counts = dict(manifest.counts, written=written, samples_in=written + manifest.counts["rejected"])
+    coverage = Coverage()
+    for entry in shards:
+        data_of = dict(items) if entry.name == name else {m.key: m.data for m in members(folder, entry.name)}
+        for key in entry.keys:
+            try:  # a deliberately broken record counts no words
+                coverage += Coverage.from_codes(decode_record(data_of[key]).arrays["left_out"])
+            except ShardFormatError:
+                pass
+    counts = dict(manifest.counts, written=written, samples_in=written + manifest.counts["rejected"],
+                  words=coverage.as_dict())
     write_manifest(folder / "manifest.json", dataclasses.replace(manifest, shards=shards, counts=counts))
 
 
@@ -110,10 +121,13 @@ def test_clean_shards_verify_ok(clean, synth_root):
     assert (report.shards_checked, report.samples_checked, report.stale) == (3, 9, False)
     report = verify_shards(clean, against_source=synth_root)
     assert report.ok and report.compared_with_source == 9
+    coverage = load_manifest(clean).coverage.summary()
+    assert report.coverage == load_manifest(clean).counts["words"]
     result = run_cli(clean)
-    assert (result.exit_code, result.output) == (0, "3 shards, 9 records checked: OK\n")
+    assert (result.exit_code, result.output) == (0, f"{coverage}\n3 shards, 9 records checked: OK\n")
     result = run_cli(clean, "--against-source", synth_root, "--sample", "4")
-    assert (result.exit_code, result.output) == (0, "3 shards, 9 records checked, 4 equal-checked against the source: OK\n")
+    assert (result.exit_code, result.output) == (
+        0, f"{coverage}\n3 shards, 9 records checked, 4 equal-checked against the source: OK\n")
 
 
 def test_end_of_archive_right_at_a_record_boundary_is_not_a_problem(folder):
@@ -153,6 +167,7 @@ def test_flipped_byte_in_record_data(folder, synth_root):
     assert result.output.splitlines() == [
         f"{SHARD} {member.key}: member bytes differ from the manifest digest (corrupt member)",
         f"{SHARD} -: {sha_line(folder, sha)[2]}",
+        load_manifest(folder).coverage.summary(),
         "3 shards, 9 records checked: 2 problem(s)",
     ]
 
@@ -292,7 +307,7 @@ def test_tampered_manifest(folder):
 def test_unreadable_manifest(folder):
     (folder / "manifest.json").write_text('{"schema": "wds-ocr/manifest", "schema_version": 7}')
     assert problems(verify_shards(folder)) == [(None, None, (
-        f"{folder / 'manifest.json'} has schema_version 7; this wds-ocr reads version 1: "
+        f"{folder / 'manifest.json'} has schema_version 7; this wds-ocr reads version 2: "
         "upgrade wds-ocr or rebuild the shards"))]
 
 
@@ -303,8 +318,9 @@ def test_missing_shard(folder):
     ]
     result = run_cli(folder)
     assert result.exit_code == 1
+    seen = verify_shards(folder).coverage  # the 6 records still there
     assert result.output == (f"shard-000002.tar -: shard missing ({folder / 'shard-000002.tar'})\n"
-                             "2 shards, 6 records checked: 1 problem(s)\n")
+                             f"{Coverage(**seen).summary()}\n2 shards, 6 records checked: 1 problem(s)\n")
 
 
 def test_changed_config_is_reported_as_stale(clean):
@@ -313,7 +329,8 @@ def test_changed_config_is_reported_as_stale(clean):
     assert report.stale and problems(report) == [(None, None, stale)]
     result = run_cli(clean, "--set", "transform.size=160")
     assert result.exit_code == 1
-    assert result.output == f"- -: {stale}\n3 shards, 9 records checked: 1 problem(s) (stale)\n"
+    coverage = load_manifest(clean).coverage.summary()
+    assert result.output == f"- -: {stale}\n{coverage}\n3 shards, 9 records checked: 1 problem(s) (stale)\n"
     assert verify_shards(clean, load_config(None, ["transform.size=128", "shards.max_samples=7"])).ok
 
 

@@ -81,6 +81,7 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
         f"{elapsed:.1f} s ({counts['written'] / max(elapsed, 1e-9):.1f} samples/s)\n"
         f"manifest: {result.manifest_path}"
     )
+    _echo_coverage(result.manifest)
     if counts["rejected"] or counts["words_skipped"]:
         reasons: dict[str, int] = {}
         for item in result.rejects:
@@ -89,6 +90,17 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
         for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
             click.echo(f"  {n:5d} x {reason}")
         click.echo(f"details: {result.rejects_path}")
+
+
+def _echo_coverage(manifest) -> None:
+    """The words the training targets hold and leave out, and a warning when size leaves out too many."""
+    coverage = manifest.coverage
+    click.echo(coverage.summary())
+    settings = manifest.record_settings
+    warning = coverage.size_warning(settings["targets"]["min_text_size"], settings["transform"]["size"],
+                                    settings["targets"]["shrink_ratio"])
+    if warning:
+        click.echo(warning, err=True)
 
 
 def _reason_group(reason: str) -> str:
@@ -125,6 +137,7 @@ def verify(shards: Path, against_source: Path | None, sample: int | None, seed: 
     Staleness is checked against the code's pipeline version, and against --config/--set
     when given. Exit 1 on any problem.
     """
+    from wds_ocr.data.coverage import Coverage
     from wds_ocr.shards.verify import verify_shards
 
     config = load_settings(config_file, overrides) if (config_file or overrides) else None
@@ -134,6 +147,8 @@ def verify(shards: Path, against_source: Path | None, sample: int | None, seed: 
     else:
         for problem in report.problems:
             click.echo(problem.line())
+        if report.samples_checked:
+            click.echo(Coverage.from_dict(report.coverage).summary())
         compared = f", {report.compared_with_source} equal-checked against the source" if against_source else ""
         verdict = "OK" if report.ok else f"{len(report.problems)} problem(s)" + (" (stale)" if report.stale else "")
         click.echo(f"{report.shards_checked} shards, {report.samples_checked} records checked{compared}: {verdict}")

@@ -40,7 +40,12 @@ class SampleMeta:
     polygons_original: tuple[np.ndarray, ...]  # (K, 2) float64 each, canonical-image frame
     polygons: tuple[np.ndarray, ...]  # (K, 2) float64 each, transformed frame
     dont_care: np.ndarray  # (P,) bool: marked don't-care in the annotations
-    ignored: np.ndarray  # (P,) bool: left out of training targets (don't-care, too small, vanished)
+    left_out: np.ndarray  # (P,) uint8 LeftOut codes: 0 in the training targets, else why not
+
+    @property
+    def ignored(self) -> np.ndarray:
+        """(P,) bool: left out of the training targets (don't-care, too small, shrink vanished)."""
+        return self.left_out != 0
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def process_sample(sample: SourceSample, config: Config, data: bytes | None = No
         polygons_original=originals,
         polygons=transformed,
         dont_care=dont_care,
-        ignored=np.asarray(targets.ignored, dtype=bool),
+        left_out=np.asarray(targets.left_out, dtype=np.uint8),
     )
     return ProcessedSample(sample.index, image, targets, meta, tuple(skips))
 

@@ -13,7 +13,8 @@ final ``ignored`` flag of every polygon. The steps follow MhLiao/DB's training p
    the polygon, truncated to int32, is filled with 0 in ``mask``.
 3. Kept: offset distance D = area * (1 - shrink_ratio**2) / perimeter; pyclipper offsets the
    polygon by -D (JT_ROUND, ET_CLOSEDPOLYGON). No result -> ignored as in 2; otherwise the first
-   resulting path is filled with 1 in ``gt``.
+   resulting path is filled with 1 in ``gt``. Each polygon's outcome is reported as a ``LeftOut``
+   code (kept, don't-care, too small, shrink vanished) so builds can say what the targets cover.
 4. Border, for each polygon still kept: the polygon offset by +D (first path) is filled with 1
    in ``thresh_mask``; over its bounding box (limited to the image) every pixel gets
    1 - min(1, distance to the polygon outline / D), and ``canvas`` keeps the maximum over
@@ -67,6 +68,7 @@ import numpy as np
 import pyclipper
 
 from wds_ocr.config import TargetConfig
+from wds_ocr.data.coverage import LeftOut
 
 # Largest edges x pixels block evaluated at once in the distance field (bounds temporary memory).
 _DISTANCE_BLOCK_ELEMENTS = 1 << 20
@@ -84,7 +86,12 @@ class Targets:
     mask: np.ndarray  # (H, W) uint8 in {0, 1}: 0 over ignored (don't-care / too small / vanished) polygons
     thresh_map: np.ndarray  # (H, W) float16 in [thresh_min, thresh_max]
     thresh_mask: np.ndarray  # (H, W) uint8 in {0, 1}: dilated polygons of the kept text
-    ignored: np.ndarray  # (P,) bool, one per input polygon: True if don't-care after this step
+    left_out: np.ndarray  # (P,) uint8 LeftOut code per input polygon: 0 = in the targets
+
+    @property
+    def ignored(self) -> np.ndarray:
+        """(P,) bool: True where the polygon is masked out of the loss (any LeftOut but KEPT)."""
+        return self.left_out != LeftOut.KEPT
 
 
 def make_targets(
@@ -101,7 +108,7 @@ def make_targets(
     thresh_mask = np.zeros((height, width), dtype=np.uint8)
     # np.zeros maps zero pages lazily: pixels no border field reaches cost nothing.
     canvas = np.zeros((height, width), dtype=np.float32)
-    ignored = np.zeros(len(polygons), dtype=bool)
+    left_out = np.zeros(len(polygons), dtype=np.uint8)
     shrink_factor = 1.0 - config.shrink_ratio**2
 
     touched: Box | None = None  # bounds of every canvas pixel a border field reached
@@ -109,14 +116,14 @@ def make_targets(
         polygon, degenerate = _clip_and_orient(_as_points(points, index), height, width)
         if flag or degenerate or _smaller_side(polygon) < config.min_text_size:
             _fill(mask, polygon, 0)
-            ignored[index] = True
+            left_out[index] = LeftOut.DONT_CARE if flag else LeftOut.TOO_SMALL
             continue
         area, perimeter = _area_and_perimeter(polygon)
         distance = area * shrink_factor / perimeter
         shrunk = _offset(polygon, -distance)
         if shrunk is None:
             _fill(mask, polygon, 0)
-            ignored[index] = True
+            left_out[index] = LeftOut.SHRINK_VANISHED
             continue
         _fill(gt, shrunk, 1)
         box = _draw_border(canvas, thresh_mask, polygon, distance)
@@ -128,7 +135,7 @@ def make_targets(
         mask=mask,
         thresh_map=_threshold_map(canvas, touched, config),
         thresh_mask=thresh_mask,
-        ignored=ignored,
+        left_out=left_out,
     )
 
 

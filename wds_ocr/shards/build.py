@@ -28,6 +28,7 @@ import numpy as np
 
 from wds_ocr import __version__
 from wds_ocr.config import Config
+from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.images import read_image_bytes
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import Skip, SourceListing, SourceSample, list_source
@@ -136,7 +137,8 @@ def _process_one(position: int) -> Outcome:
     except SampleError as exc:
         return _rejected(position, sample, digest, exc.reason)
     key = record_key(sample.index, sample.name)
-    return Outcome(position, digest, encode_record(processed, key), key, skips=_skip_dicts(sample, processed.skips))
+    return Outcome(position, digest, encode_record(processed, key), key, skips=_skip_dicts(sample, processed.skips),
+                   coverage=Coverage.from_codes(processed.meta.left_out))
 
 
 def _outcomes(samples: list[SourceSample], config: Config, positions: range, workers: int) -> Iterator[Outcome]:
@@ -252,7 +254,8 @@ class _Plan:
             return None
         return {"index": self.partition.index, "count": self.partition.count, "lo": self.lo, "hi": self.hi}
 
-    def manifest(self, entries: list[ShardEntry], digests: list[str], rejects: int, skips: int) -> Manifest:
+    def manifest(self, entries: list[ShardEntry], digests: list[str], rejects: int, skips: int,
+                 coverage: Coverage) -> Manifest:
         samples_in = (self.hi - self.lo) + len(self.listing_rejects)
         written = sum(entry.samples for entry in entries)
         if written + rejects != samples_in:
@@ -261,7 +264,8 @@ class _Plan:
             fingerprint=self.config.fingerprint(),
             record_settings=self.config.record_settings(),
             source=self.source_fields(digests),
-            counts={"samples_in": samples_in, "written": written, "rejected": rejects, "words_skipped": skips},
+            counts={"samples_in": samples_in, "written": written, "rejected": rejects, "words_skipped": skips,
+                    "words": coverage.as_dict()},
             shard_settings=self.config.shards.model_dump(mode="json"),
             shards=tuple(entries),
             environment=environment(),
@@ -368,7 +372,8 @@ def build_shards(
         rejects = plan.listing_rejects + [r for e in done for r in e["rejects"]]
         skips = [s for e in done for s in e["skips"]]
         digests = [d for e in done for d in e["digests"]]
-        manifest = plan.manifest(sink.entries, digests, len(rejects), len(skips))
+        coverage = sum((Coverage.from_dict(e["coverage"], "journal coverage") for e in done), Coverage())
+        manifest = plan.manifest(sink.entries, digests, len(rejects), len(skips), coverage)
         write_rejects(rejects_file, rejects + skips)
         write_manifest(manifest_file, manifest)
         journal.remove()

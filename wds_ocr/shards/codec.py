@@ -25,7 +25,7 @@ from wds_ocr.data.pipeline import ProcessedSample
 from wds_ocr.errors import ShardFormatError
 
 RECORD_FORMAT = "wds-ocr/record"
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 MEMBER_EXTENSION = "msgpack"
 ALIGN = 64
 _BIN32 = 0xC6
@@ -42,7 +42,7 @@ ARRAY_SPECS: dict[str, tuple[str, int]] = {
     "polygons": ("<f8", 2),
     "polygon_sizes": ("<i4", 1),
     "dont_care": ("|u1", 1),
-    "ignored": ("|u1", 1),
+    "left_out": ("|u1", 1),  # LeftOut code per polygon (wds_ocr.data.targets): 0 = in the targets
 }
 MAP_NAMES = ("gt", "mask", "thresh_map", "thresh_mask")
 
@@ -92,7 +92,7 @@ def sample_arrays(sample: ProcessedSample) -> dict[str, np.ndarray]:
         "polygons": _pack_polygons(meta.polygons),
         "polygon_sizes": np.array([len(p) for p in meta.polygons], dtype="<i4"),
         "dont_care": meta.dont_care,
-        "ignored": meta.ignored,
+        "left_out": meta.left_out,
     }
 
 

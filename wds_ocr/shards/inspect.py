@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError, ShardFormatError
 from wds_ocr.shards.codec import Record, decode_record
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
@@ -28,6 +29,7 @@ class InspectSummary:
             f"({total / max(m.total_samples, 1) / 1e6:.2f} MB per sample)",
             f"source: {m.source.get('format')} split {m.source.get('split')}; in {counts.get('samples_in')}, "
             f"written {counts.get('written')}, rejected {counts.get('rejected')}, words skipped {counts.get('words_skipped')}",
+            m.coverage.summary(),
             f"settings: size {m.image_size}, fingerprint {m.fingerprint[:16]}...",
         ]
         for entry in m.shards:
@@ -37,6 +39,7 @@ class InspectSummary:
         out.append(f"record {self.record.key} (in {self.shard}): {meta['name']}, original "
                    f"{meta['original_size'][0]}x{meta['original_size'][1]}, orientation {meta['orientation']}, "
                    f"{len(meta['word_ids'])} polygons")
+        out.append(f"  {Coverage.from_codes(self.record.arrays['left_out']).summary()}")
         for name, dtype, shape, nbytes in self.arrays:
             out.append(f"  {name:18s} {dtype:4s} {str(list(shape)):16s} {nbytes:>10,} bytes")
         if self.png is not None:
@@ -69,7 +72,7 @@ def inspect_shards(location: str | Path, key: str | None = None, png: Path | Non
 
         targets = manifest.record_settings["targets"]
         panel = record_panel(
-            record.arrays["image"], record.polygons(), record.arrays["ignored"].astype(bool),
+            record.arrays["image"], record.polygons(), record.arrays["left_out"] != 0,
             record.arrays["gt"], record.arrays["thresh_map"], (targets["thresh_min"], targets["thresh_max"]),
         )
         write_png(png, panel)

@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError
 
 SCHEMA = "wds-ocr/manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 DIGEST_HEX = 16
 
@@ -48,7 +49,7 @@ class Manifest:
     fingerprint: str
     record_settings: dict[str, Any]
     source: dict[str, Any]
-    counts: dict[str, int]
+    counts: dict[str, Any]  # samples_in, written, rejected, words_skipped; words: a Coverage dict
     shard_settings: dict[str, Any]
     shards: tuple[ShardEntry, ...]
     environment: dict[str, str]
@@ -59,6 +60,11 @@ class Manifest:
     @property
     def total_samples(self) -> int:
         return sum(entry.samples for entry in self.shards)
+
+    @property
+    def coverage(self) -> Coverage:
+        """Words in the training targets and left out of them, by reason (validated at parse time)."""
+        return Coverage.from_dict(self.counts["words"], "counts.words")
 
     @property
     def image_size(self) -> int:
@@ -178,6 +184,10 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
         source_digests=tuple(body["source_digests"]) if "source_digests" in body else None,
         extra=body.get("extra", {}),
     )
+    try:
+        Coverage.from_dict(manifest.counts.get("words"), "counts.words")
+    except ValueError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
     names = [s.name for s in manifest.shards]
     if len(set(names)) != len(names):
         raise ManifestError(f"{where}: a shard is listed twice")

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError
 from wds_ocr.shards.build import environment, source_fingerprint, write_rejects
 from wds_ocr.shards.manifest import MANIFEST_NAME, Manifest, parse_manifest, write_manifest
@@ -89,7 +90,8 @@ def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
         fingerprint=first.fingerprint,
         record_settings=first.record_settings,
         source=source,
-        counts={name: sum(part.counts[name] for _, part in parts) for name in first.counts},
+        counts={**{name: sum(part.counts[name] for _, part in parts) for name in first.counts if name != "words"},
+                "words": sum((part.coverage for _, part in parts), Coverage()).as_dict()},
         shard_settings=first.shard_settings,
         shards=tuple(entry for _, part in parts for entry in part.shards),
         environment=environment(),

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from wds_ocr.config import PIPELINE_VERSION, Config, build_config
+from wds_ocr.data.coverage import Coverage, LeftOut
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
 from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatError
@@ -50,6 +51,8 @@ class VerifyReport:
     compared_with_source: int = 0
     stale: bool = False
     problems: list[Problem] = field(default_factory=list)
+    # words of the records checked: in the training targets, or left out and why
+    coverage: dict[str, int] = field(default_factory=lambda: Coverage().as_dict())
 
     @property
     def ok(self) -> bool:
@@ -111,9 +114,15 @@ def check_record(record: Record, size: int, thresh_range: tuple[float, float]) -
     for name in ("gt", "mask", "thresh_map", "thresh_mask"):
         if a[name].shape != (size, size):
             problems.append(f"{name} shape {list(a[name].shape)}, expected [{size}, {size}]")
-    for name in ("gt", "mask", "thresh_mask", "dont_care", "ignored"):
+    for name in ("gt", "mask", "thresh_mask", "dont_care"):
         if a[name].size and int(a[name].max()) > 1:
             problems.append(f"{name} holds values other than 0 and 1 (max {int(a[name].max())})")
+    left_out = a["left_out"]
+    if left_out.size and int(left_out.max()) >= len(LeftOut):
+        problems.append(f"left_out holds codes other than 0..{len(LeftOut) - 1} (max {int(left_out.max())})")
+    elif left_out.shape == a["dont_care"].shape and not np.array_equal(left_out == LeftOut.DONT_CARE,
+                                                                        a["dont_care"].astype(bool)):
+        problems.append("left_out and dont_care disagree on which words are don't-care")
     thresh = a["thresh_map"].astype(np.float32)
     low, high = thresh_range
     if thresh.size and (not np.isfinite(thresh).all() or thresh.min() < low - 1e-3 or thresh.max() > high + 1e-3):
@@ -126,7 +135,7 @@ def check_record(record: Record, size: int, thresh_range: tuple[float, float]) -
     for name in ("polygons", "polygons_original"):
         if a[name].shape != (vertices, 2):
             problems.append(f"{name} shape {list(a[name].shape)}, expected [{vertices}, 2] from polygon_sizes")
-    for name in ("dont_care", "ignored"):
+    for name in ("dont_care", "left_out"):
         if a[name].shape != (count,):
             problems.append(f"{name} has {a[name].shape[0]} flags for {count} polygons")
     meta = record.meta
@@ -260,8 +269,12 @@ def _verify_shard(
                 except ShardFormatError as exc:
                     report.add(entry.name, key, exc.reason)
                     continue
-                for problem in check_record(record, manifest.image_size, thresh_range):
+                problems = check_record(record, manifest.image_size, thresh_range)
+                for problem in problems:
                     report.add(entry.name, key, problem)
+                if not problems:
+                    report.coverage = (Coverage.from_dict(report.coverage)
+                                       + Coverage.from_codes(record.arrays["left_out"])).as_dict()
                 report.samples_checked += 1
                 if source is not None:
                     source.compare(entry.name, key, member.data, report)
@@ -359,4 +372,7 @@ def verify_shards(
             progress(entry.name)
     if source is not None and listing is not None:
         _check_source_coverage(manifest, listing, source, path.parent, report)
+    if report.ok and report.coverage != manifest.counts["words"]:
+        report.add(None, None, f"the records' word coverage {report.coverage} differs from the manifest's "
+                               f"counts.words {manifest.counts['words']} (manifest edited?)")
     return report

@@ -2,8 +2,8 @@
 
 Each shard is written under a temporary name (``.<name>.tmp``), closed with its end-of-archive
 blocks, fsynced and renamed; only then does its journal entry record what it covers (the shard
-entry, the listing position to continue from, and the rejects, word skips and image digests of
-every outcome since the previous shard). A shard rolls over before a record that would push it
+entry, the listing position to continue from, and the rejects, word skips, image digests and
+target coverage of every outcome since the previous shard). A shard rolls over before a record that would push it
 past ``max_bytes`` (a single record larger than that gets a shard of its own) and after
 ``max_samples`` records.
 """
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from wds_ocr.data.coverage import Coverage
 from wds_ocr.shards.codec import MEMBER_EXTENSION
 from wds_ocr.shards.manifest import DIGEST_HEX, ShardEntry
 from wds_ocr.shards.tario import BLOCK, TarWriter, member_span
@@ -37,14 +38,15 @@ class Outcome:
     key: str | None = None
     reject: dict[str, Any] | None = None
     skips: list[dict[str, Any]] = field(default_factory=list)
+    coverage: Coverage = Coverage()  # the record's words: in the targets or left out, by reason
 
 
 class JournalLike(Protocol):
     def add(self, entry: dict[str, Any]) -> None: ...
 
 
-def _empty_tail() -> dict[str, list]:
-    return {"rejects": [], "skips": [], "digests": []}
+def _empty_tail() -> dict[str, Any]:
+    return {"rejects": [], "skips": [], "digests": [], "coverage": Coverage().as_dict()}
 
 
 class ShardSink:
@@ -64,7 +66,7 @@ class ShardSink:
         self._tail = _empty_tail()
 
     @property
-    def tail(self) -> dict[str, list]:
+    def tail(self) -> dict[str, Any]:
         """Outcomes noted since the last closed shard (rejects after the last written sample)."""
         return self._tail
 
@@ -84,6 +86,7 @@ class ShardSink:
         if outcome.reject is not None:
             self._tail["rejects"].append(outcome.reject)
         self._tail["skips"].extend(outcome.skips)
+        self._tail["coverage"] = (Coverage.from_dict(self._tail["coverage"]) + outcome.coverage).as_dict()
         if outcome.record is None or outcome.key is None:
             return
         if self._open is None:
