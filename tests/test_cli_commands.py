@@ -80,19 +80,40 @@ def test_predict_names_a_bad_image(demo_run, tmp_path):
                              "TIFF or BMP signature; check that the file is really an image\n")
 
 
-def test_train_resumes_from_its_checkpoint(demo_run, tmp_path):
+def test_train_resumes_from_its_checkpoint_with_its_settings(demo_run, tmp_path):
     out, _ = demo_run
     shards = str(out / "shards" / "train")
     runner = CliRunner()
-    first = runner.invoke(cli, ["train", "--shards", shards, "--out", str(tmp_path / "run"), "--max-steps", "1",
-                                "--quiet", "--set", "model.neck_channels=64", "--set", "train.epochs=2", "--set", "loader.batch_size=4"])
+    first = runner.invoke(cli, ["train", "--shards", shards, "--out", str(tmp_path / "run"), "--stop-after", "1",
+                                "--quiet", "--set", "model.neck_channels=64", "--set", "train.epochs=2",
+                                "--set", "loader.batch_size=4"])
     assert first.exit_code == 0, first.output
     assert "trained 1 step over 1 epoch on 1 process in" in first.output
+    checkpoint = str(tmp_path / "run" / "last.pt")
+    # an override that changes what the saved position means is refused, naming the setting
+    changed = runner.invoke(cli, ["train", "--shards", shards, "--out", str(tmp_path / "run"), "--quiet",
+                                  "--resume", checkpoint, "--set", "loader.batch_size=2"])
+    assert changed.exit_code == 2
+    assert (f"error: cannot resume from {checkpoint}: loader.batch_size is 4 in the checkpoint, 2 now; changing it "
+            "would change what the saved position means. Resume without that override (a resume takes its settings "
+            "from the checkpoint), or start a new run in another --out folder") in changed.output
+    # no --set repeated: the checkpoint's settings (neck 64, 2 epochs, batch 4) are the run's
     resumed = runner.invoke(cli, ["train", "--shards", shards, "--out", str(tmp_path / "run"), "--quiet",
-                                  "--resume", str(tmp_path / "run" / "last.pt"), "--set", "model.neck_channels=64",
-                                  "--set", "train.epochs=2", "--set", "loader.batch_size=4"])
+                                  "--resume", checkpoint])
     assert resumed.exit_code == 0, resumed.output
     assert "trained 2 steps over 2 epochs on 1 process in" in resumed.output  # 6 samples / batch 4 = 1 step per epoch
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 2
+
+
+def test_train_max_steps_sets_the_run_length(demo_run, tmp_path):
+    out, _ = demo_run
+    result = CliRunner().invoke(cli, ["train", "--shards", str(out / "shards" / "train"), "--out", str(tmp_path),
+                                      "--max-steps", "3", "--quiet", "--set", "model.neck_channels=32",
+                                      "--set", "loader.batch_size=4"])
+    assert result.exit_code == 0, result.output
+    assert "trained 3 steps over 3 epochs on 1 process in" in result.output  # train.epochs (10) does not apply
 
 
 def test_train_refuses_settings_the_shards_were_not_built_with(demo_run, tmp_path):

@@ -13,7 +13,7 @@ from wds_ocr.errors import ConfigError
 
 # sha256 of the default record_settings(). Changing it invalidates every shard ever built: only
 # update it together with a deliberate change of record_settings() or PIPELINE_VERSION.
-DEFAULT_FINGERPRINT = "5d641f64d21ee9285c3ad99b0297fc342592baffcda178033fd0f2d59c935adc"
+DEFAULT_FINGERPRINT = "d7aa8b90f0c20e2cca878dfb006137baaea7a192665130ee569c247a7a0c9a65"
 
 
 def _error(*overrides: str, path: Path | None = None) -> str:
@@ -34,13 +34,16 @@ def test_defaults() -> None:
     assert config.source.dont_care == ("###",)
     assert config.source.outside_tolerance == 4.0
     assert (config.transform.size, config.transform.pad) == (640, "top_left")
-    assert (config.targets.shrink_ratio, config.targets.thresh_min, config.targets.thresh_max) == (0.4, 0.3, 0.7)
-    assert config.targets.min_text_size == 8.0
+    # receipt defaults (README, "Defaults for receipts"): DB's are 0.4 and 8
+    assert (config.targets.shrink_ratio, config.targets.thresh_min, config.targets.thresh_max) == (0.6, 0.3, 0.7)
+    assert config.targets.min_text_size == 3.0
+    assert (config.postprocess.unclip_ratio, config.postprocess.min_size, config.postprocess.box_thresh) == (1.5, 2.0, 0.6)
     assert (config.shards.max_samples, config.shards.max_bytes) == (256, 1 << 30)
     assert (config.loader.batch_size, config.loader.workers, config.loader.on_error) == (8, 2, "raise")
-    assert (config.train.precision, config.train.epochs, config.train.lr) == ("bf16-mixed", 10, 1e-3)
+    assert (config.train.precision, config.train.epochs, config.train.lr) == ("auto", 10, 1e-3)
+    assert (config.train.max_steps, config.augment.crop_size) == (None, 0)
     assert config.model.backbone_weights is None
-    assert PIPELINE_VERSION == 1
+    assert PIPELINE_VERSION == 2
 
 
 def test_config_is_frozen() -> None:
@@ -253,7 +256,7 @@ def test_fingerprint_is_the_same_in_another_process() -> None:
 
 def test_equal_settings_spelled_differently_give_the_same_fingerprint(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text("[targets]\nthresh_max = 0.7\nshrink_ratio = 0.4\n[transform]\nsize = 640\n")
+    path.write_text("[targets]\nthresh_max = 0.7\nshrink_ratio = 0.6\n[transform]\nsize = 640\n")
     assert load_config(path).fingerprint() == DEFAULT_FINGERPRINT
     # An int given for a float field is stored as the float it means.
     assert load_config(None, ["targets.thresh_max=1"]).fingerprint() == (
@@ -309,5 +312,5 @@ def test_record_settings_content() -> None:
         "source": {"annotation_frame": "displayed", "icdar_coords": "quad", "dont_care": ["###"],
                    "outside_tolerance": 4.0},
         "transform": {"size": 640, "pad": "top_left"},
-        "targets": {"shrink_ratio": 0.4, "thresh_min": 0.3, "thresh_max": 0.7, "min_text_size": 8.0},
+        "targets": {"shrink_ratio": 0.6, "thresh_min": 0.3, "thresh_max": 0.7, "min_text_size": 3.0},
     }

@@ -94,8 +94,8 @@ def test_two_process_gloo_training_writes_one_checkpoint_and_reduces_eval_counts
     # micro-batch is left over), on both ranks: nobody waits on a rank that ran out.
     assert [o["steps"] for o in outputs] == [2, 2] and [o["epochs"] for o in outputs] == [2, 2]
     assert [o["world"] for o in outputs] == [2, 2] == [o["eval_world"] for o in outputs]
-    # Only rank 0 writes: one last.pt and one best.pt (validation ran), one metrics file.
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    # Only rank 0 writes: one last.pt and one best.pt (validation ran), one metrics file, one picture.
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["best.pt", "curves.png", "last.pt", "metrics.jsonl"]
     body = load_checkpoint(out / "last.pt")
     assert body["world_size"] == 2 and body["position"] == {"epoch": 2, "batch": 0, "step": 2}
     records = read_metrics(out)

@@ -91,3 +91,75 @@ def test_prepare_returns_normalized_channels_last(batch):
     expected = normalize(batch.images.flip(2))
     assert torch.equal(images, expected)
     assert torch.equal(maps["gt"], batch.gt.flip(-1))
+
+
+# ---------------------------------------------------------------- crop windows
+
+
+def _still(**changes) -> AugmentConfig:
+    """No flip, scale 1, no rotation: only the window placement is random."""
+    return AugmentConfig(**{"hflip": 0.0, "affine": True, "scale_min": 1.0, "scale_max": 1.0, "rotate_degrees": 0.0,
+                            **changes})
+
+
+def _region_image(n: int, size: int, regions: torch.Tensor) -> torch.Tensor:
+    """(N, 3, S, S) float images: 255 inside each sample's region, 0 outside."""
+    images = torch.zeros(n, 3, size, size)
+    for row, (x, y, w, h) in enumerate(regions.int().tolist()):
+        images[row, :, y : y + h, x : x + w] = 255.0
+    return images
+
+
+def test_a_whole_record_crop_without_randomness_is_the_identity(batch):
+    augmenter = Augmenter(_still(crop_size=256), thresh_min=0.3)
+    images = batch.images.permute(0, 3, 1, 2).float()
+    out, maps = augmenter(images, maps_of(batch))
+    torch.testing.assert_close(out, images, rtol=0, atol=0.01)
+    for name, value in maps_of(batch).items():
+        torch.testing.assert_close(maps[name].float(), value.float(), rtol=0, atol=1e-3)
+
+
+def test_crop_windows_lie_inside_the_image_not_its_padding():
+    n, size, crop = 16, 256, 96
+    # images of 160 x 256 at the top left (a tall receipt padded on the right), and one of 60 x 200
+    regions = torch.tensor([[0.0, 0.0, 160.0, 256.0]] * (n - 1) + [[0.0, 0.0, 60.0, 200.0]])
+    images = _region_image(n, size, regions)
+    maps = {"gt": torch.zeros(n, size, size, dtype=torch.uint8), "mask": torch.ones(n, size, size, dtype=torch.uint8),
+            "thresh_map": torch.full((n, size, size), 0.3, dtype=torch.float16),
+            "thresh_mask": torch.zeros(n, size, size, dtype=torch.uint8)}
+    out, out_maps = Augmenter(_still(crop_size=crop), thresh_min=0.3, seed=3)(images, maps, regions=regions)
+    assert out.shape == (n, 3, crop, crop) and out_maps["gt"].shape == (n, crop, crop)
+    assert out_maps["mask"].dtype == torch.uint8 and out_maps["thresh_map"].dtype == torch.float16
+    # every window of a large enough image is image only (bilinear edges aside)
+    assert float(out[: n - 1, :, 1:-1, 1:-1].min()) > 254.0
+    # the 60-px-wide image is narrower than the window: all 60 of its columns are inside it
+    inside = (out[n - 1, 0] > 127.5).any(dim=0)
+    assert int(inside.sum()) == 60
+    # windows move: not every sample gets the same one
+    centres = Augmenter(_still(crop_size=crop), 0.3, seed=3).crop_theta(n, size, regions, torch.device("cpu"),
+                                                                         torch.Generator().manual_seed(0))[:, :, 2]
+    assert centres[: n - 1, 0].std() > 0.05 and centres[: n - 1, 1].std() > 0.05
+
+
+def test_random_crops_move_image_and_maps_together_and_repeat(batch):
+    config = AugmentConfig(hflip=0.5, affine=True, scale_min=0.8, scale_max=1.25, rotate_degrees=10, crop_size=128)
+    augmenter = Augmenter(config, thresh_min=0.3, seed=1)
+    from wds_ocr.loader.device import content_regions
+
+    regions = content_regions(batch.info)
+    assert regions.shape == (4, 4)
+    gt_image = batch.gt.float().mul(255.0).unsqueeze(1).repeat(1, 3, 1, 1)
+    moved, maps = augmenter(gt_image, maps_of(batch), epoch=2, index=1, regions=regions)
+    again, maps_again = augmenter(gt_image, maps_of(batch), epoch=2, index=1, regions=regions)
+    assert torch.equal(moved, again) and all(torch.equal(maps[k], maps_again[k]) for k in maps)
+    assert moved.shape == (4, 3, 128, 128)
+    agreement = ((moved[:, 0] > 127.5) == maps["gt"].bool()).float().mean()
+    assert float(agreement) > 0.99
+    for name in ("gt", "mask", "thresh_mask"):
+        assert set(maps[name].unique().tolist()) <= {0, 1}
+
+
+def test_a_crop_larger_than_the_records_is_refused(batch):
+    augmenter = Augmenter(AugmentConfig(crop_size=512), thresh_min=0.3)
+    with pytest.raises(ValueError, match=r"augment.crop_size=512 needs square records of at least that side, got 256x256"):
+        augmenter(batch.images.permute(0, 3, 1, 2).float(), maps_of(batch))

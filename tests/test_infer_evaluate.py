@@ -14,7 +14,8 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import list_source
 from wds_ocr.data.synth import synthesize
 from wds_ocr.errors import CheckpointError
-from wds_ocr.infer.evaluate import detect, evaluate_shards, evaluate_source, valid_region
+from wds_ocr.data.geometry import valid_region
+from wds_ocr.infer.evaluate import detect, evaluate_shards, evaluate_source
 from wds_ocr.eval.postprocess import boxes_from_prob, map_polygons
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.shards.build import build_shards

@@ -30,13 +30,15 @@ from wds_ocr.train.schedule import LrSchedule
 torch.set_num_threads(2)
 
 # Four small receipts (160..176 px, text ~13-24 px high) at 128 px: big enough text for DB's shrunk
-# kernels, small enough for ~0.3 s per step on two CPU cores.
+# kernels, small enough for ~0.3 s per step on two CPU cores. They keep MhLiao/DB's target and
+# post-processing settings (shrink 0.4, min_text_size 8, min_size 3), for which they were sized.
+DB_TARGETS = ["targets.shrink_ratio=0.4", "targets.min_text_size=8", "postprocess.min_size=3"]
 SMALL = ["transform.size=128", "model.neck_channels=32", "loader.workers=0", "augment.affine=false",
-         "train.precision=32", "train.warmup_steps=2", "train.eval_every=0", "train.log_every=1"]
+         "train.precision=32", "train.warmup_steps=2", "train.eval_every=0", "train.log_every=1", *DB_TARGETS]
 # The overfit recipe: 200 steps of AdamW at lr 0.01 (5 warmup steps, cosine), batch = the 4 images.
 OVERFIT = ["transform.size=128", "model.neck_channels=64", "loader.workers=0", "loader.batch_size=4",
            "augment.affine=false", "augment.hflip=0", "train.precision=32", "train.lr=0.01",
-           "train.warmup_steps=5", "train.epochs=200", "train.log_every=20", "train.eval_every=100"]
+           "train.warmup_steps=5", "train.epochs=200", "train.log_every=20", "train.eval_every=100", *DB_TARGETS]
 
 
 def _config(overrides: list[str], *more: str) -> Config:
@@ -105,13 +107,13 @@ def test_resume_reproduces_the_next_step_exactly(small_shards, tmp_path, accumul
     config = _config(SMALL, "loader.batch_size=1", f"train.accumulate={accumulate}", "augment.affine=true",
                      "augment.hflip=0.5", "train.epochs=3")
     steps = 5 if accumulate == 1 else 3
-    whole = train(config, small_shards, out_dir=tmp_path / "whole", device="cpu", max_steps=steps + 1)
-    first = train(config, small_shards, out_dir=tmp_path / "part", device="cpu", max_steps=steps)
+    whole = train(config, small_shards, out_dir=tmp_path / "whole", device="cpu", stop_after=steps + 1)
+    first = train(config, small_shards, out_dir=tmp_path / "part", device="cpu", stop_after=steps)
     assert first.steps == steps and whole.steps == steps + 1
     saved = load_checkpoint(tmp_path / "part" / LAST_NAME)
     assert saved["position"] == {"epoch": steps * accumulate // 4, "batch": steps * accumulate % 4, "step": steps}
     resumed = train(config, small_shards, out_dir=tmp_path / "part", device="cpu", resume=tmp_path / "part",
-                    max_steps=steps + 1)
+                    stop_after=steps + 1)
     assert resumed.steps == steps + 1
     expected, got = _losses(tmp_path / "whole"), _losses(tmp_path / "part")
     assert sorted(got) == list(range(1, steps + 2))  # metrics.jsonl continued, one line per step
@@ -124,10 +126,10 @@ def test_resume_reproduces_the_next_step_exactly(small_shards, tmp_path, accumul
 
 def test_resume_refuses_changed_settings(small_shards, tmp_path):
     config = _config(SMALL, "loader.batch_size=2", "train.epochs=1")
-    train(config, small_shards, out_dir=tmp_path, device="cpu", max_steps=1)
-    with pytest.raises(CheckpointError, match=r"loader\.batch_size was 2, now 1"):
+    train(config, small_shards, out_dir=tmp_path, device="cpu", stop_after=1)
+    with pytest.raises(ConfigError, match=r"loader\.batch_size is 2 in the checkpoint, 1 now"):
         train(_config(SMALL, "loader.batch_size=1"), small_shards, out_dir=tmp_path, device="cpu", resume=tmp_path)
-    with pytest.raises(CheckpointError, match="model settings"):
+    with pytest.raises(ConfigError, match="model settings"):
         train(_config(SMALL, "loader.batch_size=2", "model.neck_channels=64"), small_shards, out_dir=tmp_path,
               device="cpu", resume=tmp_path / LAST_NAME)
 
@@ -135,8 +137,8 @@ def test_resume_refuses_changed_settings(small_shards, tmp_path):
 def test_too_few_samples_for_one_step_is_a_config_error(small_shards, tmp_path):
     with pytest.raises(ConfigError, match="too few for one step"):
         train(_config(SMALL, "loader.batch_size=8"), small_shards, out_dir=tmp_path, device="cpu")
-    with pytest.raises(ConfigError, match="max_steps must be at least 1, got 0"):
-        train(_config(SMALL), small_shards, out_dir=tmp_path, device="cpu", max_steps=0)
+    with pytest.raises(ConfigError, match="stop_after must be at least 1, got 0"):
+        train(_config(SMALL), small_shards, out_dir=tmp_path, device="cpu", stop_after=0)
 
 
 def test_shards_built_with_other_settings_are_refused(small_shards, tmp_path):
@@ -166,7 +168,8 @@ def test_checkpoint_holds_plain_containers_and_loads_weights_only(small_shards, 
     assert body["format"] == "wds-ocr/checkpoint" and body["version"] == 1
     assert set(body) >= {"config", "model", "optimizer", "scaler", "scheduler", "position", "rng", "world_size"}
     assert body["position"] == {"epoch": 1, "batch": 0, "step": 2}
-    assert body["scheduler"] == {"schedule": "cosine", "base_lr": 1e-3, "warmup_steps": 2, "total_steps": 2, "step": 2}
+    # warmup_steps=2 is capped at a fifth of the 2-step run
+    assert body["scheduler"] == {"schedule": "cosine", "base_lr": 1e-3, "warmup_steps": 0, "total_steps": 2, "step": 2}
     assert json.loads(json.dumps(body["config"])) == config.model_dump(mode="json")
     model, stored = load_model(result.last_checkpoint, torch.device("cpu"))
     assert stored == config and not model.training
@@ -211,12 +214,13 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 
 def test_schedule_warms_up_linearly_then_decays():
-    cosine = LrSchedule(base_lr=1.0, warmup_steps=4, total_steps=104, schedule="cosine")
+    cosine = LrSchedule(base_lr=1.0, warmup_steps=4, total_steps=105, schedule="cosine")
     assert [cosine(s) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert cosine(4) == 1.0
     assert cosine(54) == pytest.approx(0.01 + 0.5 * 0.99)
-    assert cosine(104) == pytest.approx(0.01) and cosine(500) == pytest.approx(0.01)
-    poly = LrSchedule(base_lr=1.0, warmup_steps=0, total_steps=100, schedule="poly")
+    # the run's last step (104) is at the floor: the decay completes inside the run
+    assert cosine(103) > 0.01 and cosine(104) == pytest.approx(0.01) and cosine(500) == pytest.approx(0.01)
+    poly = LrSchedule(base_lr=1.0, warmup_steps=0, total_steps=101, schedule="poly")
     assert poly(0) == 1.0 and poly(50) == pytest.approx(0.5**0.9) and poly(100) == 0.0
 
 
@@ -273,3 +277,108 @@ def test_gpu_check_smoke_runs_on_the_cpu_and_prints_a_json_summary(tmp_path):
         assert evaluation["forward_only"]["gpu_busy_fraction"] is None  # no CUDA events on a CPU
         assert evaluation["gpu_utilization_percent"] is None
     assert (tmp_path / "run" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------- run length, progress, resume, curves
+
+
+def test_max_steps_gives_the_schedule_its_length(small_shards, tmp_path):
+    # 4 samples, batch 2: 2 steps per epoch. train.epochs=1 would be 2 steps; max_steps=7 runs 7,
+    # through 4 epochs, warmup 50 is capped at a fifth of the run (1 step) and the last step is at the floor.
+    config = _config(SMALL, "loader.batch_size=2", "train.epochs=1", "train.max_steps=7", "train.warmup_steps=50",
+                     "train.lr=0.01")
+    events: list[TrainProgress] = []
+    result = train(config, small_shards, out_dir=tmp_path, device="cpu", progress=events.append)
+    assert result.steps == 7 and result.epochs == 3  # 3 whole epochs, the 4th stopped after its first step
+    rates = [r["lr"] for r in read_metrics(tmp_path) if r["event"] == "train"]
+    assert len(rates) == 7 and rates[0] == pytest.approx(0.01 * 1 / 2)  # warmup: 1 step
+    assert rates[1] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.01 * 0.01)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
+    schedule = load_checkpoint(result.last_checkpoint)["scheduler"]
+    assert (schedule["warmup_steps"], schedule["total_steps"]) == (1, 7)
+    # the progress callback hears of every step from the first, not only at log steps
+    assert [(e.event, e.step) for e in events if e.event in ("start", "step")] == \
+           [("start", 0)] + [("step", s) for s in range(1, 8)]
+    assert all(e.total_steps == 7 for e in events)
+
+
+def test_precision_auto_is_float32_on_the_cpu(small_shards, tmp_path):
+    from wds_ocr.train.runtime import resolve_precision
+
+    assert load_config().train.precision == "auto"
+    assert resolve_precision("auto", torch.device("cpu")) == "32"
+    assert resolve_precision("bf16-mixed", torch.device("cpu")) == "bf16-mixed"
+    config = _config([s for s in SMALL if not s.startswith("train.precision")], "loader.batch_size=2",
+                     "train.epochs=1")
+    result = train(config, small_shards, out_dir=tmp_path, device="cpu")
+    assert load_checkpoint(result.last_checkpoint)["scaler"] == {}
+    evaluation = evaluate_shards(result.last_checkpoint, small_shards, workers=0, device="cpu")
+    assert evaluation.mode == "32"
+
+
+def test_a_resume_logs_each_step_once(small_shards, tmp_path):
+    config = _config(SMALL, "loader.batch_size=1", "train.epochs=2")
+    whole = train(config, small_shards, out_dir=tmp_path / "whole", device="cpu")
+    train(config, small_shards, out_dir=tmp_path / "part", device="cpu", stop_after=3)
+    # a crash after steps 4 and 5 were logged but before a checkpoint held them
+    with open(tmp_path / "part" / "metrics.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"event": "train", "step": 4, "loss": 9.0}) + "\n")
+        handle.write(json.dumps({"event": "train", "step": 5, "loss": 9.0}) + "\n{\"event\": \"tr")
+    resumed = train(config, small_shards, out_dir=tmp_path / "part", device="cpu", resume=tmp_path / "part")
+    assert resumed.steps == whole.steps == 8
+    steps = [r["step"] for r in read_metrics(tmp_path / "part") if r["event"] == "train"]
+    assert steps == list(range(1, 9))
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+
+def test_training_draws_curves_and_plot_redraws_them(small_shards, tmp_path):
+    from click.testing import CliRunner
+
+    from wds_ocr.cli import cli
+
+    config = _config(SMALL, "loader.batch_size=2", "train.epochs=2", "train.eval_every=1")
+    train(config, small_shards, val_shards=small_shards, out_dir=tmp_path, device="cpu")
+    curves = tmp_path / "curves.png"
+    assert curves.is_file() and curves.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curves.unlink()
+    result = CliRunner().invoke(cli, ["plot", str(tmp_path), "--out", str(tmp_path / "again.png")])
+    assert result.exit_code == 0 and result.output == f"wrote {tmp_path / 'again.png'}\n"
+    import cv2
+
+    picture = cv2.imread(str(tmp_path / "again.png"))
+    assert picture.shape == (900, 800, 3) and picture.std() > 10  # drawn, not blank
+    missing = CliRunner().invoke(cli, ["plot", str(tmp_path / "nothing")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    (tmp_path / "empty").mkdir()
+    empty = CliRunner().invoke(cli, ["plot", str(tmp_path / "empty")])
+    assert empty.exit_code == 1
+    assert f"error: {tmp_path / 'empty'} holds no metrics.jsonl: give the --out folder of a training run" in empty.output
+
+
+def test_without_matplotlib_training_goes_on_and_plot_says_what_to_install(small_shards, tmp_path, monkeypatch):
+    import builtins
+
+    from click.testing import CliRunner
+
+    from wds_ocr.cli import cli
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    result = train(_config(SMALL, "loader.batch_size=2", "train.epochs=1"), small_shards, out_dir=tmp_path,
+                   device="cpu")
+    assert result.last_checkpoint.is_file() and not (tmp_path / "curves.png").exists()
+    plotted = CliRunner().invoke(cli, ["plot", str(tmp_path)])
+    assert plotted.exit_code == 1
+    assert "error: drawing curves needs matplotlib: pip install 'wds-ocr[plot]'" in plotted.output
+
+
+def test_a_crop_larger_than_the_records_is_a_config_error(small_shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"augment\.crop_size=256 is larger than the records of .* \(128x128\); "
+                                          r"use at most 128, or 0 for whole records"):
+        train(_config(SMALL, "augment.crop_size=256"), small_shards, out_dir=tmp_path, device="cpu")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import subprocess
@@ -32,7 +31,6 @@ from wds_ocr.config import Config, load_config
 from wds_ocr.data.synth import synthesize
 from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.loader.device import normalize
-from wds_ocr.loader.plan import batches_per_epoch
 from wds_ocr.loader.stream import ShardStream, make_loader
 from wds_ocr.shards.build import build_shards
 from wds_ocr.train.checkpoint import load_model
@@ -192,15 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     summary["build"] = {"seconds": round(time.perf_counter() - tick, 2),
                         **{split: result.manifest.counts["written"] for split, result in built.items()}}
 
-    # Training: enough epochs that the schedule spans the requested steps.
-    manifest = built["train"].manifest
-    per_epoch = max(1, batches_per_epoch(manifest, setup["batch_size"], 1, train=True))
-    config = config.model_copy(update={"train": config.train.model_copy(
-        update={"epochs": max(1, math.ceil(setup["steps"] / per_epoch))})})
+    # Training: the schedule spans exactly the requested steps.
+    config = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": setup["steps"]})})
     events: list[TrainProgress] = []
     with UtilizationSampler(device) as sampler:
         result = train(config, work / "shards" / "train", out_dir=work / "run", device=args.device,
-                       progress=events.append, max_steps=setup["steps"])
+                       progress=events.append)
     windows = [e for e in events if e.event == "train"]
     steady = windows[1:] or windows
     summary["train"] = {

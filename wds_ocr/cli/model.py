@@ -27,52 +27,78 @@ from wds_ocr.cli.base import (
 @click.option("--out", default=Path("runs/train"), show_default=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Continue exactly from a checkpoint (last.pt).")
-@click.option("--max-steps", type=click.IntRange(1), help="Stop after this many optimizer steps in total.")
+              help="Continue exactly from a checkpoint (last.pt), with its settings.")
+@click.option("--max-steps", type=click.IntRange(1),
+              help="The run's length in optimizer steps (sets train.max_steps; the schedule spans it).")
+@click.option("--stop-after", type=click.IntRange(1),
+              help="Stop after this many optimizer steps in total, leaving last.pt to --resume (the schedule "
+                   "is unchanged).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @handle_errors
 def train(train_shards: str, val_shards: str | None, out: Path, device: str, resume: Path | None,
-          max_steps: int | None, quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+          max_steps: int | None, stop_after: int | None, quiet: bool, config_file: Path | None,
+          overrides: tuple[str, ...]) -> None:
     """Train DBNet on shards (mixed precision per train.precision; torchrun for DDP).
 
-    Settings start from those the shards were built with; --config/--set go on top. Run several
-    processes with: torchrun --nproc-per-node N -m wds_ocr train ...
+    Settings start from those the shards were built with (with --resume: the checkpoint's);
+    --config/--set go on top. Run several processes with: torchrun --nproc-per-node N -m wds_ocr
+    train ...
     """
     from tqdm import tqdm
 
     from wds_ocr.loader.remote import open_location
     from wds_ocr.shards.verify import config_from_manifest
+    from wds_ocr.train.checkpoint import load_checkpoint
     from wds_ocr.train.loop import train as run_training
 
-    manifest, _ = open_location(train_shards)
-    base = config_from_manifest(manifest).model_dump(mode="json")
+    if max_steps is not None:
+        overrides = (*overrides, f"train.max_steps={max_steps}")
+    if resume is not None:
+        base = load_checkpoint(resume)["config"]
+    else:
+        manifest, _ = open_location(train_shards)
+        base = config_from_manifest(manifest).model_dump(mode="json")
     config = load_with_base(base, config_file, overrides)
     bar = tqdm(unit="step", desc="train", disable=quiet or not is_rank0(), file=sys.stderr)
 
     def progress(p) -> None:
-        if p.event == "train":
+        if p.event in ("start", "step"):
             bar.total = p.total_steps
             bar.n = p.step
-            bar.set_postfix(epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
-                            samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}", refresh=False)
             bar.refresh()
+        elif p.event == "train":
+            bar.set_postfix(epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
+                            samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}", refresh=True)
         elif p.score is not None:
             bar.write(f"epoch {p.epoch} validation: {score_line(p.score)}", file=sys.stderr)
 
     try:
-        result = run_training(config, train_shards, val_shards, out, device, resume, progress, max_steps)
+        result = run_training(config, train_shards, val_shards, out, device, resume, progress, stop_after)
     finally:
         bar.close()
     if not is_rank0():
         return
     best = f"; best H-mean {result.best_hmean:.4f} ({result.best_checkpoint})" if result.best_checkpoint else ""
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    curves = out / "curves.png"
     click.echo(f"trained {plural(result.steps, 'step')} over {plural(result.epochs, 'epoch')} on "
                f"{plural(result.world_size, 'process', 'processes')} in "
                f"{result.seconds:.1f} s ({result.samples_per_s:.1f} samples/s, "
                f"{result.data_wait:.0%} of the time waiting for data){loss}\n"
-               f"checkpoint: {result.last_checkpoint}{best}\nmetrics: {out / 'metrics.jsonl'}")
+               f"checkpoint: {result.last_checkpoint}{best}\nmetrics: {out / 'metrics.jsonl'}"
+               + (f"\ncurves: {curves}" if curves.is_file() else ""))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Where to write [RUN_DIR/curves.png].")
+@handle_errors
+def plot(run_dir: Path, out: Path | None) -> None:
+    """Redraw RUN_DIR/curves.png (losses, learning rate, validation P/R/H) from its metrics.jsonl."""
+    from wds_ocr.train.curves import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, out)}")
 
 
 @cli.command()
@@ -81,7 +107,7 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
 @click.option("--source", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Evaluate through the live path on this source folder instead (with --split).")
 @click.option("--split", default="val", show_default=True, help="Split of --source.")
-@click.option("--precision", type=click.Choice(["bf16-mixed", "16-mixed", "32"]),
+@click.option("--precision", type=click.Choice(["auto", "bf16-mixed", "16-mixed", "32"]),
               help="Autocast mode [the checkpoint's train.precision].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256))
@@ -117,20 +143,27 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
         body = {"precision": score.precision, "recall": score.recall, "hmean": score.hmean, "matched": score.matched,
                 "gt_care": score.gt_care, "det_care": score.det_care, "images": result.images,
                 "seconds": result.seconds, "images_per_s": result.images_per_s, "precision_mode": result.mode,
-                "skipped": list(result.skipped)}
+                "skipped": list(result.skipped), "coverage": result.coverage.as_dict(),
+                "gt_left_out_for_size": result.coverage.left_out_for_size}
         click.echo(json.dumps(body, indent=1, sort_keys=True))
         return
     for item in result.skipped:
         click.echo(f"skipped {item}", err=True)
     click.echo(f"{score_line(score)}\n{result.images} images in {result.seconds:.1f} s "
                f"({result.images_per_s:.1f} images/s, {result.mode})")
+    coverage = result.coverage
+    if coverage.trainable:
+        click.echo(f"ground truth: {coverage.trainable} words; {coverage.left_out_for_size} "
+                   f"({coverage.size_share:.1%}) of them were left out of the training targets for size "
+                   f"({coverage.too_small} too small, {coverage.shrink_vanished} vanished when shrunk): the "
+                   "model was never trained on them")
 
 
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--precision", type=click.Choice(["bf16-mixed", "16-mixed", "32"]),
+@click.option("--precision", type=click.Choice(["auto", "bf16-mixed", "16-mixed", "32"]),
               help="Autocast mode [the checkpoint's train.precision].")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--device", default="auto", show_default=True)

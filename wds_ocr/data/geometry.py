@@ -91,3 +91,16 @@ def apply_matrix(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     homogeneous = pts @ matrix[:2, :2].T + matrix[:2, 2]
     w = pts @ matrix[2, :2] + matrix[2, 2]
     return homogeneous / w[:, None]
+
+
+def valid_region(inverse_matrix: np.ndarray, original_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((x, y) offset, (width, height)) of the resized image inside the padded square.
+
+    The inverse matrix is ``[[1/sx, 0, -ox/sx], [0, 1/sy, -oy/sy], [0, 0, 1]]``: the offset is
+    ``-m02/m00`` and the resized width ``original_width / m00``, both whole numbers by construction.
+    """
+    matrix = np.asarray(inverse_matrix, dtype=np.float64)
+    width, height = original_size
+    offset = (int(round(-matrix[0, 2] / matrix[0, 0])), int(round(-matrix[1, 2] / matrix[1, 1])))
+    size = (int(round(width / matrix[0, 0])), int(round(height / matrix[1, 1])))
+    return offset, size

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 
 from wds_ocr.config import Config, PostprocessConfig
+from wds_ocr.data.coverage import Coverage
+from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceSample, list_source
 from wds_ocr.errors import SampleError
@@ -39,7 +41,7 @@ from wds_ocr.loader.device import normalize
 from wds_ocr.loader.stream import SampleInfo, ShardStream, make_loader
 from wds_ocr.shards.build import record_key
 from wds_ocr.train.checkpoint import load_model
-from wds_ocr.train.runtime import Runtime, autocast, check_precision, start_runtime, stop_runtime
+from wds_ocr.train.runtime import Runtime, autocast, check_precision, resolve_precision, start_runtime, stop_runtime
 
 EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
 
@@ -51,6 +53,7 @@ class ImageEval:
     matched: int
     gt_care: int
     det_care: int
+    coverage: Coverage = Coverage()  # its ground-truth words: in the training targets, or left out and why
 
 
 @dataclass(frozen=True)
@@ -63,19 +66,9 @@ class EvalResult:
     skipped: tuple[str, ...] = ()  # "name: reason" of samples left out (this rank)
     per_image: tuple[ImageEval, ...] = field(default=(), repr=False)  # this rank's images, in order
     world_size: int = 1
-
-
-def valid_region(inverse_matrix: np.ndarray, original_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-    """((x, y) offset, (width, height)) of the resized image inside the padded map.
-
-    The inverse matrix is ``[[1/sx, 0, -ox/sx], [0, 1/sy, -oy/sy], [0, 0, 1]]``: the offset is
-    ``-m02/m00`` and the resized width ``original_width / m00``, both whole numbers by construction.
-    """
-    matrix = np.asarray(inverse_matrix, dtype=np.float64)
-    width, height = original_size
-    offset = (int(round(-matrix[0, 2] / matrix[0, 0])), int(round(-matrix[1, 2] / matrix[1, 1])))
-    size = (int(round(width / matrix[0, 0])), int(round(height / matrix[1, 1])))
-    return offset, size
+    # The ground truth's words (all ranks) by what the records' target settings made of them: words
+    # left out for size count as ground truth here but were never in the training targets.
+    coverage: Coverage = Coverage()
 
 
 def detect(prob: np.ndarray, inverse_matrix: np.ndarray, original_size: tuple[int, int],
@@ -112,7 +105,8 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tenso
         for sample_prob, truth in zip(prob, truths):
             detections = detect(sample_prob, truth.inverse_matrix, truth.original_size, config)
             counts = metric.update(truth.polygons, truth.dont_care, [d.polygon for d in detections])
-            per_image.append(ImageEval(truth.name, len(detections), counts.matched, counts.gt_care, counts.det_care))
+            per_image.append(ImageEval(truth.name, len(detections), counts.matched, counts.gt_care, counts.det_care,
+                                       Coverage.from_codes(truth.left_out)))
         if progress is not None:
             progress(metric.images, total)
     return metric, per_image
@@ -135,16 +129,27 @@ def _result(metric: DetectionMetric, runtime: Runtime, started: float, precision
     seconds = time.perf_counter() - started
     return EvalResult(score=total.score(), images=total.images, seconds=seconds,
                       images_per_s=total.images / seconds if seconds > 0 else 0.0, mode=precision,
-                      skipped=tuple(skipped), per_image=tuple(per_image), world_size=runtime.world_size)
+                      skipped=tuple(skipped), per_image=tuple(per_image), world_size=runtime.world_size,
+                      coverage=reduce_coverage(sum((i.coverage for i in per_image), Coverage()), runtime))
+
+
+def reduce_coverage(coverage: Coverage, runtime: Runtime) -> Coverage:
+    """Sum the word coverage of all ranks (every rank must call this)."""
+    if not runtime.distributed:
+        return coverage
+    counts = torch.tensor(list(coverage.as_dict().values()), dtype=torch.int64, device=runtime.device)
+    dist.all_reduce(counts)
+    return Coverage(*counts.tolist())
 
 
 def evaluate_shards(checkpoint: str | Path, shards: str | Path, config: Config | None = None,
-                    precision: str = "bf16-mixed", batch_size: int = 8, workers: int = 2, device: str = "auto",
+                    precision: str = "auto", batch_size: int = 8, workers: int = 2, device: str = "auto",
                     progress: EvalProgress | None = None) -> EvalResult:
     """P/R/H of ``checkpoint`` on a shard folder or URL. ``config`` (default: the checkpoint's)
     supplies post-processing and the loader's verify/on_error settings."""
     check_precision(precision)
     runtime = start_runtime(device)
+    precision = resolve_precision(precision, runtime.device)
     try:
         model, stored = load_model(checkpoint, runtime.device)
         config = config or stored
@@ -184,7 +189,8 @@ class _LiveSamples(torch.utils.data.Dataset):
             return None, str(exc)
         meta = processed.meta
         truth = SampleInfo(record_key(processed.index, meta.name), meta.name, meta.original_size, meta.inverse_matrix,
-                           list(meta.polygons_original), np.asarray(meta.dont_care, dtype=bool))
+                           list(meta.polygons_original), np.asarray(meta.dont_care, dtype=bool),
+                           np.asarray(meta.left_out, dtype=np.uint8))
         return processed.image, truth
 
 
@@ -213,12 +219,13 @@ def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
 
 
 def evaluate_source(checkpoint: str | Path, source_dir: str | Path, split: str, config: Config | None = None,
-                    precision: str = "bf16-mixed", batch_size: int = 8, workers: int = 2, device: str = "auto",
+                    precision: str = "auto", batch_size: int = 8, workers: int = 2, device: str = "auto",
                     progress: EvalProgress | None = None) -> EvalResult:
     """P/R/H of ``checkpoint`` on a source split through the live path (no shards). ``config``
     (default: the checkpoint's) supplies the source, transform and post-processing settings."""
     check_precision(precision)
     runtime = start_runtime(device)
+    precision = resolve_precision(precision, runtime.device)
     try:
         model, stored = load_model(checkpoint, runtime.device)
         config = config or stored

@@ -122,7 +122,7 @@ def _batches(images: list[Path], config: Config, batch_size: int, on_error: str,
 
 
 def predict(checkpoint: str | Path, images: list[Path], out_dir: str | Path, config: Config | None = None,
-            precision: str = "bf16-mixed", batch_size: int = 4, device: str = "auto", overlay: bool = True,
+            precision: str = "auto", batch_size: int = 4, device: str = "auto", overlay: bool = True,
             on_error: str = "raise", progress: PredictProgress | None = None) -> PredictResult:
     """Write ``<stem>.json`` (and ``<stem>.png`` when ``overlay``) for every image into ``out_dir``.
 

@@ -11,14 +11,16 @@ bilinear for the image and thresh_map, nearest for the 0/1 maps, so masks stay b
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from wds_ocr.config import AugmentConfig
+from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
-from wds_ocr.loader.stream import Batch
+from wds_ocr.loader.stream import Batch, SampleInfo
 
 
 @dataclass
@@ -58,15 +60,19 @@ class Augmenter:
         self.seed = seed
 
     def enabled(self) -> bool:
-        return self.config.hflip > 0 or self.config.affine
+        return self.config.hflip > 0 or self.config.affine or self.config.crop_size > 0
 
     def _generator(self, device: torch.device, epoch: int, index: int, rank: int) -> torch.Generator:
         generator = torch.Generator(device=device)
         generator.manual_seed(hash((self.seed, epoch, index, rank)) & 0x7FFF_FFFF_FFFF)
         return generator
 
+    @property
+    def crop_size(self) -> int:
+        return self.config.crop_size
+
     def theta(self, n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
-        """(N, 2, 3) output->input maps in normalized coordinates."""
+        """(N, 2, 3) output->input maps in normalized coordinates (whole-record output)."""
         c = self.config
 
         def uniform(low: float, high: float) -> torch.Tensor:
@@ -93,21 +99,73 @@ class Augmenter:
         theta[:, 1, 2] = sin * shift_x - cos * shift_y
         return theta
 
+    def crop_theta(self, n: int, source: int, regions: torch.Tensor, device: torch.device,
+                   generator: torch.Generator) -> torch.Tensor:
+        """(N, 2, 3) maps from a crop_size x crop_size output to a window of the (source x source) record.
+
+        ``regions``: (N, 4) float (x, y, width, height) of each sample's image inside the padded
+        record, in pixels. The window (crop_size / scale record pixels a side, rotated, mirrored
+        when flipped) is centred uniformly where it stays inside that region; along an axis where
+        the region is smaller than the window, the centre instead ranges where the region stays
+        inside the window.
+        """
+        c = self.config
+
+        def uniform(low: torch.Tensor | float, high: torch.Tensor | float) -> torch.Tensor:
+            return low + (high - low) * torch.rand(n, device=device, generator=generator)
+
+        flip = torch.where(torch.rand(n, device=device, generator=generator) < c.hflip, -1.0, 1.0)
+        if c.affine:
+            scale = uniform(c.scale_min, c.scale_max)
+            angle = uniform(-c.rotate_degrees, c.rotate_degrees) * (math.pi / 180.0)
+        else:
+            scale = torch.ones(n, device=device)
+            angle = torch.zeros(n, device=device)
+        half = c.crop_size / (source * scale)  # the window's half side in normalized units
+        corners = regions.to(device=device, dtype=torch.float32) * (2.0 / source)
+        centres = []
+        for axis in (0, 1):
+            start, stop = corners[:, axis] - 1.0, corners[:, axis] + corners[:, axis + 2] - 1.0
+            low, high = start + half, stop - half
+            centres.append(uniform(torch.minimum(low, high), torch.maximum(low, high)))
+        cos, sin = torch.cos(angle) * half, torch.sin(angle) * half
+        theta = torch.zeros(n, 2, 3, device=device)
+        # input = centre + half * R(-angle) @ (mirrored output)
+        theta[:, 0, 0] = cos * flip
+        theta[:, 0, 1] = sin
+        theta[:, 1, 0] = -sin * flip
+        theta[:, 1, 1] = cos
+        theta[:, 0, 2] = centres[0]
+        theta[:, 1, 2] = centres[1]
+        return theta
+
     def __call__(self, images: torch.Tensor, maps: dict[str, torch.Tensor], epoch: int = 0, index: int = 0,
-                 rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 rank: int = 0, regions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """images: (N, 3, H, W) float 0..255; maps: (N, H, W). Returns augmented copies.
 
-        Without the affine part a flip is an exact index reversal; with it, one sampling grid
-        per sample carries flip, scale, rotation and shift together.
+        Without the affine part or a crop a flip is an exact index reversal; otherwise one sampling
+        grid per sample carries flip, scale, rotation and shift (or the crop window) together.
+        ``regions`` ((N, 4) x, y, width, height of each image inside its padded record) places the
+        crop windows; None means the whole record.
         """
         n, _, h, w = images.shape
         generator = self._generator(images.device, epoch, index, rank)
-        if not self.config.affine:
+        crop = self.config.crop_size
+        if not self.config.affine and not crop:
             flip = torch.rand(n, device=images.device, generator=generator) < self.config.hflip
             pick = lambda x: torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)  # noqa: E731
             return pick(images).contiguous(memory_format=torch.channels_last), {k: pick(v) for k, v in maps.items()}
-        theta = self.theta(n, images.device, generator)
-        grid = F.affine_grid(theta, (n, 1, h, w), align_corners=False)
+        if crop:
+            if h != w or crop > h:
+                raise ValueError(f"augment.crop_size={crop} needs square records of at least that side, got {h}x{w}")
+            if regions is None:
+                regions = torch.tensor([[0.0, 0.0, float(w), float(h)]]).expand(n, 4)
+            theta = self.crop_theta(n, h, regions, images.device, generator)
+            out_h = out_w = crop
+        else:
+            theta = self.theta(n, images.device, generator)
+            out_h, out_w = h, w
+        grid = F.affine_grid(theta, (n, 1, out_h, out_w), align_corners=False)
         out_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         binary = torch.stack([maps["gt"], maps["thresh_mask"], 1 - maps["mask"]], dim=1).float()
         binary = F.grid_sample(binary, grid, mode="nearest", padding_mode="zeros", align_corners=False)
@@ -124,12 +182,25 @@ class Augmenter:
         return out_images, out_maps
 
 
+def content_regions(info: Sequence[SampleInfo]) -> torch.Tensor | None:
+    """(N, 4) float32 (x, y, width, height) of each sample's image inside its padded record; None
+    for a batch without sample information (a stand-in)."""
+    if not info:
+        return None
+    rows = []
+    for sample in info:
+        (x, y), (width, height) = valid_region(sample.inverse_matrix, sample.original_size)
+        rows.append((x, y, width, height))
+    return torch.tensor(rows, dtype=torch.float32)
+
+
 def prepare(batch: DeviceBatch, augmenter: Augmenter | None = None, epoch: int = 0, index: int = 0,
-            rank: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Normalized channels_last images and the maps, augmented when an augmenter is given."""
+            rank: int = 0, regions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Normalized channels_last images and the maps, augmented when an augmenter is given
+    (``regions``: see ``Augmenter.__call__``)."""
     maps = batch.maps()
     if augmenter is None or not augmenter.enabled():
         return normalize(batch.images), maps
     raw = batch.images.permute(0, 3, 1, 2).float()
-    raw, maps = augmenter(raw, maps, epoch, index, rank)
+    raw, maps = augmenter(raw, maps, epoch, index, rank, regions)
     return normalize(raw.permute(0, 2, 3, 1)), maps

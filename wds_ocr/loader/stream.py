@@ -57,6 +57,7 @@ class SampleInfo:
     inverse_matrix: np.ndarray
     polygons: list[np.ndarray]  # original-image frame
     dont_care: np.ndarray  # (P,) bool, from the annotations
+    left_out: np.ndarray  # (P,) uint8 LeftOut codes: why a polygon is not in the training targets (0: it is)
 
 
 @dataclass
@@ -230,6 +231,7 @@ class ShardStream(wds.DataPipeline):
                 inverse_matrix=np.array(record.arrays["inverse_matrix"]),
                 polygons=[np.array(p) for p in record.polygons("polygons_original")],
                 dont_care=record.arrays["dont_care"].astype(bool),
+                left_out=np.array(record.arrays["left_out"]),
             ))
             row += 1
         if row < n:

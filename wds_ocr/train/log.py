@@ -35,6 +35,25 @@ class MetricsLog:
             self._file = self.path.open("a", encoding="utf-8")
             self._board = _open_tensorboard(self.path.parent / TENSORBOARD_DIR)
 
+    def truncate_after(self, step: int) -> None:
+        """Drop the records logged after ``step`` (a resume from a checkpoint at ``step`` logs them
+        again), so that metrics.jsonl holds every step once. TensorBoard events are left as written."""
+        if not self.enabled or self._file is None:
+            return
+        self._file.close()
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                logged = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(logged, dict) and isinstance(logged.get("step"), int) and logged["step"] <= step:
+                kept.append(line + "\n")
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        temporary.replace(self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+
     def write(self, record: dict[str, Any]) -> None:
         """Append one record; numbers also go to TensorBoard as ``<event>/<name>`` at ``step``."""
         if not self.enabled:
@@ -60,6 +79,14 @@ class MetricsLog:
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    """Every record of a run's ``metrics.jsonl``, in order."""
+    """Every record of a run's ``metrics.jsonl``, in order (a line cut short by a crash is left out)."""
     path = Path(out_dir) / METRICS_NAME
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

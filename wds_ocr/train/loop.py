@@ -36,7 +36,7 @@ from wds_ocr.config import Config, TrainConfig
 from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
 from wds_ocr.infer.evaluate import evaluate_batches, reduce_metric
 from wds_ocr.eval.metric import DetectionScore
-from wds_ocr.loader.device import Augmenter, prepare, to_device
+from wds_ocr.loader.device import Augmenter, content_regions, prepare, to_device
 from wds_ocr.loader.plan import batches_per_epoch
 from wds_ocr.loader.stream import Batch, ShardStream, make_loader
 from wds_ocr.model.dbnet import DBNet
@@ -44,24 +44,32 @@ from wds_ocr.model.loss import DBLoss
 from wds_ocr.train.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model_state, restore_rng_state,
                                       rng_state, save_checkpoint)
 from wds_ocr.train.log import MetricsLog
-from wds_ocr.train.runtime import Runtime, allow_tf32, autocast, start_runtime, stop_runtime
+from wds_ocr.train.curves import draw_run_curves
+from wds_ocr.train.runtime import Runtime, allow_tf32, autocast, resolve_precision, start_runtime, stop_runtime
 from wds_ocr.train.schedule import LrSchedule
 
 LOSS_PARTS = ("total", "bce", "l1", "dice")
 # last.pt is rewritten at an epoch's end when this long has passed since it was last written (and
 # always after a validation and at the end of the run): short epochs do not spend their time saving.
 CHECKPOINT_SECONDS = 300.0
-# Settings that fix which samples a loader position refers to: a resume must not change them.
-RESUME_FIXED = (("loader", "batch_size"), ("loader", "seed"), ("loader", "shuffle_block"), ("train", "accumulate"))
+# Settings that fix what a saved position means (which samples it has consumed, where it stands in
+# the learning-rate schedule): a resume must not change them.
+RESUME_FIXED = (("loader", "batch_size"), ("loader", "seed"), ("loader", "shuffle_block"), ("train", "accumulate"),
+                ("train", "epochs"), ("train", "max_steps"), ("train", "warmup_steps"), ("train", "schedule"),
+                ("augment", "crop_size"))
+# Warmup takes at most this share of the run, so the decay always follows it.
+MAX_WARMUP_SHARE = 0.2
 
 
 @dataclass(frozen=True)
 class TrainProgress:
-    """What the progress callback sees at each log step ("train") and validation ("eval")."""
+    """What the progress callback sees: "start" once (with total_steps), "step" after every
+    optimizer step (no losses: reading them would make the CPU wait for the device), "train" at
+    each log step and "eval" after each validation."""
 
     event: str
     step: int  # optimizer steps taken
-    total_steps: int  # steps this run will take (max_steps or the whole schedule)
+    total_steps: int  # the step this run stops at (the schedule's end, or stop_after)
     epoch: int  # 0-based epoch: in progress ("train") or just finished ("eval")
     loss: float | None = None
     lr: float | None = None
@@ -122,11 +130,14 @@ def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Op
     stored_model = {k: v for k, v in stored.get("model", {}).items() if k != "backbone_weights"}
     current_model = {k: v for k, v in current["model"].items() if k != "backbone_weights"}
     if stored_model != current_model:
-        raise CheckpointError(f"cannot resume from {path}: model settings {stored_model} differ from {current_model}")
+        raise ConfigError(f"cannot resume from {path}: model settings {stored_model} differ from {current_model}; "
+                          "resume without model overrides (a resume takes its settings from the checkpoint)")
     for section, name in RESUME_FIXED:
         if stored.get(section, {}).get(name) != current[section][name]:
-            raise CheckpointError(f"cannot resume from {path}: {section}.{name} was "
-                                  f"{stored.get(section, {}).get(name)!r}, now {current[section][name]!r}")
+            raise ConfigError(f"cannot resume from {path}: {section}.{name} is {stored.get(section, {}).get(name)!r} "
+                                  f"in the checkpoint, {current[section][name]!r} now; changing it would change what "
+                                  "the saved position means. Resume without that override (a resume takes its "
+                                  "settings from the checkpoint), or start a new run in another --out folder")
     if body.get("world_size") != world_size:
         raise CheckpointError(f"cannot resume from {path}: it was written by a run of {body.get('world_size')} "
                               f"rank(s), this run has {world_size}; resume with the same number of ranks")
@@ -154,9 +165,10 @@ def _check_shards(stream: ShardStream, config: Config, location: str | Path) -> 
                                "train with the settings the shards were built with, or rebuild them")
 
 
-def _validate(model: DBNet, loader: Iterable[Batch], config: Config, runtime: Runtime) -> DetectionScore:
+def _validate(model: DBNet, loader: Iterable[Batch], config: Config, precision: str,
+              runtime: Runtime) -> DetectionScore:
     batches = ((batch.images, batch.info) for batch in loader if len(batch))
-    metric, _ = evaluate_batches(model, batches, config.postprocess, config.train.precision, runtime.device)
+    metric, _ = evaluate_batches(model, batches, config.postprocess, precision, runtime.device)
     return reduce_metric(metric, runtime).score()  # every rank takes part in the all-reduce
 
 
@@ -167,21 +179,31 @@ def _stand_in(batch: Batch) -> Batch:
                  info=[], index=batch.index, skipped=batch.skipped)
 
 
+def schedule_for(config: TrainConfig, steps_per_epoch: int) -> LrSchedule:
+    """The run's learning-rate schedule: ``train.max_steps`` long (else ``train.epochs`` whole
+    epochs), warmup capped at ``MAX_WARMUP_SHARE`` of it."""
+    total = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    warmup = min(config.warmup_steps, int(total * MAX_WARMUP_SHARE))
+    return LrSchedule(config.lr, warmup, total, config.schedule)
+
+
 def train(config: Config, train_shards: str | Path, val_shards: str | Path | None = None,
           out_dir: str | Path = Path("runs/train"), device: str = "auto", resume: str | Path | None = None,
-          progress: Callable[[TrainProgress], None] | None = None, max_steps: int | None = None,
+          progress: Callable[[TrainProgress], None] | None = None, stop_after: int | None = None,
           checkpoint_seconds: float = CHECKPOINT_SECONDS) -> TrainResult:
     """Train DBNet on ``train_shards``, validating on ``val_shards`` each ``train.eval_every`` epochs.
 
-    ``max_steps`` stops after that many optimizer steps in total (the schedule still spans all
-    ``train.epochs``), leaving a ``last.pt`` that ``resume`` continues exactly. ``last.pt`` is
-    also written after each validation and at an epoch's end ``checkpoint_seconds`` after the
-    previous write.
+    The run lasts ``train.max_steps`` optimizer steps (else ``train.epochs`` epochs) and the
+    learning-rate schedule spans exactly that. ``stop_after`` interrupts it after that many steps
+    in total (the schedule is unchanged), leaving a ``last.pt`` that ``resume`` continues exactly.
+    ``last.pt`` is also written after each validation and at an epoch's end ``checkpoint_seconds``
+    after the previous write. ``curves.png`` is redrawn after each validation and at the end.
     """
     tc, out_dir, started = config.train, Path(out_dir), time.perf_counter()
-    if max_steps is not None and max_steps < 1:
-        raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"stop_after must be at least 1, got {stop_after}")
     runtime = start_runtime(device)
+    precision = resolve_precision(tc.precision, runtime.device)
     log = MetricsLog(out_dir, enabled=runtime.is_main)
     try:
         allow_tf32(runtime.device)
@@ -191,6 +213,10 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                              shuffle_block=loader_config.shuffle_block, verify=loader_config.verify_hashes,
                              on_error=loader_config.on_error, rank=runtime.rank, world_size=runtime.world_size)
         _check_shards(stream, config, train_shards)
+        if config.augment.crop_size > stream.size:
+            raise ConfigError(f"augment.crop_size={config.augment.crop_size} is larger than the records of "
+                              f"{train_shards} ({stream.size}x{stream.size}); use at most {stream.size}, or 0 for "
+                              "whole records")
         steps_per_epoch = batches_per_epoch(stream.manifest, loader_config.batch_size, runtime.world_size,
                                             train=True) // tc.accumulate
         if steps_per_epoch == 0:
@@ -198,8 +224,8 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                               f"of {tc.accumulate} x {loader_config.batch_size} per rank on {runtime.world_size} "
                               "rank(s); lower loader.batch_size or train.accumulate")
         micro_per_epoch = steps_per_epoch * tc.accumulate
-        schedule = LrSchedule(tc.lr, tc.warmup_steps, tc.epochs * steps_per_epoch, tc.schedule)
-        stop_at = schedule.total_steps if max_steps is None else min(max_steps, schedule.total_steps)
+        schedule = schedule_for(tc, steps_per_epoch)
+        stop_at = schedule.total_steps if stop_after is None else min(stop_after, schedule.total_steps)
         loader = make_loader(stream, loader_config.workers, mode=loader_config.mode)
         val_loader = None
         if val_shards is not None:
@@ -213,11 +239,14 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         raw_model = DBNet(model_config).to(runtime.device, memory_format=torch.channels_last)
         criterion = DBLoss(config.loss, raw_model.k)
         optimizer = _optimizer(raw_model, tc, runtime.device)
-        scaler = torch.amp.GradScaler(runtime.device.type, enabled=tc.precision == "16-mixed")
+        scaler = torch.amp.GradScaler(runtime.device.type, enabled=precision == "16-mixed")
         position, best_hmean = Position(), None
         if resume is not None:
             position, best_hmean = _restore(Path(resume), config, raw_model, optimizer, scaler,
                                              runtime.world_size, runtime.device)
+            log.truncate_after(position.step)  # steps after the checkpoint are logged again, once
+        if progress is not None and runtime.is_main:
+            progress(TrainProgress("start", position.step, stop_at, position.epoch))
         model: torch.nn.Module = torch.compile(raw_model) if tc.compile else raw_model
         if runtime.distributed:
             model = DistributedDataParallel(model, device_ids=[runtime.device.index] if runtime.device.type == "cuda"
@@ -237,6 +266,27 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                          "world_size": runtime.world_size}
                 for name in names:  # torch.save copies device tensors to the host: a CPU-GPU sync
                     save_checkpoint(out_dir / name, state)
+
+        validated_step: int | None = None
+
+        def validate(epoch: int) -> tuple[str, ...]:
+            """Score the model on the validation shards, log it; the checkpoints to write."""
+            nonlocal best_hmean, validated_step
+            evaluated = time.perf_counter()
+            score = _validate(raw_model, val_loader, config, precision, runtime)
+            validated_step = position.step
+            log.write({"event": "eval", "step": position.step, "epoch": epoch,
+                       "precision": score.precision, "recall": score.recall, "hmean": score.hmean,
+                       "matched": score.matched, "gt_care": score.gt_care, "det_care": score.det_care,
+                       "images": score.images, "seconds": time.perf_counter() - evaluated})
+            if progress is not None and runtime.is_main:
+                progress(TrainProgress("eval", position.step, stop_at, epoch, score=score))
+            if runtime.is_main:
+                draw_run_curves(out_dir)
+            if best_hmean is None or score.hmean > best_hmean:
+                best_hmean = score.hmean
+                return (LAST_NAME, BEST_NAME)
+            return (LAST_NAME,)
 
         total, window, final_loss = _Meter(time.perf_counter()), _Meter(time.perf_counter()), None
         while position.step < stop_at:
@@ -259,11 +309,11 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                         continue
                     # non_blocking copy from pinned memory: the CPU queues it and moves on
                     images, maps = prepare(to_device(_stand_in(batch) if empty else batch, runtime.device), augmenter,
-                                           position.epoch, batch.index, runtime.rank)
+                                           position.epoch, batch.index, runtime.rank, content_regions(batch.info))
                     last_micro = micro == tc.accumulate - 1
                     no_sync = model.no_sync() if runtime.distributed and not last_micro else contextlib.nullcontext()
                     with no_sync:  # DDP all-reduces gradients only in the last micro-batch's backward
-                        with autocast(runtime.device, tc.precision):
+                        with autocast(runtime.device, precision):
                             outputs = model(images)
                         loss, parts = criterion(outputs, maps)
                         # an empty batch under DDP still runs (zero-weighted) so every rank joins the all-reduce
@@ -278,6 +328,8 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 position.step += 1
+                if progress is not None and runtime.is_main:
+                    progress(TrainProgress("step", position.step, stop_at, position.epoch, lr=lr))
                 if position.step % tc.log_every == 0 or position.step == stop_at:
                     values = (step_parts / tc.accumulate).tolist()  # sync: the CPU waits for the GPU here
                     final_loss = values[0]
@@ -291,28 +343,23 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                                                samples_per_s, data_wait))
                     window = _Meter(time.perf_counter())
             if position.batch < micro_per_epoch:
-                break  # stopped mid-epoch at max_steps
+                break  # stopped mid-epoch: the run's last step, or stop_after
             position = Position(position.epoch + 1, 0, position.step)
             names: tuple[str, ...] = ()
             if val_loader is not None and tc.eval_every and position.epoch % tc.eval_every == 0:
-                evaluated = time.perf_counter()
-                score = _validate(raw_model, val_loader, config, runtime)
-                log.write({"event": "eval", "step": position.step, "epoch": position.epoch - 1,
-                           "precision": score.precision, "recall": score.recall, "hmean": score.hmean,
-                           "matched": score.matched, "gt_care": score.gt_care, "det_care": score.det_care,
-                           "images": score.images, "seconds": time.perf_counter() - evaluated})
-                if progress is not None and runtime.is_main:
-                    progress(TrainProgress("eval", position.step, stop_at, position.epoch - 1, score=score))
-                names = (LAST_NAME,)
-                if best_hmean is None or score.hmean > best_hmean:
-                    best_hmean, names = score.hmean, (LAST_NAME, BEST_NAME)
+                names = validate(position.epoch - 1)
             elif time.perf_counter() - saved_at >= checkpoint_seconds:
                 names = (LAST_NAME,)
             if names:
                 checkpoint(names)
                 window = _Meter(time.perf_counter())  # validation and saving are not training time
+        finished = position.step == schedule.total_steps
+        if finished and val_loader is not None and validated_step != position.step:
+            checkpoint(validate(position.epoch if position.batch else position.epoch - 1))  # the final model
         if saved_step != position.step:
             checkpoint((LAST_NAME,))
+        if runtime.is_main:
+            draw_run_curves(out_dir)
         samples_per_s, data_wait = total.rates(runtime.world_size)
         best_path = out_dir / BEST_NAME
         return TrainResult(out_dir, position.step, position.epoch, out_dir / LAST_NAME,

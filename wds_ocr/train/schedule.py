@@ -27,7 +27,8 @@ class LrSchedule:
         """The rate for optimizer step ``step`` (counted from 0)."""
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / (self.warmup_steps + 1)
-        span = max(1, self.total_steps - self.warmup_steps)
+        # The run's last step (total_steps - 1) is the first at the minimum: the decay completes.
+        span = max(1, self.total_steps - self.warmup_steps - 1)
         progress = min(1.0, (step - self.warmup_steps) / span)
         if self.schedule == "poly":
             return self.base_lr * (1.0 - progress) ** POLY_POWER
