@@ -122,7 +122,8 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device
 
 
 def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler, world_size: int, device: torch.device) -> tuple[Position, float | None]:
+             scaler: torch.amp.GradScaler, world_size: int, device: torch.device,
+             schedule: LrSchedule) -> tuple[Position, float | None]:
     """Load a checkpoint into the run's objects; its position and best H-mean."""
     path = path / LAST_NAME if path.is_dir() else path
     body = load_checkpoint(path)
@@ -146,6 +147,11 @@ def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Op
     if scaler.is_enabled() and body["scaler"]:
         scaler.load_state_dict(body["scaler"])
     restore_rng_state(body["rng"], device)
+    stored_schedule = body.get("scheduler") or {}
+    if isinstance(stored_schedule, dict) and stored_schedule.get("total_steps") not in (None, schedule.total_steps):
+        raise ConfigError(f"cannot resume from {path}: its run lasts {stored_schedule['total_steps']} steps, this one "
+                          f"would last {schedule.total_steps} (do the shards hold a different number of samples?); "
+                          "resume on the shards the run started with")
     return Position(**body["position"]), body.get("best_hmean")
 
 
@@ -243,7 +249,7 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         position, best_hmean = Position(), None
         if resume is not None:
             position, best_hmean = _restore(Path(resume), config, raw_model, optimizer, scaler,
-                                             runtime.world_size, runtime.device)
+                                             runtime.world_size, runtime.device, schedule)
             log.truncate_after(position.step)  # steps after the checkpoint are logged again, once
         if progress is not None and runtime.is_main:
             progress(TrainProgress("start", position.step, stop_at, position.epoch))
