@@ -17,7 +17,7 @@ from wds_ocr.config import load_config
 from wds_ocr.data.synth import synthesize
 from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.shards.build import build_shards
-from wds_ocr.train.checkpoint import load_checkpoint
+from wds_ocr.run.checkpoint import load_checkpoint
 from wds_ocr.train.log import read_metrics
 
 OVERRIDES = ["transform.size=128", "model.neck_channels=32", "loader.workers=0", "loader.batch_size=1",

@@ -19,7 +19,7 @@ from wds_ocr.infer.evaluate import detect, evaluate_shards, evaluate_source
 from wds_ocr.eval.postprocess import boxes_from_prob, map_polygons
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.shards.build import build_shards
-from wds_ocr.train.checkpoint import save_checkpoint
+from wds_ocr.run.checkpoint import save_checkpoint
 
 torch.set_num_threads(2)
 
@@ -130,7 +130,7 @@ def test_shards_and_live_path_give_identical_scores_on_real_receipts(sroie_root,
 
 def test_config_from_checkpoint_applies_overrides(tmp_path):
     from wds_ocr.errors import ConfigError
-    from wds_ocr.train.checkpoint import config_from_checkpoint
+    from wds_ocr.run.checkpoint import config_from_checkpoint
 
     config = load_config(None, ["transform.size=256", *RANDOM_MODEL])
     checkpoint = random_checkpoint(tmp_path / "random.pt", config)

@@ -19,7 +19,7 @@ from wds_ocr.errors import ConfigError, SampleError
 from wds_ocr.infer.evaluate import detect, probability_maps
 from wds_ocr.infer.predict import predict
 from wds_ocr.model.dbnet import DBNet
-from wds_ocr.train.checkpoint import load_model, save_checkpoint
+from wds_ocr.run.checkpoint import load_model, save_checkpoint
 
 torch.set_num_threads(2)
 

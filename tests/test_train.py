@@ -20,11 +20,11 @@ from wds_ocr.loader.stream import ShardStream
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.model.loss import DBLoss
 from wds_ocr.shards.build import build_shards
-from wds_ocr.train.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model, restore_rng_state,
-                                      rng_state, save_checkpoint)
+from wds_ocr.run.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model, restore_rng_state,
+                                    rng_state, save_checkpoint)
 from wds_ocr.train.log import read_metrics
 from wds_ocr.train.loop import TrainProgress, train
-from wds_ocr.train.runtime import autocast
+from wds_ocr.run.runtime import autocast
 from wds_ocr.train.schedule import LrSchedule
 
 torch.set_num_threads(2)
@@ -303,7 +303,7 @@ def test_max_steps_gives_the_schedule_its_length(small_shards, tmp_path):
 
 
 def test_precision_auto_is_float32_on_the_cpu(small_shards, tmp_path):
-    from wds_ocr.train.runtime import resolve_precision
+    from wds_ocr.run.runtime import resolve_precision
 
     assert load_config().train.precision == "auto"
     assert resolve_precision("auto", torch.device("cpu")) == "32"

@@ -33,9 +33,9 @@ from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.loader.device import normalize
 from wds_ocr.loader.stream import ShardStream, make_loader
 from wds_ocr.shards.build import build_shards
-from wds_ocr.train.checkpoint import load_model
+from wds_ocr.run.checkpoint import load_model
 from wds_ocr.train.loop import TrainProgress, train
-from wds_ocr.train.runtime import autocast, resolve_device
+from wds_ocr.run.runtime import autocast, resolve_device
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sroie-dev"
 # (train images, val images) copied from the source in --smoke mode.

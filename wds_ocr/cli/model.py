@@ -49,7 +49,7 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
 
     from wds_ocr.loader.remote import open_location
     from wds_ocr.shards.verify import config_from_manifest
-    from wds_ocr.train.checkpoint import load_checkpoint
+    from wds_ocr.run.checkpoint import load_checkpoint
     from wds_ocr.train.loop import train as run_training
 
     if max_steps is not None:
@@ -122,7 +122,7 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
              overrides: tuple[str, ...]) -> None:
     """Precision, recall and H-mean (ICDAR 2015 IoU protocol) of a checkpoint, in original coordinates."""
     from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
-    from wds_ocr.train.checkpoint import config_from_checkpoint
+    from wds_ocr.run.checkpoint import config_from_checkpoint
 
     if (shards is None) == (source is None):
         fail("give exactly one of --shards or --source", 2)
@@ -176,7 +176,7 @@ def predict(checkpoint: Path, images: tuple[Path, ...], out: Path, precision: st
             device: str, no_overlay: bool, skip_bad: bool, overrides: tuple[str, ...]) -> None:
     """Detect text in IMAGES: <stem>.json (polygons in original coordinates) and <stem>.png overlays."""
     from wds_ocr.infer.predict import predict as run_predict
-    from wds_ocr.train.checkpoint import config_from_checkpoint
+    from wds_ocr.run.checkpoint import config_from_checkpoint
 
     config = config_from_checkpoint(checkpoint, overrides)
     result = run_predict(checkpoint, list(images), out, config, precision or config.train.precision, batch_size,

@@ -40,8 +40,8 @@ from wds_ocr.eval.postprocess import Detection, boxes_from_prob, map_polygons
 from wds_ocr.loader.device import normalize
 from wds_ocr.loader.stream import SampleInfo, ShardStream, make_loader
 from wds_ocr.shards.build import record_key
-from wds_ocr.train.checkpoint import load_model
-from wds_ocr.train.runtime import Runtime, autocast, check_precision, resolve_precision, start_runtime, stop_runtime
+from wds_ocr.run.checkpoint import load_model
+from wds_ocr.run.runtime import Runtime, autocast, check_precision, resolve_precision, start_runtime, stop_runtime
 
 EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
 

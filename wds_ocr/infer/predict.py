@@ -30,8 +30,8 @@ from wds_ocr.data.images import decode_canonical, read_image_bytes
 from wds_ocr.errors import ConfigError, SampleError
 from wds_ocr.infer.evaluate import detect, probability_maps
 from wds_ocr.eval.postprocess import Detection
-from wds_ocr.train.checkpoint import load_model
-from wds_ocr.train.runtime import check_precision, resolve_device
+from wds_ocr.run.checkpoint import load_model
+from wds_ocr.run.runtime import check_precision, resolve_device
 from wds_ocr.viz import draw_polygons, write_png
 
 # Coordinates in the JSON are rounded to this many decimals (1/100 px).

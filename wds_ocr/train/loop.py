@@ -41,11 +41,11 @@ from wds_ocr.loader.plan import batches_per_epoch
 from wds_ocr.loader.stream import Batch, ShardStream, make_loader
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.model.loss import DBLoss
-from wds_ocr.train.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model_state, restore_rng_state,
-                                      rng_state, save_checkpoint)
+from wds_ocr.run.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model_state, restore_rng_state,
+                                    rng_state, save_checkpoint)
 from wds_ocr.train.log import MetricsLog
 from wds_ocr.train.curves import draw_run_curves
-from wds_ocr.train.runtime import Runtime, allow_tf32, autocast, resolve_precision, start_runtime, stop_runtime
+from wds_ocr.run.runtime import Runtime, allow_tf32, autocast, resolve_precision, start_runtime, stop_runtime
 from wds_ocr.train.schedule import LrSchedule
 
 LOSS_PARTS = ("total", "bce", "l1", "dice")
