@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from wds_ocr.cli import cli
 from wds_ocr.config import load_config
+from wds_ocr.errors import BuildError
 from wds_ocr.shards import build as build_module
 from wds_ocr.shards.build import Partition, build_shards, record_key
 from wds_ocr.shards.inspect import read_record
@@ -70,8 +71,8 @@ def test_two_builds_are_byte_identical_and_leave_only_their_outputs(synth_root, 
     assert first.reused_shards == 0 and not first.up_to_date
     manifest = first.manifest
     assert [e.samples for e in manifest.shards] == [3, 3, 3]
-    words = manifest.counts["words"]
-    assert {k: v for k, v in manifest.counts.items() if k != "words"} == {
+    words = manifest.counts.words.as_dict()
+    assert {k: v for k, v in manifest.counts.as_dict().items() if k != "words"} == {
         "samples_in": 9, "written": 9, "rejected": 0, "words_skipped": 0}
     assert words["words"] == words["in_targets"] + words["dont_care"] + words["too_small"] + words["shrink_vanished"]
     assert words["in_targets"] > 0 and words["dont_care"] > 0
@@ -183,7 +184,7 @@ def test_shard_renamed_without_its_journal_entry_is_rebuilt(synth_root, tmp_path
     calls = []
 
     def add_then_die(self, entry) -> None:
-        calls.append(entry["shard"]["name"])
+        calls.append(entry.shard.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
         original_add(self, entry)
@@ -218,7 +219,13 @@ def test_stale_journal_from_another_config_is_discarded(synth_root, tmp_path):
         build(synth_root, out, settings(128, 2), progress=interrupt_after(5))
     settings_file = out / ".journal.shard" / "settings.json"
     assert json.loads(settings_file.read_text())["fingerprint"] == load_config(None, settings(128, 2)).fingerprint()
-    result = build(synth_root, out, settings(96, 2))
+    with pytest.raises(BuildError) as refused:  # the interrupted build's shards are not this build's to replace
+        build(synth_root, out, settings(96, 2))
+    assert str(refused.value) == (
+        f"{out} holds shards built with other settings (an interrupted build under other settings left "
+        ".journal.shard); pass --overwrite (overwrite=True) to replace them (a run reading them will stop with "
+        "an error), or build into another --out")
+    result = build(synth_root, out, settings(96, 2), overwrite=True)
     assert result.reused_shards == 0
     build(synth_root, tmp_path / "clean", settings(96, 2))
     assert snapshot(out) == snapshot(tmp_path / "clean")
@@ -324,9 +331,9 @@ def test_rejects_are_counted_listed_and_explained(faulty_root, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = load_manifest(out)
     counts = manifest.counts
-    assert {k: v for k, v in counts.items() if k != "words"} == {
+    assert {k: v for k, v in counts.as_dict().items() if k != "words"} == {
         "samples_in": 15, "written": 10, "rejected": 5, "words_skipped": 4}
-    assert counts["samples_in"] == counts["written"] + counts["rejected"]
+    assert counts.samples_in == counts.written + counts.rejected
     assert manifest.coverage.summary() in result.output.splitlines()
     assert "samples in 15: written 10, rejected 5; words skipped 4" in result.output
     assert f"details: {out / 'rejects.jsonl'}" in result.output
@@ -370,8 +377,8 @@ def test_rejects_are_counted_listed_and_explained(faulty_root, tmp_path):
     dotted_key = record_key(index[DOTTED], DOTTED)
     assert dotted_key == "0000000_drp_en_ko_in_house_selectstar_000058"
     record, shard = read_record(out, manifest, dotted_key)
-    assert record.meta["name"] == DOTTED and record.key == dotted_key and shard == "shard-000000.tar"
-    written_names = {read_record(out, manifest, k)[0].meta["name"] for e in manifest.shards for k in e.keys}
+    assert record.meta.name == DOTTED and record.key == dotted_key and shard == "shard-000000.tar"
+    written_names = {read_record(out, manifest, k)[0].meta.name for e in manifest.shards for k in e.keys}
     assert written_names == {DOTTED} | {n for n in names if n.startswith("synth_")}
 
 
@@ -439,6 +446,12 @@ def test_rerun_after_a_source_image_changed_rebuilds(synth_root, tmp_path):
 def test_rerun_with_other_shard_settings_rebuilds_and_removes_old_shards(synth_root, tmp_path):
     out = tmp_path / "s"
     build(synth_root, out, settings(128, 2))
-    result = build(synth_root, out, settings(128, 4))
+    with pytest.raises(BuildError) as refused:
+        build(synth_root, out, settings(128, 4))
+    assert str(refused.value) == (
+        f"{out} holds shards built with other settings (manifest.json: shards.max_samples: 2 there, 4 now); pass "
+        "--overwrite (overwrite=True) to replace them (a run reading them will stop with an error), or build into "
+        "another --out")
+    result = build(synth_root, out, settings(128, 4), overwrite=True)
     assert not result.up_to_date
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]

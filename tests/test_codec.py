@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import tracemalloc
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from wds_ocr.shards.codec import (
 )
 
 SHARD = "shard-000003.tar"
-KEY = "0000003_synth_0003"
+KEY = "0000002_synth_0003"  # record_key(2, "synth_0003.jpg"): the codec checks it
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_round_trip_is_bit_exact(processed, record_bytes):
         assert array.tobytes() == np.asarray(expected[name]).astype(dtype).tobytes(), name
     assert record.arrays["image"].shape == (64, 64, 3)
     assert record.meta == sample_meta(processed, KEY)
-    assert record.meta["name"] == "synth_0003.jpg"
+    assert record.meta.name == "synth_0003.jpg"
     assert record.key == KEY
     polygons = record.polygons("polygons_original")
     assert len(polygons) == len(processed.meta.polygons_original) > 0
@@ -123,7 +125,8 @@ def test_a_record_without_polygons_round_trips(processed):
         polygons_original=np.zeros((0, 2)), polygons=np.zeros((0, 2)), polygon_sizes=np.zeros(0, dtype="<i4"),
         dont_care=np.zeros(0, dtype=bool), left_out=np.zeros(0, dtype=np.uint8),
     )
-    record = decode_record(encode_arrays({"key": "k"}, arrays))
+    meta = dataclasses.replace(sample_meta(processed, KEY), word_ids=(), texts=())
+    record = decode_record(encode_arrays(meta, arrays))
     assert record.arrays["polygons"].shape == (0, 2)
     assert record.arrays["left_out"].shape == (0,)
     assert record.polygons() == []

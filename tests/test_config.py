@@ -13,7 +13,7 @@ from wds_ocr.errors import ConfigError
 
 # sha256 of the default record_settings(). Changing it invalidates every shard ever built: only
 # update it together with a deliberate change of record_settings() or PIPELINE_VERSION.
-DEFAULT_FINGERPRINT = "d7aa8b90f0c20e2cca878dfb006137baaea7a192665130ee569c247a7a0c9a65"
+DEFAULT_FINGERPRINT = "9504ee8d08eee9eced98f7444835d75bee8a56c8912017049a9a0eb353e5f3ee"
 
 
 def _error(*overrides: str, path: Path | None = None) -> str:
@@ -33,6 +33,8 @@ def test_defaults() -> None:
     assert config.source.icdar_coords == "quad"
     assert config.source.dont_care == ("###",)
     assert config.source.outside_tolerance == 4.0
+    assert (config.source.max_pixels, config.source.max_file_bytes) == (40_000_000, 512 << 20)
+    assert config.loader.verify_hashes is True  # every member's checksum is checked by default
     assert (config.transform.size, config.transform.pad) == (640, "top_left")
     # receipt defaults (README, "Defaults for receipts"): DB's are 0.4 and 8
     assert (config.targets.shrink_ratio, config.targets.thresh_min, config.targets.thresh_max) == (0.6, 0.3, 0.7)
@@ -43,7 +45,7 @@ def test_defaults() -> None:
     assert (config.train.precision, config.train.epochs, config.train.lr) == ("auto", 10, 1e-3)
     assert (config.train.max_steps, config.augment.crop_size) == (None, 0)
     assert config.model.backbone_weights is None
-    assert PIPELINE_VERSION == 2
+    assert PIPELINE_VERSION == 3
 
 
 def test_config_is_frozen() -> None:
@@ -310,7 +312,7 @@ def test_record_settings_content() -> None:
     assert Config().record_settings() == {
         "pipeline_version": PIPELINE_VERSION,
         "source": {"annotation_frame": "displayed", "icdar_coords": "quad", "dont_care": ["###"],
-                   "outside_tolerance": 4.0},
+                   "outside_tolerance": 4.0, "max_pixels": 40_000_000, "max_file_bytes": 512 << 20},
         "transform": {"size": 640, "pad": "top_left"},
         "targets": {"shrink_ratio": 0.6, "thresh_min": 0.3, "thresh_max": 0.7, "min_text_size": 3.0},
     }

@@ -120,7 +120,7 @@ def test_verify_json_and_inspect_report_the_coverage(coarse):
     verified = CliRunner().invoke(cli, ["verify", str(out), "--json"])
     assert verified.exit_code == 0, verified.output
     report = json.loads(verified.output)
-    assert report["coverage"] == manifest.counts["words"] == manifest.coverage.as_dict()
+    assert report["coverage"] == manifest.counts.words.as_dict() == manifest.coverage.as_dict()
     text = CliRunner().invoke(cli, ["verify", str(out)])
     assert manifest.coverage.summary() in text.output.splitlines()
     inspected = CliRunner().invoke(cli, ["inspect", str(out)])

@@ -401,20 +401,22 @@ def test_unreadable_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     path = tmp_path / "locked.jpg"
     path.write_bytes(b"\xff\xd8")
 
-    def deny(self: Path) -> bytes:
-        raise PermissionError(13, "Permission denied", str(self))
+    def deny(name, *args, **kwargs) -> int:
+        raise PermissionError(13, "Permission denied", str(name))
 
-    monkeypatch.setattr(Path, "read_bytes", deny)
+    monkeypatch.setattr("wds_ocr.data.images.os.open", deny)
     with pytest.raises(SampleError) as caught:
         read_image_bytes(path, "locked.jpg")
     assert str(caught.value) == f"locked.jpg: cannot read image file {path}: permission denied; make the file readable"
 
 
 def test_input_output_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def fail(self: Path) -> bytes:
-        raise OSError(5, "Input/output error", str(self))
+    (tmp_path / "disk.jpg").write_bytes(b"\xff\xd8\xff")
 
-    monkeypatch.setattr(Path, "read_bytes", fail)
+    def fail(fd: int, count: int) -> bytes:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("wds_ocr.data.images.os.read", fail)
     with pytest.raises(SampleError) as caught:
         read_image_bytes(tmp_path / "disk.jpg", "disk.jpg")
     assert str(caught.value) == f"disk.jpg: cannot read image file {tmp_path / 'disk.jpg'}: Input/output error"
@@ -457,9 +459,10 @@ def test_progressive_jpeg_with_several_scans_is_complete() -> None:
 def test_jpeg_the_decoder_rejects() -> None:
     data = bytearray(_encode(_smooth_upright(), "JPEG"))
     frame = data.index(b"\xff\xc0")
-    data[frame + 5 : frame + 7] = b"\x00\x00"  # zero image height
+    data[frame + 5 : frame + 7] = b"\x00\x00"  # zero image height: refused from the header, before decoding
     message = _raises(bytes(data), "flat.jpg")
-    assert message == f"flat.jpg: corrupt JPEG: the decoder rejected the image data; {REEXPORT}"
+    assert message == (f"flat.jpg: unsupported JPEG: its frame header declares 64x0 pixels (a zero height is "
+                       f"defined later by a DNL marker); {REEXPORT}")
 
 
 def test_png_cut_in_half_is_rejected() -> None:

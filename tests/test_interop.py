@@ -44,8 +44,8 @@ def test_stock_webdataset_recipe_reads_a_sample(uneven_shards, tmp_path):
     record, _ = read_record(uneven_shards, manifest, None)
     vertices = len(record.arrays["polygons"])
     assert vertices > 0
-    expected = (f"{record.key} {record.meta['name']} (64, 64, 3) float16 ({vertices}, 2) "
-                f"{len(record.meta['word_ids'])}\n")
+    expected = (f"{record.key} {record.meta.name} (64, 64, 3) float16 ({vertices}, 2) "
+                f"{len(record.meta.word_ids)}\n")
     assert done.stdout == expected
 
 
@@ -66,7 +66,7 @@ def test_real_receipts_build_and_verify_bit_exact(sroie_root, tmp_path):
     out = tmp_path / "val"
     result = build_shards(sroie_root, "val", out, load_config(None, []), workers=2)
     counts = result.manifest.counts
-    assert counts == {"samples_in": 40, "written": 40, "rejected": 0, "words_skipped": counts["words_skipped"],
+    assert counts.as_dict() == {"samples_in": 40, "written": 40, "rejected": 0, "words_skipped": counts.words_skipped,
                       # receipt defaults: 22 of the 2,205 words (1.0%) are under min_text_size 3 at 640
                       "words": {"words": 2205, "in_targets": 2183, "dont_care": 0, "too_small": 22,
                                 "shrink_vanished": 0}}
@@ -78,7 +78,7 @@ def test_real_receipts_build_and_verify_bit_exact(sroie_root, tmp_path):
     for entry in manifest.shards:
         for key in entry.keys:
             record, _ = read_record(out, manifest, key)
-            orientations[record.meta["name"]] = record.meta["orientation"]
+            orientations[record.meta.name] = record.meta.orientation
             assert record.arrays["image"].shape == (640, 640, 3)
             assert np.isfinite(record.arrays["thresh_map"]).all()
     tagged = sorted(name for name, value in orientations.items() if value != 1)

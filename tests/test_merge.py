@@ -55,7 +55,7 @@ def test_merged_parts_equal_an_unpartitioned_build(whole, parts, faulty_root, tm
     merged, expected = load_manifest(folder), load_manifest(whole)
     assert result.output == f"merged 10 samples in {len(merged.shards)} shards into {folder / 'manifest.json'}\n"
     assert merged.counts == expected.counts
-    assert {k: v for k, v in merged.counts.items() if k != "words"} == {
+    assert {k: v for k, v in merged.counts.as_dict().items() if k != "words"} == {
         "samples_in": 15, "written": 10, "rejected": 5, "words_skipped": 4}
     assert merged.coverage.words > 0
     assert merged.source == expected.source
@@ -76,11 +76,11 @@ def test_merged_parts_equal_an_unpartitioned_build(whole, parts, faulty_root, tm
 def test_part_manifests_record_their_range_and_digests(parts, faulty_root):
     first = load_manifest(parts / "manifest.part-p000of002.json")
     second = load_manifest(parts / "manifest.part-p001of002.json")
-    assert first.partition == {"index": 0, "count": 2, "lo": 0, "hi": 7}
-    assert second.partition == {"index": 1, "count": 2, "lo": 7, "hi": 14}
+    assert first.partition.as_dict() == {"index": 0, "count": 2, "lo": 0, "hi": 7}
+    assert second.partition.as_dict() == {"index": 1, "count": 2, "lo": 7, "hi": 14}
     assert len(first.source_digests) == 7 and first.source["fingerprint"] is None
     # The listing reject (orphan.jpg) is counted once, by part 0.
-    assert first.counts["samples_in"] == 8 and second.counts["samples_in"] == 7
+    assert first.counts.samples_in == 8 and second.counts.samples_in == 7
     report = verify_shards(parts / "manifest.part-p001of002.json", against_source=faulty_root)
     assert report.problems == [] and report.compared_with_source == 6  # 6 written, truncated.jpg rejected
 
@@ -99,7 +99,7 @@ def test_merge_refuses_a_missing_part(parts, tmp_path):
 
 def test_merge_refuses_parts_built_with_other_settings(parts, faulty_root, tmp_path):
     folder = copy(parts, tmp_path)
-    other = build(faulty_root, folder, settings(96), partition=Partition(1, 2)).manifest
+    other = build(faulty_root, folder, settings(96), partition=Partition(1, 2), overwrite=True).manifest
     first = load_manifest(folder / "manifest.part-p000of002.json")
     with pytest.raises(ManifestError) as caught:
         merge_parts(folder)

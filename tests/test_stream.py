@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from wds_ocr.errors import IntegrityError, ShardFormatError
+from wds_ocr.errors import IntegrityError, ManifestError, ShardFormatError
 from wds_ocr.loader.stream import ShardStream, make_loader
 from wds_ocr.shards.inspect import read_record
 from wds_ocr.shards.manifest import load_manifest, write_manifest
@@ -88,7 +88,7 @@ def test_batches_hold_exactly_the_records(uneven_shards):
         for name in ("gt", "mask", "thresh_map", "thresh_mask"):
             assert np.array_equal(getattr(batch, name)[row].numpy(), record.arrays[name])
         info = batch.info[row]
-        assert info.name == record.meta["name"]
+        assert info.name == record.meta.name
         assert np.array_equal(info.inverse_matrix, record.arrays["inverse_matrix"])
         assert all(np.array_equal(a, b) for a, b in zip(info.polygons, record.polygons("polygons_original")))
 
@@ -120,18 +120,21 @@ def rewrite_record(folder: Path, key: str, edit) -> None:
         members = list(iter_members(handle, entry.name))
     with open(folder / entry.name, "wb") as handle:
         writer = TarWriter(handle)
-        digests = []
+        digests, checksums = [], []
         for member in members:
             data = member.data
             if member.key == key:
                 header, blob = msgpack.unpackb(data)
                 edit(header)
                 data = b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + blob
-            digests.append(writer.add(f"{member.key}.{member.extension}", data)[1][:16])
+            _, sha, checksum = writer.add(f"{member.key}.{member.extension}", data)
+            digests.append(sha[:16])
+            checksums.append(checksum)
         total, sha = writer.close()
     shards = list(manifest.shards)
     shards[index] = dataclasses.replace(entry, bytes=total, sha256=sha, offsets=tuple(writer.offsets),
-                                        digests=tuple(digests), members_end=writer.members_end)
+                                        digests=tuple(digests), members_end=writer.members_end,
+                                        checksums=tuple(checksums))
     write_manifest(folder / "manifest.json", dataclasses.replace(manifest, shards=tuple(shards)))
 
 
@@ -143,8 +146,10 @@ def test_pickle_member_is_refused(uneven_shards, tmp_path):
     folder = copy_shards(uneven_shards, tmp_path / "s")
     entry = load_manifest(folder).shards[0]
     patch_header_name(folder / entry.name, entry.offsets[1], f"{entry.keys[1]}.pickle")
-    with pytest.raises(ShardFormatError) as caught:
+    with pytest.raises(IntegrityError):  # the default checksum sees the edited header first
         first_batch(folder)
+    with pytest.raises(ShardFormatError) as caught:  # and without it the header check still refuses
+        first_batch(folder, verify=False)
     assert str(caught.value) == (
         f"shard-000000.tar [{entry.keys[1]}]: member extension 'pickle' refused: only .msgpack records are read "
         "(never pickle or other formats)"
@@ -156,7 +161,7 @@ def test_parent_path_member_is_refused(uneven_shards, tmp_path):
     entry = load_manifest(folder).shards[1]
     patch_header_name(folder / entry.name, entry.offsets[0], f"../{entry.keys[0]}.msgpack")
     with pytest.raises(ShardFormatError, match=r"shard-000001.tar: member at byte 0: path '\.\./.*' is not a flat member name"):
-        first_batch(folder)
+        first_batch(folder, verify=False)
 
 
 def test_oversized_declared_shape_is_refused_before_allocation(uneven_shards, tmp_path):
@@ -199,10 +204,12 @@ def test_streaming_hash_check_names_shard_and_key(uneven_shards, tmp_path):
     data = bytearray(shard.read_bytes())
     data[entry.offsets[3] + BLOCK + 5000] ^= 0x01  # inside the image pixels: decodes fine, hash does not
     shard.write_bytes(bytes(data))
-    assert len(first_batch(folder)) == 9  # unchecked: the flip goes unnoticed
-    with pytest.raises(IntegrityError) as caught:
-        first_batch(folder, verify=True)
-    assert (caught.value.shard, caught.value.key) == ("shard-000001.tar", entry.keys[3])
+    assert len(first_batch(folder, verify=False)) == 9  # unchecked (the opt-out): the flip goes unnoticed
+    for verify, what in ((True, "checksum"), ("sha256", "sha256")):  # the default, and the full digest
+        with pytest.raises(IntegrityError) as caught:
+            first_batch(folder, verify=verify)
+        assert (caught.value.shard, caught.value.key) == ("shard-000001.tar", entry.keys[3])
+        assert caught.value.reason == f"bytes differ from the manifest's {what} (corrupt or replaced shard)"
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
@@ -227,12 +234,13 @@ def test_corrupted_served_shard_is_caught(uneven_shards, serve_folder, tmp_path)
     (folder / entry.name).write_bytes(bytes(data))
     url = serve_folder(folder)
     with pytest.raises(IntegrityError, match=rf"shard-000000.tar \[{entry.keys[1]}\]: bytes differ from the manifest"):
-        run_rank(url, 0, 1, 0, verify=True)
+        run_rank(url, 0, 1, 0)  # the default check
 
 
 def test_missing_remote_manifest_is_a_clear_error(serve_folder, tmp_path):
     url = serve_folder(tmp_path)
-    with pytest.raises(Exception, match=r"cannot fetch http://127.0.0.1:\d+/manifest.json: HTTP Error 404"):
+    with pytest.raises(ManifestError, match=r"cannot fetch http://127.0.0.1:\d+/manifest.json: GET "
+                                            r"http://127.0.0.1:\d+/manifest.json: HTTP 404 not found$"):
         ShardStream(url, batch_size=1)
 
 

@@ -74,7 +74,9 @@ def rewrite_shard(folder: Path, items: list[tuple[str, bytes]], name: str = SHAR
     """Write ``name`` with these (key, record) members and make the manifest agree with it."""
     out = io.BytesIO()
     writer = TarWriter(out)
-    digests = [writer.add(f"{key}.msgpack", data)[1][:16] for key, data in items]
+    added = [writer.add(f"{key}.msgpack", data) for key, data in items]
+    digests = [sha[:16] for _, sha, _ in added]
+    checksums = tuple(checksum for _, _, checksum in added)
     total, sha = writer.close()
     (folder / name).write_bytes(out.getvalue())
     manifest = load_manifest(folder)
@@ -82,7 +84,7 @@ def rewrite_shard(folder: Path, items: list[tuple[str, bytes]], name: str = SHAR
     shards = tuple(
         dataclasses.replace(e, samples=len(items), bytes=total, sha256=sha, first_key=keys[0], last_key=keys[-1],
                             keys=keys, offsets=tuple(writer.offsets), digests=tuple(digests),
-                            members_end=writer.members_end)
+                            members_end=writer.members_end, checksums=checksums)
         if e.name == name else e
         for e in manifest.shards
     )
@@ -95,8 +97,8 @@ def rewrite_shard(folder: Path, items: list[tuple[str, bytes]], name: str = SHAR
                 coverage += Coverage.from_codes(decode_record(data_of[key]).arrays["left_out"])
             except ShardFormatError:
                 pass
-    counts = dict(manifest.counts, written=written, samples_in=written + manifest.counts["rejected"],
-                  words=coverage.as_dict())
+    counts = dataclasses.replace(manifest.counts, written=written, samples_in=written + manifest.counts.rejected,
+                                 words=coverage)
     write_manifest(folder / "manifest.json", dataclasses.replace(manifest, shards=shards, counts=counts))
 
 
@@ -122,7 +124,7 @@ def test_clean_shards_verify_ok(clean, synth_root):
     report = verify_shards(clean, against_source=synth_root)
     assert report.ok and report.compared_with_source == 9
     coverage = load_manifest(clean).coverage.summary()
-    assert report.coverage == load_manifest(clean).counts["words"]
+    assert report.coverage == load_manifest(clean).counts.words.as_dict()
     result = run_cli(clean)
     assert (result.exit_code, result.output) == (0, f"{coverage}\n3 shards, 9 records checked: OK\n")
     result = run_cli(clean, "--against-source", synth_root, "--sample", "4")
@@ -133,17 +135,19 @@ def test_clean_shards_verify_ok(clean, synth_root):
 def test_end_of_archive_right_at_a_record_boundary_is_not_a_problem(folder):
     # Regression: a shard whose members end 1024 bytes before a 10240-byte record boundary has
     # exactly two end blocks and no padding; verify used to call them damaged.
-    member = members(folder)[0]
+    member, *others = members(folder)
+    rest = sum(m.span for m in others)
     for extra in range(0, 20 * BLOCK, 64):
         record = decode_record(member.data)
-        meta = dict(record.meta, note="n" * extra)
+        texts = record.meta.texts
+        meta = dataclasses.replace(record.meta, texts=((texts[0] or "") + "n" * extra, *texts[1:]))
         data = encode_arrays(meta, record.arrays)
         span = BLOCK + (len(data) + BLOCK - 1) // BLOCK * BLOCK
-        if span % (20 * BLOCK) == 18 * BLOCK:
+        if (span + rest) % (20 * BLOCK) == 18 * BLOCK:
             break
     else:
         pytest.fail("no meta length gave the wanted member span")
-    rewrite_shard(folder, [(member.key, data)])
+    rewrite_shard(folder, [(member.key, data), *((m.key, m.data) for m in others)])
     assert (folder / SHARD).stat().st_size - load_manifest(folder).shards[1].members_end == 2 * BLOCK
     assert problems(verify_shards(folder)) == []
 
@@ -244,14 +248,17 @@ def test_inserted_member(folder):
 def test_duplicated_key(folder):
     first, _, third = members(folder)
     rewrite_shard(folder, [(first.key, first.data), (first.key, first.data), (third.key, third.data)])
-    assert problems(verify_shards(folder)) == [(SHARD, first.key, f"duplicate key (also in {SHARD})")]
+    assert problems(verify_shards(folder)) == [(None, None, (
+        f"{folder / 'manifest.json'} shard '{SHARD}': key '{first.key}' is not after the previous key (keys are "
+        "listed once, in listing order)"))]
 
 
 def test_duplicated_key_across_shards(folder):
     borrowed = members(folder, "shard-000000.tar")[0]
     items = [(m.key, m.data) for m in members(folder)]
     rewrite_shard(folder, items + [(borrowed.key, borrowed.data)])
-    assert problems(verify_shards(folder)) == [(SHARD, borrowed.key, "duplicate key (also in shard-000000.tar)")]
+    assert problems(verify_shards(folder)) == [(None, None, (
+        f"{folder / 'manifest.json'}: counts.samples_in=10 but the source lists 9 samples for this build"))]
 
 
 def test_record_whose_shape_disagrees_with_its_bytes(folder):
@@ -284,11 +291,11 @@ def test_record_missing_from_shards_and_rejects(folder, synth_root):
     kept = members(folder)
     dropped = kept.pop(2)
     rewrite_shard(folder, [(m.key, m.data) for m in kept])
-    name = decode_record(dropped.data).meta["name"]
-    assert problems(verify_shards(folder)) == []
-    assert problems(verify_shards(folder, against_source=synth_root)) == [
-        (None, dropped.key, f"source sample {name} is neither in the shards nor in the rejects")
-    ]
+    # rewrite_shard lowered counts.written and counts.samples_in to match: the listing still counts 9
+    refused = [(None, None, f"{folder / 'manifest.json'}: counts.samples_in=8 but the source lists 9 samples for "
+                            "this build")]
+    assert problems(verify_shards(folder)) == refused
+    assert problems(verify_shards(folder, against_source=synth_root)) == refused
 
 
 # --- manifest, staleness, source --------------------------------------------------------------
@@ -307,7 +314,7 @@ def test_tampered_manifest(folder):
 def test_unreadable_manifest(folder):
     (folder / "manifest.json").write_text('{"schema": "wds-ocr/manifest", "schema_version": 7}')
     assert problems(verify_shards(folder)) == [(None, None, (
-        f"{folder / 'manifest.json'} has schema_version 7; this wds-ocr reads version 2: "
+        f"{folder / 'manifest.json'} has schema_version 7; this wds-ocr reads version 3: "
         "upgrade wds-ocr or rebuild the shards"))]
 
 
@@ -369,11 +376,13 @@ def test_json_report_parses_and_lists_problems(folder, clean):
         (lambda b: b.update(schema="other"), "is not a wds-ocr manifest (schema 'other')"),
         (lambda b: b.pop("fingerprint"), ": field 'fingerprint' is missing"),
         (lambda b: b["record_settings"]["transform"].pop("size"),
-         ": record_settings lacks transform.size or targets.thresh_min/thresh_max"),
+         ": record_settings lacks transform.size"),
         (lambda b: b["shards"][0]["keys"].__setitem__(0, "a.b"),
-         " shard 'shard-000000.tar': keys must be non-empty strings without dots"),
-        (lambda b: b["shards"][0].update(name="../x.tar"), " shard '../x.tar': shard names must be plain file names"),
-        (lambda b: b["shards"][0]["offsets"].reverse(), " shard 'shard-000000.tar': offsets must be increasing multiples of 512"),
+         " shard 'shard-000000.tar': keys must be record keys (a listing index of 7+ digits, '_', then letters, "
+         "digits, '_' or '-')"),
+        (lambda b: b["shards"][0].update(name="../x.tar"), " shard '../x.tar': shard names must be plain file names "
+         "of the form shard-NNNNNN.tar (or shard-pIIIofNNN-NNNNNN.tar); paths, URLs and other names are refused"),
+        (lambda b: b["shards"][0]["offsets"].reverse(), " shard 'shard-000000.tar': offsets must be increasing multiples of 512 starting at 0"),
         (lambda b: b["counts"].update(written=8), ": counts.written=8 but the shards hold 9 samples"),
         (lambda b: b.update(partition={"index": 0, "count": 2, "lo": 0, "hi": 3}),
          ": a part manifest lists one source digest per sample of its range"),

@@ -64,8 +64,8 @@ def run(source: Path, split: str, workers: int, overrides: list[str]) -> dict:
         return {
             "workers": workers,
             "seconds": round(seconds, 3),
-            "samples": manifest.counts["written"],
-            "samples_per_s": round(manifest.counts["written"] / seconds, 2),
+            "samples": manifest.counts.written,
+            "samples_per_s": round(manifest.counts.written / seconds, 2),
             # Start-up (listing, worker processes, first sample) and the rate once samples flow.
             "first_sample_s": round(ticks[0] - started, 3) if ticks else None,
             "steady_samples_per_s": round((len(ticks) - 1) / (ticks[-1] - ticks[0]), 2) if len(ticks) > 1 else None,

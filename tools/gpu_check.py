@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     built = {split: build_shards(source, split, work / "shards" / split, config, workers=build_workers)
              for split in ("train", "val")}
     summary["build"] = {"seconds": round(time.perf_counter() - tick, 2),
-                        **{split: result.manifest.counts["written"] for split, result in built.items()}}
+                        **{split: result.manifest.counts.written for split, result in built.items()}}
 
     # Training: the schedule spans exactly the requested steps.
     config = config.model_copy(update={"train": config.train.model_copy(update={"max_steps": setup["steps"]})})

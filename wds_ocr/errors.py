@@ -2,6 +2,9 @@
 
 Every error says what went wrong, where (file, shard, key, field) and what to do.
 Only the CLI turns these into messages and exit codes (``exit_code`` below).
+
+Errors pickle with their fields (``__reduce__``), so one raised in a DataLoader worker process
+arrives in the main process as the same type with the same message.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ class SourceError(WdsOcrError):
 
 
 class SampleError(WdsOcrError):
-    """One sample cannot be used (missing, empty, truncated or non-image file).
+    """One sample cannot be used (missing, empty, truncated, oversized or non-image file).
 
     Batch jobs record these as rejects with ``name`` and ``reason`` instead of stopping.
     """
@@ -34,9 +37,16 @@ class SampleError(WdsOcrError):
         self.name = name
         self.reason = reason
 
+    def __reduce__(self):
+        return (type(self), (self.name, self.reason))
+
 
 class ShardFormatError(WdsOcrError):
-    """A shard, tar member or record that does not follow the format."""
+    """A shard, tar member or record that does not follow the format.
+
+    The loader's ``on_error="skip"`` policy skips these (and only these): the record is bad, the
+    stream can go on.
+    """
 
     def __init__(self, shard: str, key: str | None, reason: str):
         where = f"{shard}" if key is None else f"{shard} [{key}]"
@@ -45,9 +55,23 @@ class ShardFormatError(WdsOcrError):
         self.key = key
         self.reason = reason
 
+    def __reduce__(self):
+        return (type(self), (self.shard, self.key, self.reason))
+
 
 class IntegrityError(ShardFormatError):
-    """Shard bytes that do not match the manifest (hash, size, count)."""
+    """Shard bytes that do not match the manifest (checksum, hash, size, count)."""
+
+
+class ShardsChangedError(WdsOcrError):
+    """The manifest a reader opened was replaced or removed while it was reading: the shards were
+    rebuilt under it. Never skipped: every later record may belong to another build."""
+
+
+class RemoteError(WdsOcrError):
+    """A server that could not deliver a byte range within its retries and deadlines, or that
+    answered in a way the loader refuses (no Range support, wrong length, redirect elsewhere).
+    Never skipped: the records are not known to be bad, the transport failed."""
 
 
 class ManifestError(WdsOcrError):
@@ -59,7 +83,8 @@ class StaleShardsError(WdsOcrError):
 
 
 class BuildError(WdsOcrError):
-    """A build that cannot proceed (output folder in use by another build, parts that disagree)."""
+    """A build that cannot proceed (output folder in use by another build or holding shards built
+    with other settings, parts that disagree)."""
 
 
 class CheckpointError(WdsOcrError):

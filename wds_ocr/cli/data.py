@@ -38,12 +38,17 @@ def synth(out: Path, count: int, seed: int, val_fraction: float) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [shards/<split>].")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 512), help="Worker processes.")
 @click.option("--partition", help="Build only part i of n (i from 0), e.g. 0/4; join with wds-ocr merge.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace shards in --out that were built with other settings (refused without it).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @handle_errors
 def build_shards_command(source: Path, split: str, out: Path | None, workers: int, partition: str | None,
-                         quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
-    """Pre-transform SOURCE's SPLIT into WebDataset shards with a manifest."""
+                         overwrite: bool, quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Pre-transform SOURCE's SPLIT into WebDataset shards with a manifest.
+
+    A folder holding shards built with other settings is refused unless --overwrite; a run
+    reading those shards then stops with an error saying they were rebuilt."""
     from tqdm import tqdm
 
     from wds_ocr.shards.build import Partition, build_shards
@@ -62,30 +67,31 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
         bar.set_postfix(written=p.written, rejected=p.rejected, refresh=False)
 
     try:
-        result = build_shards(source, split, out, config, workers=workers, partition=part, progress=progress)
+        result = build_shards(source, split, out, config, workers=workers, partition=part, progress=progress,
+                              overwrite=overwrite)
     finally:
         if bar is not None:
             bar.close()
     elapsed = time.perf_counter() - started
     counts = result.manifest.counts
     if result.up_to_date:
-        click.echo(f"{result.manifest_path} is up to date ({counts['written']} samples in "
+        click.echo(f"{result.manifest_path} is up to date ({counts.written} samples in "
                    f"{len(result.manifest.shards)} shards); nothing to do")
         return
     nbytes = sum(entry.bytes for entry in result.manifest.shards)
     click.echo(
-        f"samples in {counts['samples_in']}: written {counts['written']}, rejected {counts['rejected']}; "
-        f"words skipped {counts['words_skipped']}\n"
+        f"samples in {counts.samples_in}: written {counts.written}, rejected {counts.rejected}; "
+        f"words skipped {counts.words_skipped}\n"
         f"{len(result.manifest.shards)} shards, {nbytes / 1e6:.1f} MB"
         f"{f', {result.reused_shards} reused from an earlier run' if result.reused_shards else ''}; "
-        f"{elapsed:.1f} s ({counts['written'] / max(elapsed, 1e-9):.1f} samples/s)\n"
+        f"{elapsed:.1f} s ({counts.written / max(elapsed, 1e-9):.1f} samples/s)\n"
         f"manifest: {result.manifest_path}"
     )
     _echo_coverage(result.manifest)
-    if counts["rejected"] or counts["words_skipped"]:
+    if counts.rejected or counts.words_skipped:
         reasons: dict[str, int] = {}
         for item in result.rejects:
-            group = f"{item['kind']}: {_reason_group(item['reason'])}"
+            group = f"{item.kind}: {_reason_group(item.reason)}"
             reasons[group] = reasons.get(group, 0) + 1
         for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
             click.echo(f"  {n:5d} x {reason}")
@@ -118,7 +124,7 @@ def merge(folder: Path) -> None:
     from wds_ocr.shards.merge import merge_parts
 
     manifest, path = merge_parts(folder)
-    click.echo(f"merged {manifest.counts['written']} samples in {len(manifest.shards)} shards into {path}")
+    click.echo(f"merged {manifest.counts.written} samples in {len(manifest.shards)} shards into {path}")
 
 
 @cli.command()

@@ -69,7 +69,7 @@ def demo(out: Path, count: int, workers: int, device: str, overrides: tuple[str,
         result = build_shards(data, split, shards / split, config, workers=workers)
         counts = result.manifest.counts
         state = "up to date" if result.up_to_date else f"{len(result.manifest.shards)} shards"
-        click.echo(f"{split}: {counts['written']} written, {counts['rejected']} rejected ({state})")
+        click.echo(f"{split}: {counts.written} written, {counts.rejected} rejected ({state})")
     stage("verify")
     for split in ("train", "val"):
         report = verify_shards(shards / split, config, against_source=data)

@@ -20,12 +20,21 @@ container structure (JPEG end-of-image marker, PNG IEND chunk, WebP RIFF size), 
 decoder's warnings, so a partially decoded image is never returned whatever the decoder does.
 TIFF and BMP have no such end marker; for them Pillow's strict loading decides (it raises on a
 short file unless someone sets ``ImageFile.LOAD_TRUNCATED_IMAGES``, which this package never does).
+
+Hostile files: ``read_image_bytes`` opens without blocking and reads regular files only (a FIFO,
+a device such as ``/dev/zero``, or a symbolic link to one is a reject, not a hang or a
+MemoryError), and never more than ``max_bytes``. ``decode_canonical`` reads the pixel count from
+the container header (JPEG frame header, PNG IHDR, WebP VP8/VP8L/VP8X, Pillow's lazy header parse
+for TIFF and BMP) and refuses more than ``max_pixels`` before a decoder allocates anything; any
+exception a decoder raises on hostile data (``cv2.error`` included) becomes a ``SampleError``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +67,13 @@ _IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _ALPHA_OR_PALETTE_MODES = frozenset({"LA", "La", "PA", "P", "RGBA", "RGBa"})
 _CONVERTIBLE_COLOR_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
+# Defaults of source.max_pixels / source.max_file_bytes (wds_ocr.config.SourceConfig), for callers
+# without a config (predict).
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_FILE_BYTES = 512 << 20
+_READ_CHUNK = 1 << 20
+_FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISSOCK, "a socket"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,24 +100,60 @@ class _Layout:
     exif: bytes | None  # TIFF-structured EXIF block (starts with II*\0 or MM\0*)
     defect: str | None  # why the container is truncated or malformed; None when intact
     fast: bool  # 8-bit RGB or gray without alpha: decode with OpenCV
+    size: tuple[int, int] | None = None  # (width, height) the header declares; None: ask Pillow
 
 
-def read_image_bytes(path: Path, name: str) -> bytes:
-    """The bytes of an image file; SampleError(name, ...) when it cannot be used."""
+def read_image_bytes(path: Path, name: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular image file of at most ``max_bytes``; SampleError(name, ...) otherwise.
+
+    The file is opened without blocking (a FIFO with no writer does not hang the open) and checked
+    with fstat on the opened descriptor (no race between the check and the read): symbolic links
+    are followed, but what they lead to must be a regular file.
+    """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise SampleError(name, f"image file not found: {path}; check the dataset folder and the file name") from None
     except IsADirectoryError:
         raise SampleError(name, f"expected an image file but found a directory: {path}") from None
     except PermissionError:
         raise SampleError(name, f"cannot read image file {path}: permission denied; make the file readable") from None
+    except (OSError, ValueError) as exc:
+        raise SampleError(name, f"cannot read image file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise SampleError(name, f"expected an image file but found a directory: {path}")
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((what for test, what in _FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise SampleError(name, f"{path} is {kind}, not a regular file; only regular image files are read")
+        if info.st_size > max_bytes:
+            raise SampleError(name, f"image file is {info.st_size} bytes, over the {max_bytes}-byte limit "
+                                    f"(source.max_file_bytes): {path}")
+        data = _read_at_most(fd, max_bytes, name, path)
     except OSError as exc:
         raise SampleError(name, f"cannot read image file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     if not data:
         raise SampleError(name, f"image file is empty (0 bytes): {path}; re-export or re-copy the image")
     return data
+
+
+def _read_at_most(fd: int, max_bytes: int, name: str, path: Path) -> bytes:
+    """Everything up to EOF, refusing a file that grows past ``max_bytes`` while it is read."""
+    parts = []
+    total = 0
+    while True:
+        chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            raise SampleError(name, f"image file grew past the {max_bytes}-byte limit (source.max_file_bytes) "
+                                    f"while it was read: {path}")
 
 
 def read_orientation(data: bytes) -> int:
@@ -115,10 +167,11 @@ def read_orientation(data: bytes) -> int:
     return _orientation_from_exif(_inspect(data, image_format).exif)
 
 
-def decode_canonical(data: bytes, name: str) -> CanonicalImage:
+def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> CanonicalImage:
     """Decode image bytes into the canonical upright RGB uint8 image (see the module docstring).
 
-    Raises SampleError(name, reason) for empty, truncated, corrupt, non-image or unsupported data.
+    Raises SampleError(name, reason) for empty, truncated, corrupt, non-image or unsupported data,
+    and for an image whose header declares more than ``max_pixels`` pixels (checked before decoding).
     """
     if not data:
         raise SampleError(name, f"no image data (0 bytes); {_REEXPORT}")
@@ -128,8 +181,12 @@ def decode_canonical(data: bytes, name: str) -> CanonicalImage:
     layout = _inspect(data, image_format)
     if layout.defect is not None:
         raise SampleError(name, layout.defect)
-    decode = _decode_with_opencv if layout.fast else _decode_with_pillow
-    stored = decode(data, name, image_format)
+    if layout.size is not None:
+        _check_pixels(layout.size, max_pixels, name, image_format)
+    if layout.fast:
+        stored = _decode_with_opencv(data, name, image_format)
+    else:
+        stored = _decode_with_pillow(data, name, image_format, max_pixels)
     orientation = _orientation_from_exif(layout.exif)
     pixels = np.ascontiguousarray(orient_array(stored, orientation))
     if not pixels.flags.writeable:  # arrays over Pillow's buffers are read-only; OpenCV's are not
@@ -185,6 +242,7 @@ def _inspect_jpeg(data: bytes) -> _Layout:
     size = len(data)
     exif: bytes | None = None
     precision = components = None
+    dimensions: tuple[int, int] | None = None
     pos = 2
     while True:
         if pos < size and data[pos] != 0xFF:
@@ -207,16 +265,20 @@ def _inspect_jpeg(data: bytes) -> _Layout:
             exif = payload[len(_EXIF_PREFIX) :]
         elif marker in _SOF_MARKERS and len(payload) >= 6:
             precision, components = payload[0], payload[5]
+            dimensions = (int.from_bytes(payload[3:5], "big"), int.from_bytes(payload[1:3], "big"))
         elif marker == 0xDA:
             break
         pos = end
-    if components is None:
+    if components is None or dimensions is None:
         return _Layout(exif, f"corrupt JPEG: image data without a frame header; {_REEXPORT}", False)
+    if dimensions[0] == 0 or dimensions[1] == 0:
+        return _Layout(exif, f"unsupported JPEG: its frame header declares {dimensions[0]}x{dimensions[1]} pixels "
+                             f"(a zero height is defined later by a DNL marker); {_REEXPORT}", False)
     if not _jpeg_reaches_end_marker(data, end):
         return _Layout(
             exif, f"truncated JPEG: the file ends before its end-of-image marker; {_COPY_AGAIN}", False
         )
-    return _Layout(exif, None, precision == 8 and components in (1, 3))
+    return _Layout(exif, None, precision == 8 and components in (1, 3), dimensions)
 
 
 def _jpeg_reaches_end_marker(data: bytes, scan_start: int) -> bool:
@@ -245,6 +307,7 @@ def _inspect_png(data: bytes) -> _Layout:
     size = len(data)
     exif: bytes | None = None
     bit_depth = color_type = None
+    dimensions: tuple[int, int] | None = None
     transparent = False
     seen_image_data = False
     pos = len(_PNG_SIGNATURE)
@@ -257,6 +320,7 @@ def _inspect_png(data: bytes) -> _Layout:
         payload = data[pos + 8 : pos + 8 + length]
         if chunk_type == b"IHDR" and length >= 10:
             bit_depth, color_type = payload[8], payload[9]
+            dimensions = (int.from_bytes(payload[0:4], "big"), int.from_bytes(payload[4:8], "big"))
         elif chunk_type == b"eXIf" and exif is None:
             exif = payload[len(_EXIF_PREFIX) :] if payload.startswith(_EXIF_PREFIX) else payload
         elif chunk_type == b"tRNS":
@@ -268,8 +332,10 @@ def _inspect_png(data: bytes) -> _Layout:
                 return _Layout(exif, f"corrupt PNG: no IHDR header chunk; {_REEXPORT}", False)
             if not seen_image_data:
                 return _Layout(exif, f"corrupt PNG: no image data (IDAT) chunk; {_REEXPORT}", False)
+            if dimensions is None or dimensions[0] == 0 or dimensions[1] == 0:
+                return _Layout(exif, f"corrupt PNG: its IHDR declares {dimensions} pixels; {_REEXPORT}", False)
             fast = bit_depth == 8 and color_type in (_PNG_GRAY, _PNG_RGB) and not transparent
-            return _Layout(exif, None, fast)
+            return _Layout(exif, None, fast, dimensions)
         pos = end
     return _Layout(exif, f"truncated PNG: the file ends before its IEND chunk; {_COPY_AGAIN}", False)
 
@@ -278,18 +344,42 @@ def _inspect_webp(data: bytes) -> _Layout:
     size = len(data)
     declared = 8 + int.from_bytes(data[4:8], "little")
     exif: bytes | None = None
+    dimensions: tuple[int, int] | None = None
     pos = 12
     while pos + 8 <= min(size, declared):
         chunk_size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        if data[pos : pos + 4] == b"EXIF":
-            payload = data[pos + 8 : pos + 8 + chunk_size]
+        fourcc = data[pos : pos + 4]
+        payload = data[pos + 8 : pos + 8 + chunk_size]
+        if dimensions is None:
+            dimensions = _webp_dimensions(fourcc, payload)
+        if fourcc == b"EXIF":
             exif = payload[len(_EXIF_PREFIX) :] if payload.startswith(_EXIF_PREFIX) else payload
             break
         pos += 8 + chunk_size + (chunk_size & 1)
     if size < declared:
         defect = f"truncated WebP: {size} of the {declared} bytes its header declares; {_COPY_AGAIN}"
         return _Layout(exif, defect, False)
-    return _Layout(exif, None, False)
+    return _Layout(exif, None, False, dimensions)
+
+
+def _webp_dimensions(fourcc: bytes, payload: bytes) -> tuple[int, int] | None:
+    """(width, height) from a VP8X canvas, VP8 key frame or VP8L header; None for other chunks."""
+    if fourcc == b"VP8X" and len(payload) >= 10:
+        return 1 + int.from_bytes(payload[4:7], "little"), 1 + int.from_bytes(payload[7:10], "little")
+    if fourcc == b"VP8 " and len(payload) >= 10 and payload[3:6] == b"\x9d\x01\x2a":
+        return int.from_bytes(payload[6:8], "little") & 0x3FFF, int.from_bytes(payload[8:10], "little") & 0x3FFF
+    if fourcc == b"VP8L" and len(payload) >= 5 and payload[0] == 0x2F:
+        bits = int.from_bytes(payload[1:5], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    return None
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, name: str, image_format: str) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise SampleError(name, f"image too large: its {image_format} header declares {width}x{height} = "
+                                f"{width * height} pixels, over the limit of {max_pixels} (source.max_pixels); "
+                                "refused before decoding")
 
 
 def _orientation_from_exif(exif: bytes | None) -> int:
@@ -329,7 +419,11 @@ def _orientation_from_exif(exif: bytes | None) -> int:
 def _decode_with_opencv(data: bytes, name: str, image_format: str) -> np.ndarray:
     # IGNORE_ORIENTATION: the tag is applied by orient_array, once, for pixels and points alike.
     color = cv2.IMREAD_COLOR if _IMREAD_COLOR_RGB is None else _IMREAD_COLOR_RGB
-    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), color | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), color | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
+        raise SampleError(name, f"corrupt {image_format}: the decoder failed ({reason}); {_REEXPORT}") from None
     if pixels is None:
         raise SampleError(name, f"corrupt {image_format}: the decoder rejected the image data; {_REEXPORT}")
     if _IMREAD_COLOR_RGB is None:
@@ -337,9 +431,11 @@ def _decode_with_opencv(data: bytes, name: str, image_format: str) -> np.ndarray
     return pixels
 
 
-def _decode_with_pillow(data: bytes, name: str, image_format: str) -> np.ndarray:
+def _decode_with_pillow(data: bytes, name: str, image_format: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=[image_format]) as image:
+            # Image.open parsed the header only: refuse a bomb before load() allocates its pixels.
+            _check_pixels(image.size, max_pixels, name, image_format)
             tag_before = getattr(image, "tag_v2", {}).get(_ORIENTATION_TAG)
             image.load()
             pixels = _pillow_to_rgb(image, name, image_format)
@@ -350,6 +446,9 @@ def _decode_with_pillow(data: bytes, name: str, image_format: str) -> np.ndarray
         raise SampleError(name, f"corrupt {image_format}: its header cannot be parsed; {_REEXPORT}") from None
     except Image.DecompressionBombError as exc:
         raise SampleError(name, f"image too large to decode safely: {exc}") from None
+    except MemoryError:
+        raise SampleError(name, f"{image_format} image too large to decode in the memory available; "
+                                "lower source.max_pixels or re-export the image smaller") from None
     except Exception as exc:  # Pillow plugins raise many types on bad data (OSError, SyntaxError, struct.error...)
         raise SampleError(name, f"corrupt {image_format}: {exc}; {_REEXPORT}") from None
     # Pillow's TIFF reader applies the Orientation tag itself and then deletes it. Go back to the

@@ -90,9 +90,9 @@ def process_sample(sample: SourceSample, config: Config, data: bytes | None = No
     ``data`` is the image file's bytes when the caller has already read them.
     """
     if data is None:
-        data = read_image_bytes(sample.image_path, sample.name)
+        data = read_image_bytes(sample.image_path, sample.name, config.source.max_file_bytes)
     digest = hashlib.sha256(data).hexdigest()
-    canonical = decode_canonical(data, sample.name)
+    canonical = decode_canonical(data, sample.name, config.source.max_pixels)
     width, height = canonical.size
     stored_w, stored_h = canonical.stored_size
 

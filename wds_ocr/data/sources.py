@@ -11,12 +11,20 @@ Reading checks structure only (point counts, numbers, NaN/inf); checks that need
 recorded as ``Skip`` entries and the word is left out; problems with a whole sample are
 rejects; an annotation file that is ambiguous (duplicate names) or unreadable is a
 ``SourceError``. Nothing is dropped without a recorded reason.
+
+Annotation files are read like images (``images.read_image_bytes``): regular files only, opened
+without blocking, at most ``MAX_ANNOTATION_BYTES`` (JSON) or ``MAX_GROUND_TRUTH_BYTES`` (one ICDAR
+file), and JSON nested deeper than Python can parse is an error, not a RecursionError. Every
+entry of the image folder with an image suffix is listed (a FIFO or a link to a device too, so
+that it becomes a reject with its reason rather than vanishing); folders are not.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +36,36 @@ from wds_ocr.errors import SourceError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _UTF8_BOM = b"\xef\xbb\xbf"
+MAX_ANNOTATION_BYTES = 1 << 30
+MAX_GROUND_TRUTH_BYTES = 16 << 20
+
+
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``. Raises OSError (FileNotFoundError for a
+    missing file) or ValueError with the reason a file is refused (not regular, too large)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("is not a regular file")
+        if info.st_size > max_bytes:
+            raise ValueError(f"is {info.st_size} bytes, over the {max_bytes}-byte limit")
+        parts, total = [], 0
+        while True:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                return b"".join(parts)
+            parts.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:
+                raise ValueError(f"grew past the {max_bytes}-byte limit while it was read")
+    finally:
+        os.close(fd)
+
+
+def _listed_images(folder: Path) -> list[str]:
+    """Names in ``folder`` with an image suffix that are not folders (special files included)."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
 
 @dataclass(frozen=True)
@@ -192,23 +230,27 @@ def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[
 def _list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
     ann = root / "jsons" / f"{split}.json"
     try:
-        raw_bytes = ann.read_bytes()
+        raw_bytes = read_regular_file(ann, MAX_ANNOTATION_BYTES)
     except FileNotFoundError:
         raise SourceError(f"{ann} does not exist: expected annotations in ROOT/jsons/{split}.json") from None
     except OSError as exc:
-        raise SourceError(f"{ann} cannot be read: {exc}") from None
+        raise SourceError(f"{ann} cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise SourceError(f"{ann} {exc}; annotations must be a regular JSON file") from None
     try:
         doc = json.loads(_decode_utf8(raw_bytes), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
     except UnicodeDecodeError as exc:
         raise SourceError(f"{ann} is not UTF-8 text: {_undecodable_at(raw_bytes, exc)}") from None
     except json.JSONDecodeError as exc:
         raise SourceError(f"{ann} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise SourceError(f"{ann} is nested too deeply to be an annotation file") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
         raise SourceError(f'{ann} must hold {{"images": {{name: {{"words": ...}}}}}}')
     folder = _images_dir(root, split)
     listing = SourceListing(root, split, "json", hashlib.sha256(raw_bytes).hexdigest())
     entries = doc["images"]
-    on_disk = {p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    on_disk = set(_listed_images(folder))
     names = sorted(set(entries) | on_disk)
     for index, name in enumerate(names):
         if name not in entries:
@@ -264,7 +306,7 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
     gt_dir = root / "gts" / split
     if not gt_dir.is_dir():
         raise SourceError(f"{gt_dir} does not exist: expected ground truth in ROOT/gts/{split}/gt_<stem>.txt")
-    images = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = _listed_images(folder)
     by_stem: dict[str, str] = {}
     for name in images:
         stem = Path(name).stem
@@ -274,7 +316,7 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
                 f"{gt_dir / f'gt_{stem}.txt'}; rename one of them"
             )
         by_stem[stem] = name
-    gt_files = {p.name for p in gt_dir.iterdir() if p.is_file() and p.name.startswith("gt_") and p.suffix == ".txt"}
+    gt_files = {p.name for p in gt_dir.iterdir() if not p.is_dir() and p.name.startswith("gt_") and p.suffix == ".txt"}
     digest = hashlib.sha256()
     listing = SourceListing(root, split, "icdar", "")
     orphans = sorted(gt_files - {f"gt_{Path(n).stem}.txt" for n in images})
@@ -285,12 +327,15 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
             continue
         gt_path = gt_dir / f"gt_{Path(name).stem}.txt"
         try:
-            raw_bytes = gt_path.read_bytes()
+            raw_bytes = read_regular_file(gt_path, MAX_GROUND_TRUTH_BYTES)
         except FileNotFoundError:
             listing.rejects.append(Skip(name, f"no ground truth file {gt_path}"))
             continue
         except OSError as exc:
-            listing.rejects.append(Skip(name, f"ground truth {gt_path} cannot be read: {exc}"))
+            listing.rejects.append(Skip(name, f"ground truth {gt_path} cannot be read: {exc.strerror or exc}"))
+            continue
+        except ValueError as exc:
+            listing.rejects.append(Skip(name, f"ground truth {gt_path} {exc}"))
             continue
         digest.update(gt_path.name.encode() + b"\x00" + hashlib.sha256(raw_bytes).digest())
         try:

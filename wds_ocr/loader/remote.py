@@ -2,30 +2,142 @@
 
 A location is a folder (or its manifest.json) holding the shards. Readers fetch exact byte
 ranges taken from the manifest's per-sample offsets: local files with ``os.pread`` (one system
-call, no seek state shared between threads), HTTP with ``Range`` requests, other schemes through
-fsspec when it is installed. Readers open lazily, so they can be created before DataLoader
-workers start and used inside each worker.
+call, no seek state shared between threads), HTTP with ``Range`` requests on kept-alive
+connections (one per thread), other schemes through fsspec when it is installed. Readers open
+lazily, so they can be created before DataLoader workers start and used inside each worker.
+
+Hostile manifests and servers (see docs/SECURITY.md):
+
+- A shard location is the manifest's own folder plus a name the manifest parser accepted (a
+  plain ``shard-NNNNNN.tar``); the URL built from it is checked to keep the manifest's scheme, host
+  and folder, so a manifest served over HTTP can never make the loader open a local file or
+  another host. Redirects are followed only within the same scheme and host.
+- Local shards must be regular files of the size the manifest gives (no FIFO, device or folder).
+- Every HTTP body is read into a buffer of exactly the size asked for: a longer body, a body
+  without a length that does not end, a 200 answer to a Range request (a server without Range
+  support: refused on the first request, after reading only the status line and headers), a wrong
+  Content-Range or a compressed body are errors, never a larger allocation. A manifest is capped at
+  ``RemoteSettings.max_manifest_bytes``.
+- Each attempt fails after ``stall_timeout`` seconds without a byte; a request (all its attempts and
+  their backoff) ends at its deadline, which also bounds a server trickling one byte at a time:
+  a watchdog thread shuts the socket down when the deadline passes or the read is cancelled, so
+  no blocking call outlives it. Transient failures (connection dropped mid-body, timeouts, 5xx,
+  429) are retried ``tries`` times with exponential backoff; others fail at once.
+- Failures are ``RemoteError`` (never skipped by ``on_error="skip"``: the transport failed, the
+  records are not known to be bad); a body that arrives but differs from the manifest is caught
+  by the stream's per-member checksum.
 """
 
 from __future__ import annotations
 
+import hashlib
+import http.client
 import os
+import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from wds_ocr.errors import ManifestError, ShardFormatError
-from wds_ocr.shards.manifest import MANIFEST_NAME, Manifest, load_manifest, parse_manifest
+from wds_ocr.errors import ManifestError, RemoteError, ShardFormatError
+from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, Manifest, manifest_path, parse_manifest, read_manifest_bytes
+from wds_ocr.shards.naming import MANIFEST_NAME, is_shard_name
+from wds_ocr.shards.tario import BLOCK, open_shard
 
-_RETRIES = 3
+_CHUNK = 1 << 20
+_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+_MAX_REDIRECTS = 3
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """Timeouts, retries and caps of remote reads (tests shorten them to seconds)."""
+
+    connect_timeout: float = 10.0  # to open a connection
+    stall_timeout: float = 20.0  # an attempt fails when no byte arrives for this long
+    request_deadline: float = 60.0  # one range read: every attempt and backoff together
+    batch_deadline: float = 300.0  # one batch: every read of it together (ShardStream)
+    tries: int = 3
+    backoff: float = 0.5  # seconds before the second try, doubled for each further one
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+
+
+class Deadline:
+    """When a read must be over, and an event that cancels it sooner (a loader shutting down)."""
+
+    def __init__(self, seconds: float | None, cancel: threading.Event | None = None, parent: "Deadline | None" = None):
+        at = time.monotonic() + seconds if seconds is not None else float("inf")
+        if parent is not None:
+            at = min(at, parent.at)
+            cancel = cancel or parent.cancel
+        self.at = at
+        self.cancel = cancel
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel is not None and self.cancel.is_set()
+
+    @property
+    def over(self) -> bool:
+        return self.cancelled or self.remaining() <= 0
+
+
+class ReadCancelled(RemoteError):
+    """A read given up because its loader is shutting down (another batch failed, or it was closed)."""
+
+
+class _Watchdog:
+    """One daemon thread per process that shuts down the sockets of reads past their deadline."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)  # the thread does not follow a fork
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[int, tuple[socket.socket, Deadline]] = {}
+        self._started = False
+        self._tokens = 0
+
+    def watch(self, sock: socket.socket, deadline: Deadline) -> int:
+        with self._lock:
+            if not self._started:
+                threading.Thread(target=self._run, name="wds-ocr-watchdog", daemon=True).start()
+                self._started = True
+            self._tokens += 1
+            self._entries[self._tokens] = (sock, deadline)
+            return self._tokens
+
+    def release(self, token: int) -> None:
+        with self._lock:
+            self._entries.pop(token, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.02)
+            with self._lock:
+                expired = [(t, s) for t, (s, d) in self._entries.items() if d.over]
+                for token, _ in expired:
+                    del self._entries[token]
+            for _, sock in expired:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+_WATCHDOG = _Watchdog()
 
 
 class RangeReader:
     """Reads ``[start, stop)`` of a named shard."""
 
-    def read(self, shard: str, start: int, stop: int) -> bytes:
+    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
         raise NotImplementedError
 
     def describe(self, shard: str) -> str:
@@ -36,26 +148,38 @@ class RangeReader:
 
 
 class LocalReader(RangeReader):
-    def __init__(self, folder: Path):
+    """``os.pread`` on shard files, each checked once (regular file, the manifest's size) when opened.
+
+    ``before_open`` runs before each new shard is opened (the stream checks there that the manifest
+    is still the one it read, so a shard rebuilt since is not mixed in)."""
+
+    def __init__(self, folder: Path, sizes: dict[str, int] | None = None, before_open: Callable[[], None] | None = None):
         self.folder = folder
+        self.sizes = sizes or {}
+        self.before_open = before_open
         self._fds: dict[str, int] = {}
         self._pid = os.getpid()
+        self._lock = threading.Lock()
 
     def _fd(self, shard: str) -> int:
         if self._pid != os.getpid():  # forked into a worker: do not share descriptors' positions/lifetimes
             self._fds = {}
             self._pid = os.getpid()
+            self._lock = threading.Lock()
         fd = self._fds.get(shard)
         if fd is None:
-            path = self.folder / shard
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise ShardFormatError(shard, None, f"shard file {path} does not exist") from None
-            self._fds[shard] = fd
+            with self._lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    if not is_shard_name(shard):
+                        raise ShardFormatError(shard, None, "not a shard name (plain shard-NNNNNN.tar)")
+                    if self.before_open is not None:
+                        self.before_open()
+                    fd = open_shard(self.folder / shard, shard, self.sizes.get(shard))
+                    self._fds[shard] = fd
         return fd
 
-    def read(self, shard: str, start: int, stop: int) -> bytes:
+    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
         data = os.pread(self._fd(shard), stop - start, start)
         if len(data) != stop - start:
             raise ShardFormatError(shard, None, f"truncated: bytes {start}..{stop} requested, {len(data)} read")
@@ -74,45 +198,257 @@ class LocalReader(RangeReader):
             self.close()
 
 
+class _Attempt(Exception):
+    """A failed attempt that may be retried (its message says why)."""
+
+
 class HttpReader(RangeReader):
-    def __init__(self, base_url: str, timeout: float = 60.0):
+    """Range reads over HTTP(S) with caps, deadlines and bounded retries (see the module docstring)."""
+
+    def __init__(self, base_url: str, settings: RemoteSettings | None = None, sizes: dict[str, int] | None = None):
+        self.settings = settings or RemoteSettings()
         self.base = base_url if base_url.endswith("/") else base_url + "/"
-        self.timeout = timeout
+        parts = urllib.parse.urlsplit(self.base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ManifestError(f"{base_url} is not an http(s) URL")
+        self._scheme, self._netloc, self._folder = parts.scheme, parts.netloc, parts.path
+        self.sizes = sizes or {}
+        self._local = threading.local()
+        self._range_checked = False
+
+    # -- URLs ---------------------------------------------------------------------------------
 
     def describe(self, shard: str) -> str:
-        return urllib.parse.urljoin(self.base, shard)
+        return self.base + urllib.parse.quote(shard)
 
-    def read(self, shard: str, start: int, stop: int) -> bytes:
-        url = self.describe(shard)
-        request = urllib.request.Request(url, headers={"Range": f"bytes={start}-{stop - 1}"})
-        for attempt in range(_RETRIES):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    body = response.read()
-                    status = response.status
+    def _path_for(self, name: str, what: str) -> str:
+        """The request path of ``name``: refused unless it stays in the manifest's own folder."""
+        if name != MANIFEST_NAME and not name.endswith(".json") and not is_shard_name(name):
+            raise RemoteError(f"{what} {name!r}: not a shard name; a manifest can only name shard-NNNNNN.tar "
+                              "files in its own folder")
+        quoted = urllib.parse.quote(name)
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(self.base, quoted))
+        if (target.scheme, target.netloc, target.path) != (self._scheme, self._netloc, self._folder + quoted) or \
+                target.query or target.fragment:
+            raise RemoteError(f"{what} {name!r} would resolve to {urllib.parse.urlunsplit(target)!r}, outside "
+                              f"{self.base}; refused")
+        return self._folder + quoted
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _connection(self) -> http.client.HTTPConnection:
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.pid, local.conn = os.getpid(), None
+        if local.conn is None:
+            kind = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+            local.conn = kind(self._netloc, timeout=self.settings.connect_timeout)
+        return local.conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
+
+    def close(self) -> None:
+        self._drop_connection()
+
+    # -- one request --------------------------------------------------------------------------
+
+    def _attempt(self, path: str, headers: dict[str, str], wanted: tuple[int, int] | None, cap: int,
+                 deadline: Deadline, url: str, shard: str | None) -> bytes:
+        """One GET. ``wanted`` = (start, stop) for a range (body exactly that long), else a whole
+        file of at most ``cap`` bytes. Raises _Attempt (retry), RemoteError or IntegrityError."""
+        conn = self._connection()
+        token = None
+        try:
+            if conn.sock is None:
+                conn.timeout = max(0.001, min(self.settings.connect_timeout, deadline.remaining()))
+                conn.connect()
+            conn.timeout = max(0.001, min(self.settings.stall_timeout, deadline.remaining()))
+            conn.sock.settimeout(conn.timeout)
+            token = _WATCHDOG.watch(conn.sock, deadline)
+            conn.request("GET", path, headers=headers)
+            response = conn.getresponse()
+            body = self._body(response, wanted, cap, deadline, url, shard)
+            if response.will_close:
+                self._drop_connection()
+            return body
+        except (RemoteError, ShardFormatError):
+            self._drop_connection()
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop_connection()
+            if deadline.cancelled:
+                raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)") from None
+            raise _Attempt(_describe(exc)) from None
+        finally:
+            if token is not None:
+                _WATCHDOG.release(token)
+
+    def _body(self, response: http.client.HTTPResponse, wanted: tuple[int, int] | None, cap: int,
+              deadline: Deadline, url: str, shard: str | None) -> bytes:
+        status = response.status
+        if status in _RETRY_STATUS:
+            raise _Attempt(f"HTTP {status} {response.reason}")
+        if 300 <= status < 400:
+            raise _Redirect(response.getheader("Location") or "")
+        if wanted is not None and status == 200:
+            raise RemoteError(f"GET {url} bytes {wanted[0]}-{wanted[1] - 1}: the server answered 200 (the whole "
+                              "file) to a Range request, so it does not support Range; serve the shards from a "
+                              "server that does (nginx, Apache, S3, ...; python -m http.server does not)")
+        expected_status = 206 if wanted is not None else 200
+        if status != expected_status:
+            raise RemoteError(f"GET {url}{_range_text(wanted)}: HTTP {status} {response.reason}")
+        encoding = (response.getheader("Content-Encoding") or "identity").strip().lower()
+        if encoding != "identity":
+            raise RemoteError(f"GET {url}: the server sent a {encoding}-encoded body; serve the files as they are")
+        declared = response.getheader("Content-Length")
+        length = int(declared) if declared is not None and declared.strip().isdigit() else None
+        if wanted is not None:
+            expected = wanted[1] - wanted[0]
+            self._check_content_range(response.getheader("Content-Range"), wanted, url, shard)
+            if length is not None and length != expected:
+                raise RemoteError(f"GET {url}{_range_text(wanted)}: the server declares {length} bytes for a "
+                                  f"{expected}-byte range")
+        else:
+            if length is not None and length > cap:
+                raise RemoteError(f"GET {url}: {length} bytes, over the {cap}-byte limit")
+            expected = length
+        return _read_body(response, expected, cap, deadline, url, length is not None)
+
+    def _check_content_range(self, header: str | None, wanted: tuple[int, int], url: str, shard: str | None) -> None:
+        start, stop = wanted
+        parts = (header or "").replace("bytes", "", 1).strip().replace("/", "-").split("-")
+        try:
+            first, last, total = (int(p) for p in parts)
+        except ValueError:
+            raise RemoteError(f"GET {url}{_range_text(wanted)}: answered 206 with Content-Range {header!r}; "
+                              "expected 'bytes first-last/total'") from None
+        if (first, last) != (start, stop - 1):
+            raise RemoteError(f"GET {url}{_range_text(wanted)}: the server sent bytes {first}-{last} instead")
+        expected_total = self.sizes.get(shard) if shard is not None else None
+        if expected_total is not None and total != expected_total:
+            raise ShardFormatError(shard, None, f"{url} is {total} bytes, the manifest says {expected_total} "
+                                                "(rebuilt or replaced?)")
+        self._range_checked = True
+
+    def _get(self, name: str, wanted: tuple[int, int] | None, cap: int, deadline: Deadline,
+             shard: str | None) -> bytes:
+        """A GET with retries and same-origin redirects within ``deadline``."""
+        path = self._path_for(name, "shard" if shard is not None else "file")
+        headers = {"Accept-Encoding": "identity"}
+        if wanted is not None:
+            headers["Range"] = f"bytes={wanted[0]}-{wanted[1] - 1}"
+        url = f"{self._scheme}://{self._netloc}{path}"
+        settings = self.settings
+        last = "no attempt finished"
+        redirects = 0
+        attempt = 0
+        while attempt < settings.tries:
+            if deadline.cancelled:
+                raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)")
+            if deadline.remaining() <= 0:
                 break
-            except urllib.error.HTTPError as exc:
-                raise ShardFormatError(shard, None, f"GET {url} bytes {start}-{stop - 1}: HTTP {exc.code} {exc.reason}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-                if attempt == _RETRIES - 1:
-                    raise ShardFormatError(shard, None, f"GET {url} failed after {_RETRIES} tries: {exc}") from None
-                time.sleep(0.2 * (attempt + 1))
-        if status == 200 and start == 0 and len(body) >= stop:
-            body = body[:stop]
-        elif status != 206:
-            raise ShardFormatError(shard, None, f"{url} answered HTTP {status} to a range request; "
-                                                "serve the shards from a server that supports Range")
-        if len(body) != stop - start:
-            raise ShardFormatError(shard, None, f"truncated: {url} returned {len(body)} of {stop - start} bytes")
-        return body
+            try:
+                return self._attempt(path, headers, wanted, cap, deadline, url, shard)
+            except _Redirect as redirect:
+                redirects += 1
+                path, url = self._follow(redirect.location, url, redirects)
+                continue
+            except _Attempt as exc:
+                last = str(exc)
+            attempt += 1
+            if attempt < settings.tries:
+                pause = min(settings.backoff * 2 ** (attempt - 1), max(0.0, deadline.remaining()))
+                if deadline.cancel is not None:
+                    deadline.cancel.wait(pause)
+                else:
+                    time.sleep(pause)
+        raise RemoteError(f"GET {url}{_range_text(wanted)} failed: {last} (after {attempt} of {settings.tries} "
+                          f"tries, deadline {settings.request_deadline:g} s)")
+
+    def _follow(self, location: str, url: str, count: int) -> tuple[str, str]:
+        if count > _MAX_REDIRECTS:
+            raise RemoteError(f"GET {url}: more than {_MAX_REDIRECTS} redirects")
+        target = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+        if (target.scheme, target.netloc) != (self._scheme, self._netloc):
+            raise RemoteError(f"GET {url}: redirected to {urllib.parse.urlunsplit(target)!r}, another scheme or "
+                              "host; refused (shards are read only from the manifest's own server)")
+        path = target.path + (f"?{target.query}" if target.query else "")
+        return path, urllib.parse.urlunsplit(target)
+
+    # -- the RangeReader interface --------------------------------------------------------------
+
+    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
+        request = Deadline(self.settings.request_deadline, parent=deadline)
+        return self._get(shard, (start, stop), stop - start, request, shard)
 
     def fetch(self, name: str) -> bytes:
-        url = self.describe(name)
+        """A whole (small) file of the folder, e.g. the manifest, capped at ``max_manifest_bytes``."""
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:
-                return response.read()
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            raise ManifestError(f"cannot fetch {url}: {exc}") from None
+            return self._get(name, None, self.settings.max_manifest_bytes, Deadline(self.settings.request_deadline),
+                             None)
+        except RemoteError as exc:
+            raise ManifestError(f"cannot fetch {self.describe(name)}: {exc}") from None
+
+    def check_range_support(self, shard: str) -> None:
+        """The first request of a stream: one header block of a shard (refuses a server without Range)."""
+        self.read(shard, 0, BLOCK)
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str):
+        super().__init__(location)
+        self.location = location
+
+
+def _range_text(wanted: tuple[int, int] | None) -> str:
+    return "" if wanted is None else f" bytes {wanted[0]}-{wanted[1] - 1}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, http.client.IncompleteRead):
+        return f"connection closed after {len(exc.partial)} bytes of the body"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "no data within the stall timeout"
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without an answer"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _read_body(response: http.client.HTTPResponse, expected: int | None, cap: int, deadline: Deadline, url: str,
+               has_length: bool) -> bytes:
+    """Exactly ``expected`` bytes (or, when None, everything up to ``cap``), checking the deadline
+    after every chunk. A body longer than asked for is refused without reading it all."""
+    limit = expected if expected is not None else cap
+    buffer = bytearray(limit if expected is not None else 0)
+    view = memoryview(buffer) if expected is not None else None
+    got = 0
+    while True:
+        if deadline.over:
+            if deadline.cancelled:
+                raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)")
+            raise _Attempt(f"the body was not complete by the deadline ({got} of "
+                           f"{expected if expected is not None else 'its'} bytes)")
+        want = min(_CHUNK, limit - got + 1) if expected is None or got < limit else 1
+        chunk = response.read1(want)
+        if not chunk:
+            break
+        if got + len(chunk) > limit:
+            what = f"{expected} bytes asked for" if expected is not None else f"the {cap}-byte limit"
+            raise RemoteError(f"GET {url}: the server sent more than {what}; refused")
+        if view is not None:
+            view[got : got + len(chunk)] = chunk
+        else:
+            buffer += chunk
+        got += len(chunk)
+        if expected is not None and got == expected and (has_length or response.chunked):
+            break  # the length is known and met: no need to wait for the end of the stream
+    if expected is not None and got < expected:
+        raise _Attempt(f"connection closed after {got} of {expected} bytes of the body")
+    return bytes(buffer)
 
 
 class FsspecReader(RangeReader):
@@ -128,24 +464,95 @@ class FsspecReader(RangeReader):
     def describe(self, shard: str) -> str:
         return self.base + shard
 
-    def read(self, shard: str, start: int, stop: int) -> bytes:
-        data = self.fs.cat_file(self.root.rstrip("/") + "/" + shard, start=start, end=stop)
+    def _path(self, name: str) -> str:
+        if name != MANIFEST_NAME and not name.endswith(".json") and not is_shard_name(name):
+            raise RemoteError(f"{name!r}: not a shard name; refused")
+        return self.root.rstrip("/") + "/" + name
+
+    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
+        data = self.fs.cat_file(self._path(shard), start=start, end=stop)
         if len(data) != stop - start:
             raise ShardFormatError(shard, None, f"truncated: {self.describe(shard)} returned {len(data)} of {stop - start} bytes")
         return data
 
     def fetch(self, name: str) -> bytes:
-        return self.fs.cat_file(self.root.rstrip("/") + "/" + name)
+        path = self._path(name)
+        size = self.fs.size(path)
+        if size is not None and size > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{self.describe(name)} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
+        return self.fs.cat_file(path)
 
 
-def open_location(location: str | Path) -> tuple[Manifest, RangeReader]:
-    """The manifest and a range reader for a shard folder, manifest path or URL."""
+@dataclass
+class Location:
+    """An opened shard location: its manifest, a reader, and a way to tell whether the manifest
+    has changed since (the shards were rebuilt while a reader was reading them)."""
+
+    text: str  # where the manifest is, for messages
+    manifest: Manifest
+    reader: RangeReader
+    digest: str  # sha256 of the manifest bytes read at open
+    _refetch: Callable[[], bytes]
+    _path: Path | None = None  # local manifests: stat first, read only when it changed
+    _stat: tuple | None = None
+
+    def changed(self) -> str | None:
+        """None while the manifest is the one read at open; otherwise what happened to it."""
+        if self._path is not None:
+            try:
+                info = os.stat(self._path)
+            except FileNotFoundError:
+                return "it was removed"
+            except OSError as exc:
+                return f"it cannot be read ({exc.strerror})"
+            signature = (info.st_ino, info.st_size, info.st_mtime_ns)
+            if signature == self._stat:
+                return None
+        try:
+            data = self._refetch()
+        except (ManifestError, RemoteError, OSError):
+            return "it was removed" if self._path is not None else None
+        if hashlib.sha256(data).hexdigest() != self.digest:
+            return "it was replaced"
+        if self._path is not None:
+            self._stat = signature
+        return None
+
+
+def open_shards(location: str | Path, remote: RemoteSettings | None = None) -> Location:
+    """Open a shard folder, manifest path or URL: manifest validated, reader ready, Range support of
+    an HTTP server checked with its first request."""
     text = str(location)
     scheme = urllib.parse.urlparse(text).scheme if "://" in text else ""
     if scheme in ("", "file"):
-        path = Path(urllib.parse.urlparse(text).path) if scheme == "file" else Path(text)
-        folder = path.parent if path.suffix == ".json" else path
-        return load_manifest(path), LocalReader(folder)
+        path = manifest_path(Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)) if scheme == "file"
+                             else Path(text))
+        info = os.stat(path) if path.exists() else None
+        data = read_manifest_bytes(path)
+        manifest = parse_manifest(data, str(path))
+        reader = LocalReader(path.parent, {e.name: e.bytes for e in manifest.shards})
+        opened = Location(str(path), manifest, reader, hashlib.sha256(data).hexdigest(),
+                          lambda: read_manifest_bytes(path), path,
+                          (info.st_ino, info.st_size, info.st_mtime_ns) if info else None)
+        return opened
     base, name = (text.rsplit("/", 1) if text.endswith(".json") else (text.rstrip("/"), MANIFEST_NAME))
-    reader: HttpReader | FsspecReader = HttpReader(base) if scheme in ("http", "https") else FsspecReader(base)
-    return parse_manifest(reader.fetch(name), f"{base}/{name}"), reader
+    if scheme in ("http", "https"):
+        http_reader = HttpReader(base, remote)
+        data = http_reader.fetch(name)
+        manifest = parse_manifest(data, f"{base}/{name}")
+        http_reader.sizes = {e.name: e.bytes for e in manifest.shards}
+        if manifest.shards:
+            http_reader.check_range_support(manifest.shards[0].name)
+        return Location(f"{base}/{name}", manifest, http_reader, hashlib.sha256(data).hexdigest(),
+                        lambda: http_reader.fetch(name))
+    fs_reader = FsspecReader(base)
+    data = fs_reader.fetch(name)
+    manifest = parse_manifest(data, f"{base}/{name}")
+    return Location(f"{base}/{name}", manifest, fs_reader, hashlib.sha256(data).hexdigest(),
+                    lambda: fs_reader.fetch(name))
+
+
+def open_location(location: str | Path, remote: RemoteSettings | None = None) -> tuple[Manifest, RangeReader]:
+    """The manifest and a range reader for a shard folder, manifest path or URL."""
+    opened = open_shards(location, remote)
+    return opened.manifest, opened.reader

@@ -6,19 +6,33 @@ stages. The CPU does no image work: each record's arrays are numpy views over th
 batch — in shared memory inside DataLoader workers (so handing the batch to the main process
 copies nothing) and in pinned memory in the main process when CUDA is present.
 
-Safety: only manifest-listed byte ranges are read; each member header is checked (regular,
-flat ``<key>.msgpack`` name, size consistent with the range) before its bytes are decoded, and
-each declared shape/length is checked against the bytes by the codec; nothing is unpickled.
-With ``verify=True`` every member's sha256 is checked against the manifest as it streams.
-``on_error="skip"`` logs, counts and reports bad records in ``Batch.skipped`` instead of raising.
+Safety (docs/SECURITY.md): only manifest-listed byte ranges are read, from the manifest's own
+folder or server (``remote``); by default (``verify=True``) every member's xxh3-64 checksum is
+checked against the manifest before anything else touches its bytes (``verify="sha256"``: its
+sha256 digest; ``verify=False``: no check). Then its tar header is checked (regular, flat
+``<key>.msgpack`` name, size consistent with the range) and the codec validates every declared
+shape and length against the bytes and every metadata field and array readers use; nothing is
+unpickled. Batches are allocated from the manifest's ``transform.size``, which the manifest
+parser bounds. ``on_error="skip"`` (a ``SkipPolicy``) logs, counts and reports bad records in
+``Batch.skipped`` instead of raising; transport failures and rebuilt shards always raise.
+
+Rebuilt shards: when a read fails its checks, and before each epoch and each newly opened local
+shard, the stream checks that the manifest is still the one it opened; if it was replaced or
+removed, ``ShardsChangedError`` says the shards were rebuilt while it was reading, instead of
+reporting the first record that no longer fits (or, with checks off, mixing two builds).
+
+Deadlines: each batch must be read within ``RemoteSettings.batch_deadline`` (each request within
+``request_deadline``); a ``ThreadedLoader`` that stops on an error cancels the reads in flight
+(their sockets are shut down) instead of waiting for them, and a worker process sends its error
+to the main process as the same exception type and message.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import logging
 import os
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,23 +42,21 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from wds_ocr.errors import IntegrityError, ShardFormatError
+from wds_ocr.errors import IntegrityError, ShardFormatError, ShardsChangedError, WdsOcrError
 from wds_ocr.loader.plan import BatchPlan, plan_batches
-from wds_ocr.loader.remote import RangeReader, open_location
-from wds_ocr.shards.codec import MEMBER_EXTENSION, decode_record
+from wds_ocr.loader.policy import SkipPolicy, Skipped
+from wds_ocr.loader.remote import Deadline, LocalReader, RangeReader, RemoteSettings, open_shards
+from wds_ocr.shards.codec import decode_record
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest
-from wds_ocr.shards.tario import BLOCK, parse_header
+from wds_ocr.shards.naming import MAP_NAMES, MEMBER_EXTENSION
+from wds_ocr.shards.tario import BLOCK, parse_header, span_checksum
 
-log = logging.getLogger(__name__)
-
-MAX_SPAN = 1 << 30
-_FIELDS = {
-    "images": ("image", torch.uint8, 3),
-    "gt": ("gt", torch.uint8, 2),
-    "mask": ("mask", torch.uint8, 2),
-    "thresh_map": ("thresh_map", torch.float16, 2),
-    "thresh_mask": ("thresh_mask", torch.uint8, 2),
-}
+MAX_SPAN = 1 << 31
+_MAP_DTYPES = {"thresh_map": torch.float16}
+# Batch field -> (record array, dtype, rank): the image, then the maps in MAP_NAMES order.
+_FIELDS = {"images": ("image", torch.uint8, 3),
+           **{name: (name, _MAP_DTYPES.get(name, torch.uint8), 2) for name in MAP_NAMES}}
+_VERIFY = {True: "checksum", False: "off", "checksum": "checksum", "sha256": "sha256", "off": "off"}
 
 
 @dataclass
@@ -69,7 +81,7 @@ class Batch:
     thresh_mask: torch.Tensor  # (N, S, S) uint8
     info: list[SampleInfo]
     index: int  # batch number within this rank's epoch
-    skipped: list[tuple[str, str | None, str]] = field(default_factory=list)  # (shard, key, reason)
+    skipped: list[Skipped] = field(default_factory=list)  # (shard, key, reason) of each record skipped
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -123,22 +135,28 @@ class ShardStream(wds.DataPipeline):
         train: bool = False,
         seed: int = 0,
         shuffle_block: int = 64,
-        verify: bool = False,
-        on_error: str = "raise",
+        verify: bool | str = True,
+        on_error: "str | SkipPolicy" = "raise",
         rank: int | None = None,
         world_size: int | None = None,
+        remote: RemoteSettings | None = None,
     ):
-        manifest, reader = open_location(location)
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if verify not in _VERIFY:
+            raise ValueError(f"verify must be True (checksum), 'sha256' or False, got {verify!r}")
+        self.policy = SkipPolicy.of(on_error)
+        self.remote = remote or RemoteSettings()
+        self.location = open_shards(location, self.remote)
+        manifest, reader = self.location.manifest, self.location.reader
+        if isinstance(reader, LocalReader):
+            reader.before_open = self.check_unchanged
         self.manifest: Manifest = manifest
         self.reader: RangeReader = reader
         self.batch_size = batch_size
         self.train = train
         self.seed = seed
         self.shuffle_block = shuffle_block
-        self.verify = verify
-        self.on_error = on_error
+        self.verify = _VERIFY[verify]
+        self.on_error = self.policy.mode
         self.rank, self.world_size = _rank_world(rank, world_size)
         # (epoch, start_batch) in shared memory: persistent DataLoader workers read the value the
         # main process set before each epoch, so they need not be restarted every epoch.
@@ -167,23 +185,65 @@ class ShardStream(wds.DataPipeline):
         return len(self.plans())
 
     def _plans(self) -> Iterator[BatchPlan]:
+        self.check_unchanged(local_only=True)
         return iter(self.plans())
 
     def _read_batches(self, plans: Iterator[BatchPlan]) -> Iterator[Batch]:
         worker = torch.utils.data.get_worker_info()
         where = "shared" if worker is not None else ("pinned" if torch.cuda.is_available() else "plain")
         for plan in plans:
-            yield self.read_batch(plan, where)
+            if worker is None:
+                batch = self.read_batch(plan, where)
+                self.policy.tally(batch.skipped)
+                yield batch
+                continue
+            try:
+                batch = self.read_batch(plan, where)
+            except WdsOcrError as exc:  # to the main process as itself (see ProcessLoader)
+                yield _WorkerFailure(exc)
+                return
+            yield batch
 
-    def read_member(self, shard_index: int, position: int) -> tuple[str, memoryview]:
-        """(key, record bytes) of one member, header checked before the record is touched."""
+    def check_unchanged(self, local_only: bool = False) -> None:
+        """ShardsChangedError when the manifest is no longer the one this stream opened."""
+        if local_only and not isinstance(self.reader, LocalReader):
+            return
+        what = self.location.changed()
+        if what is not None:
+            raise ShardsChangedError(
+                f"{self.location.text} changed since this loader opened it ({what}): the shards were rebuilt "
+                "while it was reading; restart the run to read the new shards (a training run resumes from its "
+                "last.pt), and rebuild only into folders nothing is reading")
+
+    def _failed(self, error: ShardFormatError) -> ShardFormatError:
+        """A bad read: first make sure the shards were not rebuilt under us (that raises instead)."""
+        try:
+            self.check_unchanged()
+        except ShardsChangedError as changed:
+            raise changed from error
+        return error
+
+    def read_member(self, shard_index: int, position: int, deadline: Deadline | None = None) -> tuple[str, memoryview]:
+        """(key, record bytes) of one member: checksum and header checked before the record is touched."""
+        try:
+            return self._read_member(shard_index, position, deadline)
+        except ShardFormatError as exc:
+            raise self._failed(exc) from None
+
+    def _read_member(self, shard_index: int, position: int, deadline: Deadline | None) -> tuple[str, memoryview]:
         entry = self.manifest.shards[shard_index]
         start, stop = entry.span(position)
         key = entry.keys[position]
         if not BLOCK < stop - start <= MAX_SPAN:
             raise ShardFormatError(entry.name, key, f"manifest span of {stop - start} bytes is not a plausible member")
-        span = self.reader.read(entry.name, start, stop)
-        if self.verify and hashlib.sha256(span).hexdigest()[:DIGEST_HEX] != entry.digests[position]:
+        try:
+            span = self.reader.read(entry.name, start, stop, deadline)
+        except ShardFormatError as exc:
+            raise ShardFormatError(exc.shard, exc.key or key, exc.reason) from None
+        if self.verify == "checksum" and span_checksum(span) != entry.checksums[position]:
+            raise IntegrityError(entry.name, key, "bytes differ from the manifest's checksum (corrupt or replaced "
+                                                  "shard)")
+        if self.verify == "sha256" and hashlib.sha256(span).hexdigest()[:DIGEST_HEX] != entry.digests[position]:
             raise IntegrityError(entry.name, key, "bytes differ from the manifest's sha256 (corrupt or replaced shard)")
         parsed = parse_header(span[:BLOCK], entry.name, start)
         if parsed is None:
@@ -198,18 +258,19 @@ class ShardStream(wds.DataPipeline):
             raise ShardFormatError(entry.name, key, f"tar header declares {size} bytes, manifest span holds {len(span) - BLOCK}")
         return key, memoryview(span)[BLOCK : BLOCK + size]
 
-    def read_batch(self, plan: BatchPlan, where: str = "plain") -> Batch:
+    def read_batch(self, plan: BatchPlan, where: str = "plain", cancel: threading.Event | None = None) -> Batch:
         n = len(plan.samples)
         s = self.size
         out = _allocate_batch(n, s, where)
         views = {name: t.numpy() for name, t in out.items()}
         info: list[SampleInfo] = []
-        skipped: list[tuple[str, str | None, str]] = []
+        skipped: list[Skipped] = []
+        deadline = Deadline(self.remote.batch_deadline, cancel)
         row = 0
         for ref in plan.samples:
             entry = self.manifest.shards[ref.shard]
             try:
-                key, data = self.read_member(ref.shard, ref.position)
+                key, data = self.read_member(ref.shard, ref.position, deadline)
                 record = decode_record(data, entry.name, key)
                 for name, (array_name, _, _) in _FIELDS.items():
                     array = record.arrays[array_name]
@@ -218,16 +279,13 @@ class ShardStream(wds.DataPipeline):
                                                                 f"the manifest says {list(views[name].shape[1:])}")
                     views[name][row] = array
             except ShardFormatError as exc:
-                if self.on_error == "raise":
-                    raise
-                log.warning("skipping %s", exc)
-                skipped.append((exc.shard, exc.key, exc.reason))
+                self.policy.handle(self._failed(exc), skipped)
                 continue
             meta = record.meta
             info.append(SampleInfo(
                 key=key,
-                name=meta["name"],
-                original_size=tuple(meta["original_size"]),
+                name=meta.name,
+                original_size=meta.original_size,
                 inverse_matrix=np.array(record.arrays["inverse_matrix"]),
                 polygons=[np.array(p) for p in record.polygons("polygons_original")],
                 dont_care=record.arrays["dont_care"].astype(bool),
@@ -267,15 +325,53 @@ class ThreadedLoader:
         from concurrent.futures import ThreadPoolExecutor
 
         where = "pinned" if torch.cuda.is_available() else "plain"
+        self.stream.check_unchanged(local_only=True)
         plans = iter(self.stream.plans())
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="wds-ocr-read") as pool:
-            pending = deque(pool.submit(self.stream.read_batch, plan, where) for plan in itertools.islice(plans, self.depth))
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wds-ocr-read")
+        read = self.stream.read_batch
+        try:
+            pending = deque(pool.submit(read, plan, where, cancel) for plan in itertools.islice(plans, self.depth))
             while pending:
                 batch = pending.popleft().result()
                 plan = next(plans, None)
                 if plan is not None:
-                    pending.append(pool.submit(self.stream.read_batch, plan, where))
+                    pending.append(pool.submit(read, plan, where, cancel))
+                self.stream.policy.tally(batch.skipped)
                 yield batch
+        finally:
+            # An error, or a consumer that stopped early: do not wait for the reads in flight (a slow
+            # server could hold them until their deadlines); cancelling shuts their sockets down.
+            cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class _WorkerFailure:
+    """An error raised in a DataLoader worker, carried to the main process as an item."""
+
+    error: WdsOcrError
+
+
+class ProcessLoader:
+    """A DataLoader over worker processes that re-raises a worker's package error as itself (the
+    DataLoader alone would turn it into a RuntimeError holding the worker's traceback as text)
+    and tallies skips in the main process."""
+
+    def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader):
+        self.stream = stream
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for item in self.loader:
+            if isinstance(item, _WorkerFailure):
+                raise item.error
+            if self.loader.num_workers:
+                self.stream.policy.tally(item.skipped)
+            yield item
 
 
 def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str = "processes"):
@@ -294,10 +390,10 @@ def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str 
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch, multiprocessing_context="fork" if os.name == "posix" else None)
-    return torch.utils.data.DataLoader(
+    return ProcessLoader(stream, torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0, **kwargs,
-    )
+    ))
 
 
-__all__ = ["Batch", "SampleInfo", "ShardStream", "ThreadedLoader", "make_loader"]
+__all__ = ["Batch", "ProcessLoader", "SampleInfo", "ShardStream", "Skipped", "ThreadedLoader", "make_loader"]

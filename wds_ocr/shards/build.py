@@ -9,6 +9,12 @@ build. The rejects file and then the manifest are written last; the journal is t
 rerun over an unchanged source with the same settings finds the manifest current and rewrites
 nothing. ``--partition i/n`` builds a disjoint, contiguous part of the listing; ``merge_parts``
 joins the part manifests.
+
+A folder that holds shards built with other settings (another config fingerprint, other shard
+settings, another split or source format, a manifest this version cannot read, an interrupted
+build under other settings, or shard files nothing accounts for) is refused unless
+``overwrite=True`` (``--overwrite``): replacing them silently would pull the bytes from under a
+reader. Readers notice a rebuild (see ``wds_ocr.loader.stream``).
 """
 
 from __future__ import annotations
@@ -35,8 +41,13 @@ from wds_ocr.data.sources import Skip, SourceListing, SourceSample, list_source
 from wds_ocr.errors import BuildError, ManifestError, SampleError
 from wds_ocr.shards.codec import encode_record
 from wds_ocr.shards.journal import BuildLock, Journal, file_sha256, remove_strays, reusable_entries
-from wds_ocr.shards.manifest import MANIFEST_NAME, Manifest, ShardEntry, load_manifest, write_atomic, write_manifest
-from wds_ocr.shards.writer import Outcome, ShardSink, shard_name
+from wds_ocr.shards.manifest import Counts, Manifest, PartRange, ShardEntry, load_manifest, write_manifest
+from wds_ocr.shards.naming import (PART_MANIFEST_PATTERN, MANIFEST_NAME, lock_name, manifest_name, record_key,
+                                   rejects_name, shard_name, shard_prefix, stray_pattern)
+from wds_ocr.shards.rejects import Reject, write_rejects
+from wds_ocr.shards.writer import Outcome, ShardSink
+
+__all__ = ["BuildResult", "Partition", "Progress", "build_shards", "image_digest", "record_key", "write_rejects"]
 
 UNREADABLE = "unreadable"  # the image digest recorded for a file that cannot be read
 
@@ -63,15 +74,8 @@ class Partition:
         return self.index * total // self.count, (self.index + 1) * total // self.count
 
     @property
-    def tag(self) -> str:
-        return f"p{self.index:03d}of{self.count:03d}"
-
-
-def record_key(index: int, name: str) -> str:
-    """A WebDataset-safe key: zero-padded listing index + the file stem with no dots."""
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", stem)[:64]
-    return f"{index:07d}_{safe}"
+    def pair(self) -> tuple[int, int]:
+        return self.index, self.count
 
 
 @dataclass
@@ -91,15 +95,15 @@ class BuildResult:
     manifest: Manifest
     manifest_path: Path
     rejects_path: Path
-    rejects: list[dict[str, Any]]
+    rejects: list[Reject]
     reused_shards: int
     up_to_date: bool = False
 
 
-def image_digest(sample: SourceSample) -> str:
-    """sha256 hex of a sample's image file, or ``UNREADABLE``."""
+def image_digest(sample: SourceSample, max_bytes: int) -> str:
+    """sha256 hex of a sample's image file, or ``UNREADABLE`` (missing, not a regular file, too large)."""
     try:
-        return hashlib.sha256(read_image_bytes(sample.image_path, sample.name)).hexdigest()
+        return hashlib.sha256(read_image_bytes(sample.image_path, sample.name, max_bytes)).hexdigest()
     except SampleError:
         return UNREADABLE
 
@@ -115,20 +119,20 @@ def _init_worker(samples: list[SourceSample], config: Config) -> None:
     _WORKER["config"] = config
 
 
-def _skip_dicts(sample: SourceSample, skips: tuple[Skip, ...]) -> list[dict[str, Any]]:
-    return [dict(s.as_dict(), index=sample.index, kind="word") for s in skips]
+def _word_skips(sample: SourceSample, skips: tuple[Skip, ...]) -> list[Reject]:
+    return [Reject.from_skip(s, sample.index) for s in skips]
 
 
 def _rejected(position: int, sample: SourceSample, digest: str, reason: str) -> Outcome:
-    reject = {"index": sample.index, "kind": "sample", "name": sample.name, "word_id": None, "reason": reason}
-    return Outcome(position, digest, reject=reject, skips=_skip_dicts(sample, sample.skips))
+    return Outcome(position, digest, reject=Reject.sample(sample.index, sample.name, reason),
+                   skips=_word_skips(sample, sample.skips))
 
 
 def _process_one(position: int) -> Outcome:
     sample: SourceSample = _WORKER["samples"][position]
     config: Config = _WORKER["config"]
     try:
-        data = read_image_bytes(sample.image_path, sample.name)
+        data = read_image_bytes(sample.image_path, sample.name, config.source.max_file_bytes)
     except SampleError as exc:
         return _rejected(position, sample, UNREADABLE, exc.reason)
     digest = hashlib.sha256(data).hexdigest()
@@ -137,7 +141,7 @@ def _process_one(position: int) -> Outcome:
     except SampleError as exc:
         return _rejected(position, sample, digest, exc.reason)
     key = record_key(sample.index, sample.name)
-    return Outcome(position, digest, encode_record(processed, key), key, skips=_skip_dicts(sample, processed.skips),
+    return Outcome(position, digest, encode_record(processed, key), key, skips=_word_skips(sample, processed.skips),
                    coverage=Coverage.from_codes(processed.meta.left_out))
 
 
@@ -195,26 +199,13 @@ def source_fingerprint(annotation_sha256: str, listing_rejects: list[str], diges
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _listing_rejects(listing: SourceListing) -> list[dict[str, Any]]:
-    return [dict(r.as_dict(), index=None, kind="sample") for r in listing.rejects]
-
-
-def _reject_sort_key(item: dict[str, Any]) -> tuple:
-    index = item["index"] if item["index"] is not None else -1
-    return (index, item["name"], item["kind"] != "sample", item["word_id"] or "", item["reason"])
-
-
-def write_rejects(path: Path, rejects: list[dict[str, Any]]) -> None:
-    """rejects.jsonl: one JSON object per rejected sample or skipped word, in listing order."""
-    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in sorted(rejects, key=_reject_sort_key)]
-    write_atomic(path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+def _listing_rejects(listing: SourceListing) -> list[Reject]:
+    return [Reject.sample(None, r.name, r.reason) for r in listing.rejects]
 
 
 def _names(partition: Partition | None) -> tuple[str, str, str]:
-    if partition is None or partition.count == 1:
-        return "shard", MANIFEST_NAME, "rejects.jsonl"
-    tag = partition.tag
-    return f"shard-{tag}", f"manifest.part-{tag}.json", f"rejects.part-{tag}.jsonl"
+    pair = partition.pair if partition is not None else None
+    return shard_prefix(pair), manifest_name(pair), rejects_name(pair)
 
 
 @dataclass(frozen=True)
@@ -233,7 +224,7 @@ class _Plan:
         return self.partition is not None and self.partition.count > 1
 
     @property
-    def listing_rejects(self) -> list[dict[str, Any]]:
+    def listing_rejects(self) -> list[Reject]:
         """Samples rejected while listing: counted once, by the whole build or by part 0."""
         return _listing_rejects(self.listing) if not self.partitioned or self.partition.index == 0 else []
 
@@ -249,10 +240,10 @@ class _Plan:
             "listing_rejects": rejected_names,
         }
 
-    def partition_fields(self) -> dict[str, int] | None:
+    def partition_fields(self) -> PartRange | None:
         if not self.partitioned:
             return None
-        return {"index": self.partition.index, "count": self.partition.count, "lo": self.lo, "hi": self.hi}
+        return PartRange(self.partition.index, self.partition.count, self.lo, self.hi)
 
     def manifest(self, entries: list[ShardEntry], digests: list[str], rejects: int, skips: int,
                  coverage: Coverage) -> Manifest:
@@ -264,8 +255,7 @@ class _Plan:
             fingerprint=self.config.fingerprint(),
             record_settings=self.config.record_settings(),
             source=self.source_fields(digests),
-            counts={"samples_in": samples_in, "written": written, "rejected": rejects, "words_skipped": skips,
-                    "words": coverage.as_dict()},
+            counts=Counts(samples_in, written, rejects, skips, coverage),
             shard_settings=self.config.shards.model_dump(mode="json"),
             shards=tuple(entries),
             environment=environment(),
@@ -274,7 +264,7 @@ class _Plan:
         )
 
     def digest_at(self, position: int) -> str:
-        return image_digest(self.listing.samples[position])
+        return image_digest(self.listing.samples[position], self.config.source.max_file_bytes)
 
 
 def _current_manifest(manifest_file: Path, rejects_file: Path, plan: _Plan) -> Manifest | None:
@@ -309,6 +299,58 @@ def _current_manifest(manifest_file: Path, rejects_file: Path, plan: _Plan) -> M
     return manifest
 
 
+def _settings_changes(manifest: Manifest, config: Config, split: str, source_format: str) -> list[str]:
+    """What differs between the build a manifest describes and this one (empty: the same kind)."""
+    changes = []
+
+    def walk(built: Any, now: Any, prefix: str) -> None:
+        if isinstance(built, dict) and isinstance(now, dict):
+            for name in sorted(set(built) | set(now)):
+                walk(built.get(name), now.get(name), f"{prefix}{name}.")
+        elif built != now:
+            changes.append(f"{prefix.rstrip('.')}: {built!r} there, {now!r} now")
+
+    if manifest.fingerprint != config.fingerprint():
+        walk(manifest.record_settings, config.record_settings(), "")
+        if not changes:
+            changes.append("the config fingerprint differs")
+    walk(manifest.shard_settings, config.shards.model_dump(mode="json"), "shards.")
+    walk({"split": manifest.source.get("split"), "format": manifest.source.get("format")},
+         {"split": split, "format": source_format}, "source.")
+    return changes
+
+
+def _check_folder(out_dir: Path, prefix: str, plan: _Plan, journal: Journal) -> None:
+    """BuildError when ``out_dir`` holds shards this build would replace but did not make."""
+    config = plan.config
+    refuse = (f"{out_dir} holds shards built with other settings (%s); pass --overwrite (overwrite=True) to "
+              "replace them (a run reading them will stop with an error), or build into another --out")
+    listed: set[str] = set()
+    for path in sorted(out_dir.iterdir()):
+        if path.name != MANIFEST_NAME and not PART_MANIFEST_PATTERN.fullmatch(path.name):
+            continue
+        try:
+            existing = load_manifest(path)
+        except ManifestError as exc:
+            raise BuildError(refuse % f"{path.name} cannot be used by this wds-ocr: {exc}") from None
+        changes = _settings_changes(existing, config, plan.split, plan.listing.format)
+        if changes:
+            raise BuildError(refuse % f"{path.name}: {'; '.join(changes)}")
+        listed.update(entry.name for entry in existing.shards)
+    stored = journal.stored_settings()
+    if stored is not None:
+        for name in ("fingerprint", "shard_settings"):
+            if stored.get(name) != journal.settings[name]:
+                raise BuildError(refuse % f"an interrupted build under other settings left {journal.folder.name}")
+        return
+    pattern = stray_pattern(prefix)
+    unknown = sorted(p.name for p in out_dir.iterdir()
+                     if pattern.match(p.name) and not p.name.endswith(".tmp") and p.name not in listed)
+    if unknown:
+        raise BuildError(refuse % f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''} "
+                                  "belong to no manifest or journal here")
+
+
 def build_shards(
     source: str | Path,
     split: str,
@@ -317,8 +359,12 @@ def build_shards(
     workers: int = 1,
     partition: Partition | None = None,
     progress: Callable[[Progress], None] | None = None,
+    overwrite: bool = False,
 ) -> BuildResult:
-    """Build (or resume, or confirm up to date) the shards of one split."""
+    """Build (or resume, or confirm up to date) the shards of one split.
+
+    Refuses (BuildError) a folder holding shards built with other settings unless ``overwrite``.
+    """
     out_dir = Path(out_dir)
     listing = list_source(source, split, config.source)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -328,7 +374,7 @@ def build_shards(
     manifest_file = out_dir / manifest_name
     rejects_file = out_dir / rejects_name
 
-    with BuildLock(out_dir / f".lock.{prefix}"):
+    with BuildLock(out_dir / lock_name(prefix)):
         journal = Journal(out_dir, prefix, {
             "fingerprint": config.fingerprint(),
             "shard_settings": config.shards.model_dump(mode="json"),
@@ -336,6 +382,8 @@ def build_shards(
             "names_sha256": hashlib.sha256("\n".join(s.name for s in listing.samples).encode()).hexdigest(),
             "range": [lo, hi],
         })
+        if not overwrite:
+            _check_folder(out_dir, prefix, plan, journal)
         current = _current_manifest(manifest_file, rejects_file, plan)
         if current is not None:
             journal.remove()  # left over when a build was killed between the manifest and its cleanup
@@ -346,13 +394,13 @@ def build_shards(
         kept = reusable_entries(entries, out_dir, prefix, lo, plan.digest_at)
         if len(kept) < len(entries):
             journal.drop_from(shard_name(prefix, len(kept)))
-        remove_strays(out_dir, prefix, {e["shard"]["name"] for e in kept})
+        remove_strays(out_dir, prefix, {e.shard.name for e in kept})
 
-        resume_at = kept[-1]["next"] if kept else lo
-        reused = [ShardEntry(**{k: tuple(v) if isinstance(v, list) else v for k, v in e["shard"].items()}) for e in kept]
+        resume_at = kept[-1].next if kept else lo
+        reused = [entry.shard for entry in kept]
         sink = ShardSink(out_dir, prefix, config.shards.max_samples, config.shards.max_bytes, journal, reused)
         written = sum(entry.samples for entry in reused)
-        counts = Progress(resume_at - lo, hi - lo, written, sum(len(e["rejects"]) for e in kept), written)
+        counts = Progress(resume_at - lo, hi - lo, written, sum(len(e.rejects) for e in kept), written)
         try:
             for outcome in _outcomes(listing.samples, config, range(resume_at, hi), workers):
                 sink.consume(outcome)
@@ -368,11 +416,11 @@ def build_shards(
             sink.abort()
             raise
         # Every outcome is now in a journal entry, or in the tail after the last shard.
-        done = journal.load() + [sink.tail]
-        rejects = plan.listing_rejects + [r for e in done for r in e["rejects"]]
-        skips = [s for e in done for s in e["skips"]]
-        digests = [d for e in done for d in e["digests"]]
-        coverage = sum((Coverage.from_dict(e["coverage"], "journal coverage") for e in done), Coverage())
+        done = [*journal.load(), sink.tail]
+        rejects = plan.listing_rejects + [r for e in done for r in e.rejects]
+        skips = [s for e in done for s in e.skips]
+        digests = [d for e in done for d in e.digests]
+        coverage = sum((e.coverage for e in done), Coverage())
         manifest = plan.manifest(sink.entries, digests, len(rejects), len(skips), coverage)
         write_rejects(rejects_file, rejects + skips)
         write_manifest(manifest_file, manifest)

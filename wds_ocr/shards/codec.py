@@ -11,23 +11,40 @@ count, offset)``). ``decode_record`` reads only the header with msgpack and retu
 into the record's own bytes: no copy of the pixel data. The header is padded so that the blob
 starts 64-byte aligned inside the record. Every declared dtype, shape, offset and length is
 checked against the bytes before any view is made; nothing is ever unpickled.
+
+Then every metadata field and array a reader uses is validated, once, here (``_validate``): types
+and ranges of the sizes, offset, scale and orientation; the key is the one ``record_key`` makes
+of index and name; the inverse matrix is finite, invertible and exactly the one the sizes and
+offset imply; polygons are finite, inside their images and consistent with each other; masks are
+0/1, ``thresh_map`` finite and in [0, 1], left-out codes known. A record is therefore either
+refused with its shard and key (``ShardFormatError``) or safe for every reader: the loader (with
+``on_error="skip"`` too), evaluation, inspect and verify. What depends on the manifest (the
+record's side against ``transform.size``, the threshold range) is checked by its readers.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
 import numpy as np
 
+from wds_ocr.data.coverage import LeftOut
 from wds_ocr.data.pipeline import ProcessedSample
 from wds_ocr.errors import ShardFormatError
+from wds_ocr.shards.naming import MAP_NAMES, MAX_INDEX, MEMBER_EXTENSION, record_key
 
 RECORD_FORMAT = "wds-ocr/record"
 RECORD_VERSION = 2
-MEMBER_EXTENSION = "msgpack"
 ALIGN = 64
+MAX_SIDE = 1 << 24  # of a source image (source.max_pixels is at most 2^32)
+MAX_PIXELS = 1 << 32
+MAX_RECORD_SIDE = 8192
+_MAX_TEXT = 1 << 16
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_F16_ONE = 0x3C00  # float16 1.0: non-negative float16 bit patterns order like their values
 _BIN32 = 0xC6
 
 # name -> (dtype, rank). The only arrays a record may hold, all required.
@@ -44,7 +61,6 @@ ARRAY_SPECS: dict[str, tuple[str, int]] = {
     "dont_care": ("|u1", 1),
     "left_out": ("|u1", 1),  # LeftOut code per polygon (wds_ocr.data.targets): 0 = in the targets
 }
-MAP_NAMES = ("gt", "mask", "thresh_map", "thresh_mask")
 
 # Header limits: a hostile header cannot make the unpacker allocate more than these.
 _MAX_HEADER = 16 << 20
@@ -58,11 +74,36 @@ _UNPACK_LIMITS = dict(
 
 
 @dataclass(frozen=True)
-class Record:
-    """A decoded record: header metadata and read-only numpy views into the record bytes."""
+class RecordMeta:
+    """The header's ``meta`` map, validated (see the module docstring)."""
 
     key: str
-    meta: dict[str, Any]
+    index: int  # listing position of the sample
+    name: str  # file name in the source
+    source_sha256: str
+    orientation: int  # EXIF orientation found in the file, 1..8
+    stored_size: tuple[int, int]  # (width, height) as stored in the file
+    original_size: tuple[int, int]  # (width, height) of the displayed image
+    resized_size: tuple[int, int]
+    offset: tuple[int, int]
+    scale: tuple[float, float]
+    word_ids: tuple[str, ...]
+    texts: tuple[str | None, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        body = asdict(self)
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in body.items()}
+
+
+_META_FIELDS = tuple(RecordMeta.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded record: validated metadata and read-only numpy views into the record bytes."""
+
+    key: str
+    meta: RecordMeta
     arrays: dict[str, np.ndarray]
 
     def polygons(self, name: str = "polygons") -> list[np.ndarray]:
@@ -96,26 +137,30 @@ def sample_arrays(sample: ProcessedSample) -> dict[str, np.ndarray]:
     }
 
 
-def sample_meta(sample: ProcessedSample, key: str) -> dict[str, Any]:
+def sample_meta(sample: ProcessedSample, key: str) -> RecordMeta:
     meta = sample.meta
-    return {
-        "key": key,
-        "index": sample.index,
-        "name": meta.name,
-        "source_sha256": meta.source_sha256,
-        "orientation": meta.orientation,
-        "stored_size": list(meta.stored_size),
-        "original_size": list(meta.original_size),
-        "resized_size": list(meta.resized_size),
-        "offset": list(meta.offset),
-        "scale": [float(s) for s in meta.scale],
-        "word_ids": list(meta.word_ids),
-        "texts": list(meta.texts),
-    }
+    return RecordMeta(
+        key=key,
+        index=sample.index,
+        name=meta.name,
+        source_sha256=meta.source_sha256,
+        orientation=meta.orientation,
+        stored_size=tuple(meta.stored_size),
+        original_size=tuple(meta.original_size),
+        resized_size=tuple(meta.resized_size),
+        offset=tuple(meta.offset),
+        scale=tuple(float(s) for s in meta.scale),
+        word_ids=tuple(meta.word_ids),
+        texts=tuple(meta.texts),
+    )
 
 
-def encode_arrays(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
-    """Serialize a header + blob record; arrays are cast to their declared storage dtypes."""
+def encode_arrays(meta: RecordMeta | dict[str, Any], arrays: dict[str, np.ndarray]) -> bytes:
+    """Serialize a header + blob record; arrays are cast to their declared storage dtypes.
+
+    ``meta`` as a dict is written as given (tests use that to craft hostile records)."""
+    if isinstance(meta, RecordMeta):
+        meta = meta.as_dict()
     specs: dict[str, dict[str, Any]] = {}
     chunks: list[bytes] = []
     cursor = 0
@@ -245,9 +290,140 @@ def decode_record(data: bytes | memoryview, shard: str = "<record>", key: str | 
         raise _fail(shard, key, f"record arrays: unknown {unknown}, missing {missing}")
     blob = _blob(view, start, shard, key)
     arrays = {name: _array(blob, name, specs[name], shard, key) for name in ARRAY_SPECS}
-    record_key = meta.get("key")
-    if not isinstance(record_key, str):
+    own_key = meta.get("key")
+    if not isinstance(own_key, str):
         raise _fail(shard, key, "record meta lacks its 'key'")
-    if key is not None and record_key != key:
-        raise _fail(shard, key, f"record says its key is {record_key!r}, but its tar member is {key!r}")
-    return Record(record_key, meta, arrays)
+    if key is not None and own_key != key:
+        raise _fail(shard, key, f"record says its key is {own_key!r}, but its tar member is {key!r}")
+    try:
+        typed = _validate(meta, arrays)
+    except _Invalid as exc:
+        raise _fail(shard, key, f"record {exc}") from None
+    return Record(own_key, typed, arrays)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+class _Invalid(Exception):
+    """One reason a decoded record is unusable (turned into a ShardFormatError with its place)."""
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _pair(meta: dict[str, Any], name: str, low: int, high: int) -> tuple[int, int]:
+    value = meta[name]
+    if not isinstance(value, list) or len(value) != 2 or not all(type(v) is int and low <= v <= high for v in value):
+        raise _Invalid(f"meta.{name} must be [x, y], two integers from {low} to {high}, got {_shown(value)}")
+    return value[0], value[1]
+
+
+def _text(value: Any, what: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, str) or len(value) > _MAX_TEXT:
+        raise _Invalid(f"{what} must be a string of at most {_MAX_TEXT} characters, got {_shown(value)}")
+
+
+def _validate_meta(meta: dict[str, Any], side: int) -> RecordMeta:
+    missing = [f for f in _META_FIELDS if f not in meta]
+    unknown = sorted(set(meta) - set(_META_FIELDS))
+    if missing or unknown:
+        raise _Invalid(f"meta fields: missing {missing}, unknown {unknown}")
+    index = meta["index"]
+    if type(index) is not int or not 0 <= index < MAX_INDEX:
+        raise _Invalid(f"meta.index must be a listing position, got {_shown(index)}")
+    name = meta["name"]
+    _text(name, "meta.name")
+    if not name or "/" in name or "\\" in name or "\x00" in name or name in (".", ".."):
+        raise _Invalid(f"meta.name {_shown(name)} is not a plain file name")
+    if record_key(index, name) != meta["key"]:
+        raise _Invalid(f"key {meta['key']!r} is not the key of index {index} and name {_shown(name)}")
+    if not isinstance(meta["source_sha256"], str) or not _SHA256.fullmatch(meta["source_sha256"]):
+        raise _Invalid("meta.source_sha256 must be 64 lowercase hex digits")
+    orientation = meta["orientation"]
+    if type(orientation) is not int or not 1 <= orientation <= 8:
+        raise _Invalid(f"meta.orientation {_shown(orientation)} is not 1..8")
+    stored = _pair(meta, "stored_size", 1, MAX_SIDE)
+    original = _pair(meta, "original_size", 1, MAX_SIDE)
+    if original[0] * original[1] > MAX_PIXELS:
+        raise _Invalid(f"meta.original_size {list(original)} holds more than {MAX_PIXELS} pixels")
+    if original != (stored if orientation <= 4 else stored[::-1]):
+        raise _Invalid(f"meta.original_size {list(original)} is not stored_size {list(stored)} "
+                       f"under orientation {orientation}")
+    resized = _pair(meta, "resized_size", 1, side)
+    offset = _pair(meta, "offset", 0, side)
+    if offset[0] + resized[0] > side or offset[1] + resized[1] > side or max(resized) != side:
+        raise _Invalid(f"meta.resized_size {list(resized)} at offset {list(offset)} does not fit the "
+                       f"{side}x{side} record with its longest side")
+    scale = meta["scale"]
+    if not isinstance(scale, list) or len(scale) != 2 or not all(type(v) is float for v in scale) or \
+            scale != [resized[0] / original[0], resized[1] / original[1]]:
+        raise _Invalid(f"meta.scale {_shown(scale)} is not resized_size / original_size")
+    word_ids, texts = meta["word_ids"], meta["texts"]
+    if not isinstance(word_ids, list) or not isinstance(texts, list):
+        raise _Invalid("meta.word_ids and meta.texts must be lists")
+    for word_id in word_ids:
+        _text(word_id, "a word id")
+    for text in texts:
+        _text(text, "a transcription", allow_none=True)
+    return RecordMeta(meta["key"], index, name, meta["source_sha256"], orientation, stored, original, resized,
+                      offset, (scale[0], scale[1]), tuple(word_ids), tuple(texts))
+
+
+def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> RecordMeta:
+    image = arrays["image"]
+    side = image.shape[0]
+    if not 1 <= side <= MAX_RECORD_SIDE or image.shape != (side, side, 3):
+        raise _Invalid(f"image shape {list(image.shape)} is not [S, S, 3] with 1 <= S <= {MAX_RECORD_SIDE}")
+    for name in MAP_NAMES:
+        if arrays[name].shape != (side, side):
+            raise _Invalid(f"{name} shape {list(arrays[name].shape)}, expected [{side}, {side}] like the image")
+    for name in ("gt", "mask", "thresh_mask"):
+        if int(arrays[name].max()) > 1:
+            raise _Invalid(f"{name} holds values other than 0 and 1 (max {int(arrays[name].max())})")
+    if int(arrays["thresh_map"].view("<u2").max()) > _F16_ONE:
+        raise _Invalid("thresh_map holds values outside [0, 1] or not finite")
+    typed = _validate_meta(meta, side)
+    sizes = arrays["polygon_sizes"]
+    count = len(sizes)
+    vertices = int(sizes.sum(dtype=np.int64)) if count else 0
+    if count and int(sizes.min()) < 3:
+        raise _Invalid("a polygon has fewer than 3 points")
+    for name in ("polygons", "polygons_original"):
+        if arrays[name].shape != (vertices, 2):
+            raise _Invalid(f"{name} shape {list(arrays[name].shape)}, expected [{vertices}, 2] from polygon_sizes")
+    for name in ("dont_care", "left_out"):
+        if arrays[name].shape != (count,):
+            raise _Invalid(f"{name} has {arrays[name].shape[0]} flags for {count} polygons")
+    if len(typed.word_ids) != count or len(typed.texts) != count:
+        raise _Invalid(f"meta.word_ids and meta.texts must list one entry per polygon ({count})")
+    if count and int(arrays["dont_care"].max()) > 1:
+        raise _Invalid("dont_care holds values other than 0 and 1")
+    left_out = arrays["left_out"]
+    if count and int(left_out.max()) >= len(LeftOut):
+        raise _Invalid(f"left_out holds codes other than 0..{len(LeftOut) - 1} (max {int(left_out.max())})")
+    if not np.array_equal(left_out == LeftOut.DONT_CARE, arrays["dont_care"].astype(bool)):
+        raise _Invalid("left_out and dont_care disagree on which words are don't-care")
+    sx, sy = typed.scale
+    ox, oy = typed.offset
+    expected = np.array([[1.0 / sx, 0.0, -ox / sx], [0.0, 1.0 / sy, -oy / sy], [0.0, 0.0, 1.0]])
+    matrix = arrays["inverse_matrix"]
+    if matrix.shape != (3, 3) or not np.array_equal(matrix, expected):
+        raise _Invalid("inverse_matrix is not the finite, invertible map back to the original image that "
+                       "meta.scale and meta.offset define")
+    if vertices:
+        original = arrays["polygons_original"]
+        transformed = arrays["polygons"]
+        if not (np.isfinite(original).all() and np.isfinite(transformed).all()):
+            raise _Invalid("polygons hold NaN or infinity")
+        width, height = typed.original_size
+        if original.min() < 0.0 or original[:, 0].max() > width or original[:, 1].max() > height:
+            raise _Invalid(f"polygons_original lie outside the {width}x{height} original image")
+        back = transformed @ matrix[:2, :2].T + matrix[:2, 2]
+        if float(np.abs(back - original).max()) > 1e-6 * max(width, height):
+            raise _Invalid("inverse_matrix does not map polygons back onto polygons_original")
+    return typed

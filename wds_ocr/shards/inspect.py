@@ -1,6 +1,13 @@
-"""inspect: what a shard folder holds, and a picture of one record."""
+"""inspect: what a shard folder holds, and a picture of one record.
+
+The record is read with one positioned read of its manifest span from a shard that must be a
+regular file of the manifest's size, and decoded (so validated) by the codec: a hostile record is
+a ShardFormatError naming shard and key, never a traceback.
+"""
 
 from __future__ import annotations
+
+import io
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +16,7 @@ from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError, ShardFormatError
 from wds_ocr.shards.codec import Record, decode_record
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
-from wds_ocr.shards.tario import iter_members
+from wds_ocr.shards.tario import iter_members, read_span
 
 
 @dataclass
@@ -23,12 +30,12 @@ class InspectSummary:
     def lines(self) -> list[str]:
         m = self.manifest
         total = sum(e.bytes for e in m.shards)
-        counts = m.counts
+        c = m.counts
         out = [
             f"shards: {len(m.shards)}  samples: {m.total_samples}  bytes: {total:,} "
             f"({total / max(m.total_samples, 1) / 1e6:.2f} MB per sample)",
-            f"source: {m.source.get('format')} split {m.source.get('split')}; in {counts.get('samples_in')}, "
-            f"written {counts.get('written')}, rejected {counts.get('rejected')}, words skipped {counts.get('words_skipped')}",
+            f"source: {m.source.get('format')} split {m.source.get('split')}; in {c.samples_in}, "
+            f"written {c.written}, rejected {c.rejected}, words skipped {c.words_skipped}",
             m.coverage.summary(),
             f"settings: size {m.image_size}, fingerprint {m.fingerprint[:16]}...",
         ]
@@ -36,9 +43,9 @@ class InspectSummary:
             out.append(f"  {entry.name}: {entry.samples} samples, {entry.bytes:,} bytes, "
                        f"{entry.first_key} .. {entry.last_key}, sha256 {entry.sha256[:16]}...")
         meta = self.record.meta
-        out.append(f"record {self.record.key} (in {self.shard}): {meta['name']}, original "
-                   f"{meta['original_size'][0]}x{meta['original_size'][1]}, orientation {meta['orientation']}, "
-                   f"{len(meta['word_ids'])} polygons")
+        out.append(f"record {self.record.key} (in {self.shard}): {meta.name}, original "
+                   f"{meta.original_size[0]}x{meta.original_size[1]}, orientation {meta.orientation}, "
+                   f"{len(meta.word_ids)} polygons")
         out.append(f"  {Coverage.from_codes(self.record.arrays['left_out']).summary()}")
         for name, dtype, shape, nbytes in self.arrays:
             out.append(f"  {name:18s} {dtype:4s} {str(list(shape)):16s} {nbytes:>10,} bytes")
@@ -53,9 +60,12 @@ def read_record(folder: Path, manifest: Manifest, key: str | None) -> tuple[Reco
         if key is None or key in entry.keys:
             position = 0 if key is None else entry.keys.index(key)
             start, stop = entry.span(position)
-            with open(folder / entry.name, "rb") as handle:
-                handle.seek(start)
-                member = next(iter_members(handle, entry.name, start, stop))
+            span = read_span(folder / entry.name, entry.name, start, stop, entry.bytes)
+            member = next(iter_members(io.BytesIO(span), entry.name, start, stop))
+            if member.key != entry.keys[position]:
+                raise ShardFormatError(entry.name, entry.keys[position], f"member at byte {start} is "
+                                                                         f"{member.key!r}, the manifest lists "
+                                                                         f"{entry.keys[position]!r}")
             return decode_record(member.data, entry.name, member.key), entry.name
     raise ShardFormatError(str(folder), key, "no such key in the manifest; list keys with tar tf on a shard")
 
@@ -70,10 +80,9 @@ def inspect_shards(location: str | Path, key: str | None = None, png: Path | Non
     if png is not None:
         from wds_ocr.viz import record_panel, write_png
 
-        targets = manifest.record_settings["targets"]
         panel = record_panel(
             record.arrays["image"], record.polygons(), record.arrays["left_out"] != 0,
-            record.arrays["gt"], record.arrays["thresh_map"], (targets["thresh_min"], targets["thresh_max"]),
+            record.arrays["gt"], record.arrays["thresh_map"], manifest.thresh_range,
         )
         write_png(png, panel)
     return InspectSummary(manifest, record, shard, png, arrays)

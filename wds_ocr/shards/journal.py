@@ -4,8 +4,11 @@
 shard settings, annotation digest, sample names, listing range); ``<shard>.json`` is written
 atomically after each shard's rename. A rerun keeps the leading run of entries whose shard file
 is complete (size and sha256), whose name is the next in sequence and whose source images still
-hash as they did, and continues after them. A journal written under other settings is wiped.
-The journal is removed once the manifest is written.
+hash as they did, and continues after them. A journal written under other settings is wiped
+(``build-shards`` first refuses such a folder unless ``--overwrite``). Entries are
+``JournalEntry`` objects inside the package, JSON on disk, and every field is validated when read:
+an entry that does not hold together ends the reusable run there. The journal is removed once the
+manifest is written.
 """
 
 from __future__ import annotations
@@ -14,14 +17,72 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from wds_ocr.errors import BuildError
-from wds_ocr.shards.manifest import write_atomic
-from wds_ocr.shards.writer import shard_name
+from wds_ocr.data.coverage import Coverage
+from wds_ocr.data.sources import read_regular_file
+from wds_ocr.errors import BuildError, ManifestError
+from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, ShardEntry, write_atomic
+from wds_ocr.shards.naming import MAX_INDEX, journal_folder_name, shard_name, stray_pattern
+from wds_ocr.shards.rejects import Reject
+
+
+@dataclass
+class Pending:
+    """What the outcomes since the last closed shard noted (rejects after the last written sample)."""
+
+    rejects: list[Reject] = field(default_factory=list)
+    skips: list[Reject] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)  # image sha256 (or "unreadable") per position
+    coverage: Coverage = Coverage()
+
+    def note(self, digest: str, reject: Reject | None, skips: list[Reject], coverage: Coverage) -> None:
+        self.digests.append(digest)
+        if reject is not None:
+            self.rejects.append(reject)
+        self.skips.extend(skips)
+        self.coverage = self.coverage + coverage
+
+    def close(self, shard: ShardEntry, next_position: int) -> "JournalEntry":
+        return JournalEntry(shard, next_position, tuple(self.rejects), tuple(self.skips), tuple(self.digests),
+                            self.coverage)
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One closed shard and every outcome from the previous entry's ``next`` up to its own."""
+
+    shard: ShardEntry
+    next: int  # the listing position to continue from
+    rejects: tuple[Reject, ...]
+    skips: tuple[Reject, ...]
+    digests: tuple[str, ...]
+    coverage: Coverage
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"shard": self.shard.as_dict(), "next": self.next, "rejects": [r.as_dict() for r in self.rejects],
+                "skips": [s.as_dict() for s in self.skips], "digests": list(self.digests),
+                "coverage": self.coverage.as_dict()}
+
+    @classmethod
+    def from_dict(cls, body: Any, where: str) -> "JournalEntry":
+        """Raises ValueError (or ManifestError from the shard entry) naming what is wrong."""
+        if not isinstance(body, dict) or set(body) != {"shard", "next", "rejects", "skips", "digests", "coverage"}:
+            raise ValueError(f"{where}: not a journal entry")
+        shard = ShardEntry.from_dict(body["shard"], where)
+        if type(body["next"]) is not int or not 0 <= body["next"] <= MAX_INDEX:
+            raise ValueError(f"{where}: next must be a listing position")
+        for name in ("rejects", "skips", "digests"):
+            if not isinstance(body[name], list):
+                raise ValueError(f"{where}: {name} must be a list")
+        if not all(isinstance(d, str) for d in body["digests"]):
+            raise ValueError(f"{where}: digests must be strings")
+        return cls(shard, body["next"], tuple(Reject.from_dict(r, where) for r in body["rejects"]),
+                   tuple(Reject.from_dict(s, where) for s in body["skips"]), tuple(body["digests"]),
+                   Coverage.from_dict(body["coverage"], f"{where} coverage"))
 
 
 def file_sha256(path: Path) -> str:
@@ -36,24 +97,28 @@ class Journal:
     """Per-prefix record of completed shards, so a killed build resumes where it stopped."""
 
     def __init__(self, out_dir: Path, prefix: str, settings: dict[str, Any]):
-        self.folder = out_dir / f".journal.{prefix}"
+        self.folder = out_dir / journal_folder_name(prefix)
         self.settings = settings
 
-    def load(self) -> list[dict[str, Any]]:
-        """Entries in shard order when the stored settings match; otherwise wipe and return []."""
+    def stored_settings(self) -> dict[str, Any] | None:
+        """The settings an earlier (interrupted) build recorded; None when there is no journal."""
         try:
-            stored = json.loads((self.folder / "settings.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            stored = None
-        if stored != self.settings:
+            stored = json.loads(_read_json_file(self.folder / "settings.json"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        return stored if isinstance(stored, dict) else None
+
+    def load(self) -> list[JournalEntry]:
+        """Entries in shard order when the stored settings match; otherwise wipe and return []."""
+        if self.stored_settings() != self.settings:
             self.reset()
             return []
         entries = []
         for path in sorted(self.folder.glob("*.tar.json")):
             try:
-                entries.append(json.loads(path.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                break
+                entries.append(JournalEntry.from_dict(json.loads(_read_json_file(path)), path.name))
+            except (OSError, ValueError, RecursionError, ManifestError):
+                break  # a torn or edited entry: the run of reusable shards ends before it
         return entries
 
     def reset(self) -> None:
@@ -61,8 +126,8 @@ class Journal:
         self.folder.mkdir(parents=True)
         write_atomic(self.folder / "settings.json", json.dumps(self.settings, sort_keys=True).encode())
 
-    def add(self, entry: dict[str, Any]) -> None:
-        write_atomic(self.folder / f"{entry['shard']['name']}.json", json.dumps(entry, sort_keys=True).encode())
+    def add(self, entry: JournalEntry) -> None:
+        write_atomic(self.folder / f"{entry.shard.name}.json", json.dumps(entry.as_dict(), sort_keys=True).encode())
 
     def drop_from(self, name: str) -> None:
         """Forget the entry for shard ``name`` and every later one."""
@@ -74,29 +139,32 @@ class Journal:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _read_json_file(path: Path) -> str:
+    return read_regular_file(path, MAX_MANIFEST_BYTES).decode("utf-8")
+
+
 def reusable_entries(
-    entries: list[dict[str, Any]], out_dir: Path, prefix: str, lo: int, digest_at: Callable[[int], str]
-) -> list[dict[str, Any]]:
+    entries: list[JournalEntry], out_dir: Path, prefix: str, lo: int, digest_at: Callable[[int], str]
+) -> list[JournalEntry]:
     """The leading run of entries whose shards are complete and whose source images are unchanged.
 
     ``digest_at(position)`` is the current sha256 of the image at a listing position; an entry
     lists the digests of the positions it covers (from the previous entry's ``next`` to its own).
     """
-    kept: list[dict[str, Any]] = []
+    kept: list[JournalEntry] = []
     start = lo
     for entry in entries:
-        shard = entry.get("shard", {})
-        stop = entry.get("next", -1)
-        path = out_dir / shard.get("name", "")
+        shard = entry.shard
+        stop = entry.next
+        path = out_dir / shard.name
         if (
-            shard.get("name") != shard_name(prefix, len(kept))
-            or not isinstance(stop, int)
+            shard.name != shard_name(prefix, len(kept))
             or stop <= start
-            or len(entry.get("digests", ())) != stop - start
+            or len(entry.digests) != stop - start
             or not path.is_file()
-            or path.stat().st_size != shard.get("bytes")
-            or file_sha256(path) != shard.get("sha256")
-            or any(digest_at(start + i) != d for i, d in enumerate(entry["digests"]))
+            or path.stat().st_size != shard.bytes
+            or file_sha256(path) != shard.sha256
+            or any(digest_at(start + i) != d for i, d in enumerate(entry.digests))
         ):
             break
         kept.append(entry)
@@ -106,7 +174,7 @@ def reusable_entries(
 
 def remove_strays(out_dir: Path, prefix: str, keep: set[str]) -> None:
     """Delete temporary files and shards of this prefix that are not in ``keep``."""
-    pattern = re.compile(rf"^\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?$")
+    pattern = stray_pattern(prefix)
     for path in out_dir.iterdir():
         if pattern.match(path.name) and path.name not in keep:
             path.unlink()

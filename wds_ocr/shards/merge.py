@@ -9,17 +9,15 @@ written last.
 
 from __future__ import annotations
 
-import json
-import re
+from functools import reduce
 from pathlib import Path
 from typing import Any, Callable
 
-from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError
-from wds_ocr.shards.build import environment, source_fingerprint, write_rejects
-from wds_ocr.shards.manifest import MANIFEST_NAME, Manifest, parse_manifest, write_manifest
-
-_PART = re.compile(r"^manifest\.part-p(\d{3})of(\d{3})\.json$")
+from wds_ocr.shards.build import environment, source_fingerprint
+from wds_ocr.shards.manifest import Manifest, load_manifest, write_manifest
+from wds_ocr.shards.naming import MANIFEST_NAME, PART_MANIFEST_PATTERN, REJECTS_NAME, rejects_name
+from wds_ocr.shards.rejects import Reject, read_rejects, write_rejects
 
 
 def _agree(parts: list[tuple[Path, Manifest]], what: str, value_of: Callable[[Manifest], Any]) -> None:
@@ -33,52 +31,48 @@ def _agree(parts: list[tuple[Path, Manifest]], what: str, value_of: Callable[[Ma
 
 
 def _read_part(path: Path) -> Manifest:
-    manifest = parse_manifest(path.read_bytes(), str(path))
-    match = _PART.match(path.name)
+    manifest = load_manifest(path)
+    match = PART_MANIFEST_PATTERN.fullmatch(path.name)
     tag = (int(match.group(1)), int(match.group(2))) if match else None
-    if manifest.partition is None or tag != (manifest.partition["index"], manifest.partition["count"]):
-        raise ManifestError(f"{path}: its partition field {manifest.partition!r} does not match its file name")
+    part = manifest.partition
+    if part is None or tag != (part.index, part.count):
+        raise ManifestError(f"{path}: its partition field {part!r} does not match its file name")
     return manifest
 
 
-def _read_rejects(path: Path, part: Manifest) -> list[dict[str, Any]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+def _read_rejects(path: Path, part: Manifest) -> list[Reject]:
+    if not path.exists():
         raise ManifestError(f"{path} is missing: rebuild that part (build-shards --partition "
-                            f"{part.partition['index']}/{part.partition['count']})") from None
-    try:
-        rejects = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path} is not valid JSON lines: {exc}") from None
-    if len(rejects) != part.counts.get("rejected", 0) + part.counts.get("words_skipped", 0):
+                            f"{part.partition.index}/{part.partition.count})")
+    rejects = read_rejects(path)
+    if len(rejects) != part.counts.rejected + part.counts.words_skipped:
         raise ManifestError(f"{path} holds {len(rejects)} lines, its manifest counts "
-                            f"{part.counts.get('rejected')} rejects + {part.counts.get('words_skipped')} skipped words")
+                            f"{part.counts.rejected} rejects + {part.counts.words_skipped} skipped words")
     return rejects
 
 
 def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
     """Merge ``manifest.part-*.json`` in ``folder`` into ``manifest.json``."""
     folder = Path(folder)
-    found = sorted(p for p in folder.glob("manifest.part-*.json") if _PART.match(p.name))
+    found = sorted(p for p in folder.glob("manifest.part-*.json") if PART_MANIFEST_PATTERN.fullmatch(p.name))
     if not found:
         raise ManifestError(f"{folder} holds no part manifests (manifest.part-pIIIofNNN.json); "
                             "run build-shards --partition i/n first")
     parts = [(path, _read_part(path)) for path in found]
-    _agree(parts, "the part count", lambda m: m.partition["count"])
-    count = parts[0][1].partition["count"]
-    missing = sorted(set(range(count)) - {m.partition["index"] for _, m in parts})
+    _agree(parts, "the part count", lambda m: m.partition.count)
+    count = parts[0][1].partition.count
+    missing = sorted(set(range(count)) - {m.partition.index for _, m in parts})
     if missing:
         raise ManifestError(f"{folder}: parts {missing} of {count} are missing; build them before merging")
     _agree(parts, "the config fingerprint", lambda m: m.fingerprint)
     _agree(parts, "the shard settings", lambda m: m.shard_settings)
     _agree(parts, "the source listing", lambda m: {k: m.source.get(k) for k in ("format", "split", "annotation_sha256", "listed", "listing_rejects")})
-    parts.sort(key=lambda item: item[1].partition["index"])
+    parts.sort(key=lambda item: item[1].partition.index)
     expected_lo = 0
     for path, part in parts:
-        if part.partition["lo"] != expected_lo:
-            raise ManifestError(f"{path.name} starts at sample {part.partition['lo']}, expected {expected_lo}")
-        expected_lo = part.partition["hi"]
+        if part.partition.lo != expected_lo:
+            raise ManifestError(f"{path.name} starts at sample {part.partition.lo}, expected {expected_lo}")
+        expected_lo = part.partition.hi
     first = parts[0][1]
     listed = first.source.get("listed", 0) - len(first.source.get("listing_rejects", []))
     if expected_lo != listed:
@@ -90,17 +84,15 @@ def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
         fingerprint=first.fingerprint,
         record_settings=first.record_settings,
         source=source,
-        counts={**{name: sum(part.counts[name] for _, part in parts) for name in first.counts if name != "words"},
-                "words": sum((part.coverage for _, part in parts), Coverage()).as_dict()},
+        counts=reduce(lambda a, b: a + b, (part.counts for _, part in parts)),
         shard_settings=first.shard_settings,
         shards=tuple(entry for _, part in parts for entry in part.shards),
         environment=environment(),
     )
-    rejects = []
+    rejects: list[Reject] = []
     for _, part in parts:
-        tag = f"p{part.partition['index']:03d}of{count:03d}"
-        rejects += _read_rejects(folder / f"rejects.part-{tag}.jsonl", part)
-    write_rejects(folder / "rejects.jsonl", rejects)
+        rejects += _read_rejects(folder / rejects_name((part.partition.index, count)), part)
+    write_rejects(folder / REJECTS_NAME, rejects)
     out = folder / MANIFEST_NAME
     write_manifest(out, merged)
     return merged, out

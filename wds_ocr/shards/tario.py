@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO, Iterator
+
+import xxhash
 
 from wds_ocr.errors import ShardFormatError
 
@@ -39,6 +44,18 @@ class Member:
         digest.update(self.padding)
         return digest.hexdigest()
 
+    def span_checksum(self) -> str:
+        """xxh3-64 hex of the member exactly as stored: the manifest's per-member checksum."""
+        checksum = xxhash.xxh3_64(self.header)
+        checksum.update(self.data)
+        checksum.update(self.padding)
+        return checksum.hexdigest()
+
+
+def span_checksum(span: bytes | memoryview) -> str:
+    """xxh3-64 hex of a member's bytes as read (header + data + padding)."""
+    return xxhash.xxh3_64_hexdigest(span)
+
 
 def member_span(size: int) -> int:
     """Bytes a member of ``size`` data bytes occupies: header block + data padded to 512."""
@@ -52,11 +69,13 @@ class _HashingWriter:
         self.raw = raw
         self.sha256 = hashlib.sha256()
         self.member = hashlib.sha256()
+        self.member_checksum = xxhash.xxh3_64()
         self.count = 0
 
     def write(self, data: bytes) -> int:
         self.sha256.update(data)
         self.member.update(data)
+        self.member_checksum.update(data)
         self.count += len(data)
         return self.raw.write(data)
 
@@ -73,8 +92,8 @@ class TarWriter:
         self.offsets: list[int] = []
         self.members_end = 0
 
-    def add(self, name: str, data: bytes) -> tuple[int, str]:
-        """Append a member; return its header offset and the sha256 hex of its span."""
+    def add(self, name: str, data: bytes) -> tuple[int, str, str]:
+        """Append a member; return its header offset and the sha256 and xxh3-64 hex of its span."""
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = 0
@@ -84,10 +103,11 @@ class TarWriter:
         info.type = tarfile.REGTYPE
         offset = self._out.count
         self._out.member = hashlib.sha256()
+        self._out.member_checksum = xxhash.xxh3_64()
         self._tar.addfile(info, io.BytesIO(data))
         self.offsets.append(offset)
         self.members_end = self._out.count
-        return offset, self._out.member.hexdigest()
+        return offset, self._out.member.hexdigest(), self._out.member_checksum.hexdigest()
 
     def close(self) -> tuple[int, str]:
         """Write the end-of-archive blocks; return (total bytes, sha256 hex)."""
@@ -138,6 +158,41 @@ def parse_header(header: bytes, shard: str, offset: int) -> tuple[str, str, int]
     if size is None or size < 0 or size > MAX_MEMBER_BYTES:
         raise ShardFormatError(shard, key, f"{where}: size field is invalid or over 2 GiB")
     return key, extension, size
+
+
+def open_shard(path: Path, shard: str, expected_bytes: int | None = None) -> int:
+    """A read-only descriptor of a shard file that is a regular file (of ``expected_bytes`` when
+    given); ShardFormatError naming the shard otherwise. Symbolic links are followed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ShardFormatError(shard, None, f"shard file {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise ShardFormatError(shard, None, f"shard file {path} cannot be opened: "
+                                            f"{getattr(exc, 'strerror', None) or exc}") from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = f"{path} is not a regular file"
+    elif expected_bytes is not None and info.st_size != expected_bytes:
+        problem = (f"shard file {path} is {info.st_size} bytes, the manifest says {expected_bytes} "
+                   "(rebuilt, truncated or replaced?)")
+    if problem is not None:
+        os.close(fd)
+        raise ShardFormatError(shard, None, problem)
+    return fd
+
+
+def read_span(path: Path, shard: str, start: int, stop: int, expected_bytes: int | None = None) -> bytes:
+    """Bytes [start, stop) of a shard file (checked with ``open_shard``)."""
+    fd = open_shard(path, shard, expected_bytes)
+    try:
+        data = os.pread(fd, stop - start, start)
+    finally:
+        os.close(fd)
+    if len(data) != stop - start:
+        raise ShardFormatError(shard, None, f"truncated: bytes {start}..{stop} requested, {len(data)} read")
+    return data
 
 
 def _read_exact(stream: BinaryIO, count: int) -> bytes:

@@ -3,9 +3,13 @@
 Checks, each reported as one ``Problem`` (shard, key, what):
   * the manifest parses, its schema is known, its fingerprint matches its own settings;
   * staleness: pipeline version and (when a config is given) the config fingerprint;
-  * per shard: present, size and sha256 as in the manifest, strict tar parse, member keys /
-    offsets / per-member digests as listed, keys unique across shards, every record decodes,
-    its dtypes, shapes and value ranges hold, end-of-archive blocks intact;
+  * per shard: a regular file, size and sha256 as in the manifest, strict tar parse, member keys /
+    offsets / per-member digests and checksums as listed, keys unique across shards, every record
+    decodes and passes the codec's validation, its side and threshold range match the manifest,
+    end-of-archive blocks intact;
+  * the folder: no shard file of the build's prefixes that the manifest does not list (an entry
+    removed from the manifest), shard numbers consecutive, the rejects file agrees with
+    counts.rejected / counts.words_skipped, and every listed sample is in the shards or the rejects;
   * with a source: every record (or ``sample`` of them) equals a fresh run of the live pipeline
     bit for bit, every source sample is either in the shards or in the rejects, and the source
     fingerprint matches.
@@ -23,13 +27,16 @@ from typing import Any, Callable
 import numpy as np
 
 from wds_ocr.config import PIPELINE_VERSION, Config, build_config
-from wds_ocr.data.coverage import Coverage, LeftOut
+from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
 from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatError
-from wds_ocr.shards.build import image_digest, record_key, source_fingerprint
-from wds_ocr.shards.codec import ARRAY_SPECS, MEMBER_EXTENSION, Record, decode_record, encode_record
+from wds_ocr.shards.build import image_digest, source_fingerprint
+from wds_ocr.shards.codec import ARRAY_SPECS, Record, decode_record, encode_record
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest, ShardEntry, load_manifest, manifest_path
+from wds_ocr.shards.naming import (MAP_NAMES, MEMBER_EXTENSION, SHARD_PATTERN, key_index, record_key,
+                                   rejects_name)
+from wds_ocr.shards.rejects import Reject, read_rejects
 from wds_ocr.shards.tario import BLOCK, Member, iter_members
 
 
@@ -106,53 +113,19 @@ def check_staleness(manifest: Manifest, config: Config | None, report: VerifyRep
 
 
 def check_record(record: Record, size: int, thresh_range: tuple[float, float]) -> list[str]:
-    """Invariants of one decoded record; an empty list when all hold."""
+    """What a decoded (so already validated, see ``codec``) record must also agree on with its
+    manifest: its side and the threshold range. An empty list when both hold."""
     problems = []
     a = record.arrays
     if a["image"].shape != (size, size, 3):
-        problems.append(f"image shape {list(a['image'].shape)}, expected [{size}, {size}, 3]")
-    for name in ("gt", "mask", "thresh_map", "thresh_mask"):
+        problems.append(f"image shape {list(a['image'].shape)}, expected [{size}, {size}, 3] (transform.size)")
+    for name in MAP_NAMES:
         if a[name].shape != (size, size):
-            problems.append(f"{name} shape {list(a[name].shape)}, expected [{size}, {size}]")
-    for name in ("gt", "mask", "thresh_mask", "dont_care"):
-        if a[name].size and int(a[name].max()) > 1:
-            problems.append(f"{name} holds values other than 0 and 1 (max {int(a[name].max())})")
-    left_out = a["left_out"]
-    if left_out.size and int(left_out.max()) >= len(LeftOut):
-        problems.append(f"left_out holds codes other than 0..{len(LeftOut) - 1} (max {int(left_out.max())})")
-    elif left_out.shape == a["dont_care"].shape and not np.array_equal(left_out == LeftOut.DONT_CARE,
-                                                                        a["dont_care"].astype(bool)):
-        problems.append("left_out and dont_care disagree on which words are don't-care")
+            problems.append(f"{name} shape {list(a[name].shape)}, expected [{size}, {size}] (transform.size)")
     thresh = a["thresh_map"].astype(np.float32)
     low, high = thresh_range
-    if thresh.size and (not np.isfinite(thresh).all() or thresh.min() < low - 1e-3 or thresh.max() > high + 1e-3):
-        problems.append(f"thresh_map outside [{low}, {high}] or not finite")
-    sizes = a["polygon_sizes"]
-    count = len(sizes)
-    vertices = int(sizes.sum()) if count else 0
-    if count and int(sizes.min()) < 3:
-        problems.append("a polygon has fewer than 3 points")
-    for name in ("polygons", "polygons_original"):
-        if a[name].shape != (vertices, 2):
-            problems.append(f"{name} shape {list(a[name].shape)}, expected [{vertices}, 2] from polygon_sizes")
-    for name in ("dont_care", "left_out"):
-        if a[name].shape != (count,):
-            problems.append(f"{name} has {a[name].shape[0]} flags for {count} polygons")
-    meta = record.meta
-    for name in ("word_ids", "texts"):
-        if not isinstance(meta.get(name), list) or len(meta[name]) != count:
-            problems.append(f"meta.{name} must list one entry per polygon ({count})")
-    if meta.get("orientation") not in range(1, 9):
-        problems.append(f"meta.orientation {meta.get('orientation')!r} is not 1..8")
-    if not isinstance(meta.get("name"), str) or not meta.get("name"):
-        problems.append("meta.name is missing")
-    matrix = a["inverse_matrix"]
-    if matrix.shape != (3, 3) or not np.isfinite(matrix).all() or not np.allclose(matrix[2], [0.0, 0.0, 1.0]):
-        problems.append("inverse_matrix is not a finite 3x3 affine matrix")
-    elif vertices and a["polygons"].shape == (vertices, 2) and a["polygons_original"].shape == (vertices, 2):
-        back = a["polygons"] @ matrix[:2, :2].T + matrix[:2, 2]
-        if not np.allclose(back, a["polygons_original"], atol=1e-6, rtol=1e-9):
-            problems.append("inverse_matrix does not map polygons back onto polygons_original")
+    if thresh.size and (thresh.min() < low - 1e-3 or thresh.max() > high + 1e-3):
+        problems.append(f"thresh_map outside [{low}, {high}]")
     return problems
 
 
@@ -165,9 +138,9 @@ def describe_difference(shard: Record, live: Record) -> str:
             diffs.append(f"{name} shape {list(x.shape)} vs live {list(y.shape)}")
         elif x.tobytes() != y.tobytes():
             diffs.append(f"{name} differs at {int(np.count_nonzero(x != y))} elements")
-    for name in sorted(set(shard.meta) | set(live.meta)):
-        if shard.meta.get(name) != live.meta.get(name):
-            diffs.append(f"meta.{name} {shard.meta.get(name)!r} vs live {live.meta.get(name)!r}")
+    for name in shard.meta.__dataclass_fields__:
+        if getattr(shard.meta, name) != getattr(live.meta, name):
+            diffs.append(f"meta.{name} {getattr(shard.meta, name)!r} vs live {getattr(live.meta, name)!r}")
     return "; ".join(diffs) or "record bytes differ (header encoding)"
 
 
@@ -230,6 +203,9 @@ def _member_problems(member: Member, entry: ShardEntry, listed: dict[str, list[i
         report.add(entry.name, key, f"at byte {member.offset}, manifest says {entry.offsets[position]}")
     if member.span_bytes_digest()[:DIGEST_HEX] != entry.digests[position]:
         report.add(entry.name, key, "member bytes differ from the manifest digest (corrupt member)")
+    elif member.span_checksum() != entry.checksums[position]:
+        report.add(entry.name, key, "member checksum differs from the manifest's while its sha256 digest matches "
+                                    "(manifest edited?)")
     state.next_position = max(state.next_position, position + 1)
 
 
@@ -238,14 +214,16 @@ def _verify_shard(
     source: _SourceCheck | None,
 ) -> None:
     path = folder / entry.name
-    if not path.is_file():
+    if not path.exists():
         report.add(entry.name, None, f"shard missing ({path})")
+        return
+    if not path.is_file():
+        report.add(entry.name, None, f"{path} is not a regular file")
         return
     size = path.stat().st_size
     if size != entry.bytes:
         report.add(entry.name, None, f"size {size} bytes, manifest says {entry.bytes} (truncated or appended?)")
-    targets = manifest.record_settings["targets"]
-    thresh_range = (targets["thresh_min"], targets["thresh_max"])
+    thresh_range = manifest.thresh_range
     listed: dict[str, list[int]] = {}
     for position, key in enumerate(entry.keys):
         listed.setdefault(key, []).append(position)
@@ -297,30 +275,74 @@ def _verify_shard(
     report.shards_checked += 1
 
 
-def _rejected_names(folder: Path, report: VerifyReport) -> set[str]:
-    names: set[str] = set()
-    for path in sorted(folder.glob("rejects*.jsonl")):
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                body = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError:
-                report.add(None, None, f"{path.name} line {number} is not valid JSON")
-                continue
-            if isinstance(body, dict) and body.get("kind") == "sample":
-                names.add(str(body.get("name")))
-    return names
+def _read_own_rejects(folder: Path, manifest: Manifest, report: VerifyReport) -> list[Reject] | None:
+    """The rejects file written with this manifest; None (and a problem) when it is unusable."""
+    part = (manifest.partition.index, manifest.partition.count) if manifest.partition else None
+    try:
+        return read_rejects(folder / rejects_name(part))
+    except ManifestError as exc:
+        report.add(None, None, str(exc))
+        return None
+
+
+def _check_folder(folder: Path, manifest: Manifest, report: VerifyReport) -> None:
+    """Shard files the manifest does not list (an entry removed?), and numbering without gaps."""
+    numbers: dict[str, list[int]] = {}
+    for entry in manifest.shards:
+        match = SHARD_PATTERN.fullmatch(entry.name)
+        numbers.setdefault(match.group(1), []).append(int(match.group(2)))
+    for prefix, found in numbers.items():
+        if sorted(found) != list(range(len(found))):
+            report.add(None, None, f"the manifest's {prefix} shards are not numbered 0..{len(found) - 1} "
+                                   "without gaps (an entry removed?)")
+    listed = {entry.name for entry in manifest.shards}
+    for path in sorted(folder.iterdir()):
+        match = SHARD_PATTERN.fullmatch(path.name)
+        if match and match.group(1) in numbers and path.name not in listed:
+            report.add(path.name, None, "shard file in the folder is not listed in the manifest (entry removed "
+                                        "from the manifest?)")
+
+
+def _check_rejects(manifest: Manifest, rejects: list[Reject], report: VerifyReport) -> None:
+    """The rejects file against counts.rejected / counts.words_skipped and the listing."""
+    where = rejects_name((manifest.partition.index, manifest.partition.count) if manifest.partition else None)
+    samples = [r for r in rejects if r.kind == "sample"]
+    words = len(rejects) - len(samples)
+    counts = manifest.counts
+    if len(samples) != counts.rejected or words != counts.words_skipped:
+        report.add(None, None, f"{where} lists {len(samples)} rejected samples and {words} skipped words, the "
+                               f"manifest counts {counts.rejected} and {counts.words_skipped}")
+        return
+    keys = {key_index(key) for entry in manifest.shards for key in entry.keys}
+    listing = [r for r in samples if r.index is None]
+    if manifest.partition is None or manifest.partition.index == 0:
+        if len(listing) != len(manifest.source["listing_rejects"]):
+            report.add(None, None, f"{where} lists {len(listing)} samples rejected while listing, the manifest's "
+                                   f"source.listing_rejects names {len(manifest.source['listing_rejects'])}")
+    indices = [r.index for r in samples if r.index is not None]
+    both = sorted(keys.intersection(indices))
+    if both or len(set(indices)) != len(indices):
+        report.add(None, None, f"{where}: samples both written and rejected, or rejected twice "
+                               f"(listing positions {both[:5]})")
+        return
+    if manifest.partition is None:
+        missing = manifest.source["listed"] - len(keys) - len(indices) - len(listing)
+        if missing:
+            report.add(None, None, f"{missing} listed samples are neither in the shards nor in {where} "
+                                   "(a shard entry removed from the manifest?)")
 
 
 def _check_source_coverage(manifest: Manifest, listing: SourceListing, source: _SourceCheck, folder: Path,
                            report: VerifyReport) -> None:
     """Every source sample of the manifest's range is in the shards or the rejects; images unchanged."""
-    lo, hi = (manifest.partition["lo"], manifest.partition["hi"]) if manifest.partition else (0, len(listing.samples))
-    rejected = _rejected_names(folder, report)
+    lo, hi = (manifest.partition.lo, manifest.partition.hi) if manifest.partition else (0, len(listing.samples))
+    rejects = _read_own_rejects(folder, manifest, report) or []
+    rejected = {r.name for r in rejects if r.kind == "sample"}
     for sample in listing.samples[lo:hi]:
         key = record_key(sample.index, sample.name)
         if key not in source.seen and sample.name not in rejected:
             report.add(None, key, f"source sample {sample.name} is neither in the shards nor in the rejects")
-    digests = [image_digest(sample) for sample in listing.samples[lo:hi]]
+    digests = [image_digest(sample, source.config.source.max_file_bytes) for sample in listing.samples[lo:hi]]
     if manifest.partition:
         changed = manifest.source_digests != tuple(digests)
     else:
@@ -370,9 +392,14 @@ def verify_shards(
         _verify_shard(path.parent, entry, manifest, report, seen, source)
         if progress is not None:
             progress(entry.name)
+    _check_folder(path.parent, manifest, report)
+    rejects = _read_own_rejects(path.parent, manifest, report)
+    if rejects is not None:
+        _check_rejects(manifest, rejects, report)
     if source is not None and listing is not None:
         _check_source_coverage(manifest, listing, source, path.parent, report)
-    if report.ok and report.coverage != manifest.counts["words"]:
+    words = manifest.counts.words.as_dict()
+    if report.ok and report.coverage != words:
         report.add(None, None, f"the records' word coverage {report.coverage} differs from the manifest's "
-                               f"counts.words {manifest.counts['words']} (manifest edited?)")
+                               f"counts.words {words} (manifest edited?)")
     return report

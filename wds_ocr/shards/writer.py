@@ -11,21 +11,19 @@ past ``max_bytes`` (a single record larger than that gets a shard of its own) an
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import BinaryIO, Protocol
 
 from wds_ocr.data.coverage import Coverage
-from wds_ocr.shards.codec import MEMBER_EXTENSION
+from wds_ocr.shards.journal import JournalEntry, Pending
 from wds_ocr.shards.manifest import DIGEST_HEX, ShardEntry
+from wds_ocr.shards.naming import member_name, shard_name, temporary_name
+from wds_ocr.shards.rejects import Reject
 from wds_ocr.shards.tario import BLOCK, TarWriter, member_span
 
 # tarfile pads the archive to a multiple of its record size (20 blocks).
 RECORD_SIZE = 20 * BLOCK
-
-
-def shard_name(prefix: str, index: int) -> str:
-    return f"{prefix}-{index:06d}.tar"
 
 
 @dataclass
@@ -36,17 +34,13 @@ class Outcome:
     digest: str  # sha256 hex of the image file, or "unreadable"
     record: bytes | None = None
     key: str | None = None
-    reject: dict[str, Any] | None = None
-    skips: list[dict[str, Any]] = field(default_factory=list)
+    reject: Reject | None = None
+    skips: list[Reject] = field(default_factory=list)
     coverage: Coverage = Coverage()  # the record's words: in the targets or left out, by reason
 
 
 class JournalLike(Protocol):
-    def add(self, entry: dict[str, Any]) -> None: ...
-
-
-def _empty_tail() -> dict[str, Any]:
-    return {"rejects": [], "skips": [], "digests": [], "coverage": Coverage().as_dict()}
+    def add(self, entry: JournalEntry) -> None: ...
 
 
 class ShardSink:
@@ -63,10 +57,11 @@ class ShardSink:
         self._open: tuple[Path, BinaryIO, TarWriter] | None = None
         self._keys: list[str] = []
         self._digests: list[str] = []
-        self._tail = _empty_tail()
+        self._checksums: list[str] = []
+        self._tail = Pending()
 
     @property
-    def tail(self) -> dict[str, Any]:
+    def tail(self) -> Pending:
         """Outcomes noted since the last closed shard (rejects after the last written sample)."""
         return self._tail
 
@@ -82,22 +77,19 @@ class ShardSink:
         """Note an outcome; append its record, rolling over by bytes before and by count after."""
         if outcome.record is not None and self._would_overflow(len(outcome.record)):
             self.close(next_position=outcome.position)
-        self._tail["digests"].append(outcome.digest)
-        if outcome.reject is not None:
-            self._tail["rejects"].append(outcome.reject)
-        self._tail["skips"].extend(outcome.skips)
-        self._tail["coverage"] = (Coverage.from_dict(self._tail["coverage"]) + outcome.coverage).as_dict()
+        self._tail.note(outcome.digest, outcome.reject, outcome.skips, outcome.coverage)
         if outcome.record is None or outcome.key is None:
             return
         if self._open is None:
             final = self.out_dir / shard_name(self.prefix, len(self.entries))
-            tmp = final.with_name(f".{final.name}.tmp")
+            tmp = final.with_name(temporary_name(final.name))
             handle = open(tmp, "wb")
             self._open = (tmp, handle, TarWriter(handle))
         writer = self._open[2]
-        _, digest = writer.add(f"{outcome.key}.{MEMBER_EXTENSION}", outcome.record)
+        _, digest, checksum = writer.add(member_name(outcome.key), outcome.record)
         self._keys.append(outcome.key)
         self._digests.append(digest[:DIGEST_HEX])
+        self._checksums.append(checksum)
         if len(self._keys) >= self.max_samples:
             self.close(next_position=outcome.position + 1)
 
@@ -123,12 +115,13 @@ class ShardSink:
             offsets=tuple(writer.offsets),
             digests=tuple(self._digests),
             members_end=writer.members_end,
+            checksums=tuple(self._checksums),
         )
-        self.journal.add({"shard": asdict(entry), "next": next_position, **self._tail})
+        self.journal.add(self._tail.close(entry, next_position))
         self.entries.append(entry)
         self._open = None
-        self._keys, self._digests = [], []
-        self._tail = _empty_tail()
+        self._keys, self._digests, self._checksums = [], [], []
+        self._tail = Pending()
 
     def abort(self) -> None:
         """Drop the shard being written (its temporary file)."""
