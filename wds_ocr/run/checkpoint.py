@@ -14,8 +14,14 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only:
     world_size           ranks of the run that wrote it
 
 Reading never unpickles code: ``torch.load(..., weights_only=True)`` refuses anything but
-tensors and plain containers, and a file that needs more is reported as a ``CheckpointError``.
-Files are written under a temporary name and renamed, so a crash never leaves half a checkpoint.
+tensors and plain containers, and a file that needs more is reported as a ``CheckpointError``; so is
+a file that is not a torch zip archive at all (a text file, a legacy-format pickle), checked from
+its first bytes before torch parses it. Every field a reader uses is checked (``run.fields``).
+Files are written under a temporary name and renamed, so a crash never leaves half a checkpoint;
+a temporary left by a writer that died is removed by the next checkpoint written into that folder.
+
+A command opens a checkpoint once (``open_checkpoint``) and passes the ``Checkpoint`` down: its
+stored config, the same with ``--set`` overrides, and the model built from it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,28 +39,79 @@ import torch
 from wds_ocr.config import Config, build_config, load_config
 from wds_ocr.errors import CheckpointError, ConfigError
 from wds_ocr.model.dbnet import DBNet
+from wds_ocr.run.fields import check_body
 
 CHECKPOINT_FORMAT = "wds-ocr/checkpoint"
 CHECKPOINT_VERSION = 1
 LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
+# torch.save has written zip archives since torch 1.6; the legacy format is a bare pickle stream.
+ZIP_SIGNATURE = b"PK\x03\x04"
+# A checkpoint's temporary while it is written: ".<name>.tmp" next to it.
+TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".", ".tmp"
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f"{TEMPORARY_PREFIX}{path.name}{TEMPORARY_SUFFIX}")
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporaries of checkpoints (``.<name>.pt.tmp``) in ``folder``; the removed paths.
+
+    Only one process writes checkpoints into a run folder (rank 0) and it writes them one at a
+    time, so when it is about to write, any such temporary is a leftover of a writer that died.
+    """
+    removed = []
+    for candidate in Path(folder).glob(f"{TEMPORARY_PREFIX}*.pt{TEMPORARY_SUFFIX}"):
+        if candidate.is_file():
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` (plain containers) atomically: temp file in the same folder, then rename."""
+    """Write ``state`` (plain containers) atomically: temp file in the same folder, then rename.
+
+    Leftover temporaries of earlier, interrupted writes in that folder are removed first; a write
+    that fails (disk full, interrupt) removes its own temporary.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path.parent)
     body = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(body, temporary)
-    os.replace(temporary, path)
+    temporary = _temporary(path)
+    try:
+        torch.save(body, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _first_bytes(path: Path, count: int) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(count)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's dict, on the CPU; CheckpointError for a missing, unsafe or foreign file."""
-    path = Path(path)
+    """The checkpoint's dict, on the CPU, every field checked; CheckpointError for a missing,
+    unsafe, foreign or damaged file."""
+    return open_checkpoint(path).body
+
+
+def _read_body(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists()
+                              else f"checkpoint {path} is not a regular file")
+    start = _first_bytes(path, len(ZIP_SIGNATURE))
+    if start != ZIP_SIGNATURE:
+        shown = f"starts with {start!r}" if start else "is empty"
+        raise CheckpointError(f"checkpoint {path} is not a torch checkpoint: the file {shown}, while torch.save "
+                              f"writes a zip archive (starting with {ZIP_SIGNATURE!r}); pass the last.pt or best.pt "
+                              "that wds-ocr train wrote")
     try:
         body = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -62,8 +120,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} holds objects that need unpickling, which is refused "
             f"(only tensors and plain containers are read): {first_line}"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch file): {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to parse a damaged archive is the file's fault
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or damaged torch file): {reason}") from None
     if not isinstance(body, dict) or body.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a wds-ocr checkpoint (no format {CHECKPOINT_FORMAT!r})")
     if body.get("version") != CHECKPOINT_VERSION:
@@ -73,7 +132,37 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     for key in ("config", "model"):
         if not isinstance(body.get(key), dict):
             raise CheckpointError(f"checkpoint {path} has no {key!r} section")
+    check_body(body, path)
     return body
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint read and checked once: its file, its fields and its stored configuration."""
+
+    path: Path
+    body: dict[str, Any]
+    config: Config
+
+    def configured(self, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+        """The stored config with ``section.field=value`` overrides applied, validated again."""
+        return load_config(None, overrides, base=self.body["config"])
+
+    def model(self, device: torch.device) -> DBNet:
+        """A DBNet with these weights in eval mode, channels_last on ``device``."""
+        model = DBNet(self.config.model.model_copy(update={"backbone_weights": None}))
+        load_model_state(model, self.body["model"], self.path)
+        model.to(device, memory_format=torch.channels_last)
+        return model.eval()
+
+
+def open_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
+    """Read and check a checkpoint file (a ``Checkpoint`` is passed through)."""
+    if isinstance(path, Checkpoint):
+        return path
+    path = Path(path)
+    body = _read_body(path)
+    return Checkpoint(path, body, checkpoint_config(body, path))
 
 
 def checkpoint_config(body: dict[str, Any], path: str | Path) -> Config:
@@ -84,10 +173,10 @@ def checkpoint_config(body: dict[str, Any], path: str | Path) -> Config:
         raise CheckpointError(f"checkpoint {path}: its stored configuration is not valid here: {exc}") from None
 
 
-def config_from_checkpoint(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> Config:
+def config_from_checkpoint(path: str | Path | Checkpoint, overrides: tuple[str, ...] | list[str] = ()) -> Config:
     """A checkpoint's config with ``section.field=value`` overrides applied (for evaluate and
     predict: post-processing thresholds, loader settings), validated again."""
-    return load_config(None, overrides, base=load_checkpoint(path)["config"])
+    return open_checkpoint(path).configured(overrides)
 
 
 def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -101,14 +190,10 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         ) from None
 
 
-def load_model(path: str | Path, device: torch.device) -> tuple[DBNet, Config]:
+def load_model(path: str | Path | Checkpoint, device: torch.device) -> tuple[DBNet, Config]:
     """A DBNet in eval mode, channels_last on ``device``, and the checkpoint's config."""
-    body = load_checkpoint(path)
-    config = checkpoint_config(body, path)
-    model = DBNet(config.model.model_copy(update={"backbone_weights": None}))
-    load_model_state(model, body["model"], path)
-    model.to(device, memory_format=torch.channels_last)
-    return model.eval(), config
+    checkpoint = open_checkpoint(path)
+    return checkpoint.model(device), checkpoint.config
 
 
 def rng_state(device: torch.device | None = None) -> dict[str, Any]:
@@ -129,6 +214,7 @@ def rng_state(device: torch.device | None = None) -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Set every generator from ``rng_state()``'s dict (as checked by ``load_checkpoint``)."""
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and device is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
