@@ -222,8 +222,11 @@ class HttpReader(RangeReader):
         return self.base + urllib.parse.quote(shard)
 
     def _path_for(self, name: str, what: str) -> str:
-        """The request path of ``name``: refused unless it stays in the manifest's own folder."""
-        if name != MANIFEST_NAME and not name.endswith(".json") and not is_shard_name(name):
+        """The request path of ``name``: refused unless it stays in the manifest's own folder.
+
+        A shard must have a shard name; the manifest itself (``what`` == "file") is the last part
+        of the URL the user gave."""
+        if not is_shard_name(name) if what == "shard" else ("/" in name or name in ("", ".", "..")):
             raise RemoteError(f"{what} {name!r}: not a shard name; a manifest can only name shard-NNNNNN.tar "
                               "files in its own folder")
         quoted = urllib.parse.quote(name)
@@ -271,6 +274,8 @@ class HttpReader(RangeReader):
             token = _WATCHDOG.watch(conn.sock, deadline)
             conn.request("GET", path, headers=headers)
             response = conn.getresponse()
+            if deadline.over:  # the watchdog cut the headers short: what arrived is not an answer
+                raise OSError("no complete answer by the deadline" if not deadline.cancelled else "cancelled")
             body = self._body(response, wanted, cap, deadline, url, shard)
             if response.will_close:
                 self._drop_connection()
@@ -447,7 +452,16 @@ def _read_body(response: http.client.HTTPResponse, expected: int | None, cap: in
         if expected is not None and got == expected and (has_length or response.chunked):
             break  # the length is known and met: no need to wait for the end of the stream
     if expected is not None and got < expected:
+        if deadline.cancelled:
+            raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)")
+        if deadline.over:  # the watchdog shut the socket down
+            raise _Attempt(f"the body was not complete by the deadline ({got} of {expected} bytes)")
         raise _Attempt(f"connection closed after {got} of {expected} bytes of the body")
+    if response.chunked:
+        if response.read1(1):  # the last chunk must follow
+            raise RemoteError(f"GET {url}: the server sent more than {expected} bytes asked for; refused")
+    elif has_length:
+        response.read()  # nothing is left: marks the response complete so the connection is kept
     return bytes(buffer)
 
 

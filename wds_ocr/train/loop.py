@@ -91,6 +91,7 @@ class TrainResult:
     samples_per_s: float
     data_wait: float
     world_size: int
+    skipped: int = 0  # training records skipped as bad (loader.on_error=skip), this rank
 
 
 @dataclass
@@ -370,7 +371,11 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         best_path = out_dir / BEST_NAME
         return TrainResult(out_dir, position.step, position.epoch, out_dir / LAST_NAME,
                            best_path if best_hmean is not None else None, best_hmean, final_loss,
-                           time.perf_counter() - started, samples_per_s, data_wait, runtime.world_size)
+                           time.perf_counter() - started, samples_per_s, data_wait, runtime.world_size,
+                           skipped=skips["skipped"])
     finally:
+        skips = stream.policy.summary()  # the loader's SkipPolicy counted every record it skipped
+        if skips["skipped"]:
+            log.write({"event": "skips", "step": position.step, **skips})
         log.close()
         stop_runtime(runtime)

@@ -1,0 +1,234 @@
+"""Hostile sources (issue 9, point 1): image bombs and odd files are rejects with their reasons,
+refused before anything large is allocated, and the build goes on to its manifest."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from wds_ocr.data.images import decode_canonical, read_image_bytes
+from wds_ocr.data.sources import list_source, read_regular_file
+from wds_ocr.config import SourceConfig
+from wds_ocr.errors import SampleError, SourceError
+
+LIMIT = 40_000_000
+BOMB_MB = 16  # nothing in these tests may allocate more than this while refusing a bomb
+
+
+def small(image_format: str, mode: str = "RGB", side: int = 8) -> bytes:
+    pixels = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    if mode != "RGB":
+        image = image.convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    ok, encoded = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))
+    data = bytearray(encoded.tobytes())
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 7] = height.to_bytes(2, "big")
+    data[frame + 7 : frame + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def png_declaring(width: int, height: int, mode: str = "RGB") -> bytes:
+    data = bytearray(small("PNG", mode))
+    ihdr = data.index(b"IHDR") + 4
+    data[ihdr : ihdr + 4] = width.to_bytes(4, "big")
+    data[ihdr + 4 : ihdr + 8] = height.to_bytes(4, "big")
+    return bytes(data)
+
+
+def refused(data: bytes, name: str, max_pixels: int = LIMIT) -> tuple[str, float, int]:
+    """(message, seconds, peak traced bytes) of decode_canonical refusing ``data``."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(SampleError) as caught:
+            decode_canonical(data, name, max_pixels)
+        seconds = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return str(caught.value), seconds, peak
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "what"),
+    [
+        (jpeg_declaring(65500, 65500), "bomb.jpg", "JPEG header declares 65500x65500 = 4290250000"),
+        (png_declaring(40000, 30000), "bomb.png", "PNG header declares 40000x30000 = 1200000000"),
+        (png_declaring(30000, 30000, "P"), "palette.png", "PNG header declares 30000x30000 = 900000000"),
+        (png_declaring(30000, 30000, "RGBA"), "alpha.png", "PNG header declares 30000x30000 = 900000000"),
+    ],
+)
+def test_bombs_are_refused_from_the_header_before_decoding(data, name, what):
+    message, seconds, peak = refused(data, name)
+    assert message == (f"{name}: image too large: its {what} pixels, over the limit of {LIMIT} "
+                       "(source.max_pixels); refused before decoding")
+    assert len(data) < 2000 and seconds < 0.5 and peak < BOMB_MB << 20
+
+
+@pytest.mark.parametrize(("image_format", "suffix"), [("TIFF", "tif"), ("BMP", "bmp"), ("WEBP", "webp")])
+def test_every_format_honours_the_pixel_limit(image_format, suffix):
+    data = small(image_format, side=10)
+    message, _, peak = refused(data, f"x.{suffix}", max_pixels=99)
+    assert message == (f"x.{suffix}: image too large: its {image_format} header declares 10x10 = 100 pixels, over "
+                       "the limit of 99 (source.max_pixels); refused before decoding")
+    assert decode_canonical(data, f"x.{suffix}", max_pixels=100).size == (10, 10)
+
+
+def test_largest_real_receipt_fits_the_default_limit(sroie_root):
+    largest = max((sroie_root / "images" / "val").iterdir(), key=lambda p: p.stat().st_size)
+    data = read_image_bytes(largest, largest.name)
+    width, height = decode_canonical(data, largest.name).size
+    assert width * height <= SourceConfig().max_pixels
+
+
+def test_a_decoder_exception_is_a_reject(monkeypatch):
+    def explode(*args, **kwargs):
+        raise cv2.error("OpenCV(5.0) imgcodecs: error: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS")
+
+    monkeypatch.setattr("wds_ocr.data.images.cv2.imdecode", explode)
+    with pytest.raises(SampleError) as caught:
+        decode_canonical(small("JPEG"), "boom.jpg")
+    assert str(caught.value) == ("boom.jpg: corrupt JPEG: the decoder failed (OpenCV(5.0) imgcodecs: error: "
+                                 "(-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS); re-export the image as "
+                                 "JPEG or PNG")
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    started = time.perf_counter()
+    with pytest.raises(SampleError) as caught:
+        read_image_bytes(fifo, "pipe.jpg")
+    assert time.perf_counter() - started < 1.0
+    assert str(caught.value) == f"pipe.jpg: {fifo} is a FIFO, not a regular file; only regular image files are read"
+
+
+def test_link_to_a_device_is_refused_without_reading(tmp_path):
+    link = tmp_path / "zero.jpg"
+    link.symlink_to("/dev/zero")
+    tracemalloc.start()
+    try:
+        with pytest.raises(SampleError) as caught:
+            read_image_bytes(link, "zero.jpg")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert str(caught.value) == (f"zero.jpg: {link} is a character device, not a regular file; only regular image "
+                                 "files are read")
+
+
+def test_link_to_a_regular_file_is_followed(tmp_path):
+    target = tmp_path / "real.png"
+    target.write_bytes(small("PNG"))
+    (tmp_path / "alias.png").symlink_to(target)
+    assert read_image_bytes(tmp_path / "alias.png", "alias.png") == target.read_bytes()
+
+
+def test_file_over_the_read_cap_is_refused_without_reading(tmp_path):
+    path = tmp_path / "big.png"
+    path.write_bytes(small("PNG", side=64))
+    size = path.stat().st_size
+    with pytest.raises(SampleError) as caught:
+        read_image_bytes(path, "big.png", max_bytes=size - 1)
+    assert str(caught.value) == (f"big.png: image file is {size} bytes, over the {size - 1}-byte limit "
+                                 f"(source.max_file_bytes): {path}")
+    assert read_image_bytes(path, "big.png", max_bytes=size) == path.read_bytes()
+
+
+def test_annotation_files_are_read_as_bounded_regular_files(tmp_path):
+    with pytest.raises(ValueError, match="^is not a regular file$"):
+        read_regular_file(Path("/dev/zero"), 1 << 20)
+    path = tmp_path / "a.json"
+    path.write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match="^is 100 bytes, over the 99-byte limit$"):
+        read_regular_file(path, 99)
+    root = tmp_path / "src"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "jsons").mkdir()
+    (root / "jsons" / "train.json").symlink_to("/dev/zero")
+    with pytest.raises(SourceError) as caught:
+        list_source(root, "train", SourceConfig())
+    assert str(caught.value) == (f"{root / 'jsons' / 'train.json'} is not a regular file; annotations must be a "
+                                 "regular JSON file")
+    (root / "jsons" / "train.json").unlink()
+    (root / "jsons" / "train.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(SourceError) as caught:
+        list_source(root, "train", SourceConfig())
+    assert str(caught.value) == f"{root / 'jsons' / 'train.json'} is nested too deeply to be an annotation file"
+
+
+HOSTILE = {
+    "bomb_jpeg.jpg": "image too large: its JPEG header declares 65500x65500 = 4290250000 pixels, over the limit of "
+                     "40000000 (source.max_pixels); refused before decoding",
+    "bomb_png.png": "image too large: its PNG header declares 40000x30000 = 1200000000 pixels, over the limit of "
+                    "40000000 (source.max_pixels); refused before decoding",
+    "bomb_palette.png": "image too large: its PNG header declares 30000x30000 = 900000000 pixels, over the limit "
+                        "of 40000000 (source.max_pixels); refused before decoding",
+}
+
+
+def test_build_with_bombs_fifos_and_devices_rejects_them_and_finishes(synth_root, tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(synth_root, source)
+    images = source / "images" / "train"
+    (images / "bomb_jpeg.jpg").write_bytes(jpeg_declaring(65500, 65500))
+    (images / "bomb_png.png").write_bytes(png_declaring(40000, 30000))
+    (images / "bomb_palette.png").write_bytes(png_declaring(30000, 30000, "P"))
+    os.mkfifo(images / "pipe.jpg")
+    (images / "zero.jpg").symlink_to("/dev/zero")
+    (images / "folder.jpg").mkdir()
+    annotations = json.loads((source / "jsons" / "train.json").read_text())
+    for name in [*HOSTILE, "pipe.jpg", "zero.jpg", "folder.jpg"]:
+        annotations["images"][name] = {"words": {}}
+    (source / "jsons" / "train.json").write_text(json.dumps(annotations))
+    out = tmp_path / "shards"
+    script = (
+        "import resource, sys\n"
+        "from wds_ocr.cli import main\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", script, "build-shards", str(source), "--split", "train", "--out", str(out),
+         "--quiet", "--set", "transform.size=64"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    )
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr
+    maxrss_mb = int(result.stderr.split("maxrss_kb")[-1].split()[0]) / 1024
+    assert maxrss_mb < 800, f"the build peaked at {maxrss_mb:.0f} MB"
+    assert seconds < 90
+    assert "samples in 15: written 9, rejected 6" in result.stdout
+    rejects = {r["name"]: r["reason"] for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())
+               if r["kind"] == "sample"}
+    assert rejects == {
+        **HOSTILE,
+        "pipe.jpg": f"{images / 'pipe.jpg'} is a FIFO, not a regular file; only regular image files are read",
+        "zero.jpg": f"{images / 'zero.jpg'} is a character device, not a regular file; only regular image files "
+                    "are read",
+        "folder.jpg": f"expected an image file but found a directory: {images / 'folder.jpg'}",
+    }
+    assert (out / "manifest.json").is_file()
