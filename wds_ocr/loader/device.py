@@ -21,6 +21,7 @@ from wds_ocr.config import AugmentConfig
 from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from wds_ocr.loader.stream import Batch, SampleInfo
+from wds_ocr.shards.naming import MAP_NAMES
 
 
 @dataclass
@@ -32,7 +33,7 @@ class DeviceBatch:
     thresh_mask: torch.Tensor
 
     def maps(self) -> dict[str, torch.Tensor]:
-        return {"gt": self.gt, "mask": self.mask, "thresh_map": self.thresh_map, "thresh_mask": self.thresh_mask}
+        return {name: getattr(self, name) for name in MAP_NAMES}
 
 
 def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:

@@ -26,13 +26,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from wds_ocr.config import LossConfig
+from wds_ocr.shards.naming import MAP_NAMES
 
 # Floor of the positive count that caps the mined negatives, as a fraction of the valid pixels.
 MIN_POSITIVE_FRACTION = 0.01
 # Guards the dice ratio when the prediction and the ground truth are both empty under the mask.
 DICE_EPS = 1e-6
 
-BATCH_KEYS = ("gt", "mask", "thresh_map", "thresh_mask")
+BATCH_KEYS = MAP_NAMES  # the record's target maps, as the codec, loader and verify name them
 
 
 def _as_float_map(name: str, value: torch.Tensor, shape: torch.Size) -> torch.Tensor:
