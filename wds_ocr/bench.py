@@ -7,7 +7,9 @@
     comparison, by DataLoader worker processes (normalization is a device op: included when CUDA
     is present, else left out);
 (c) stock webdataset reading the same arrays stored as .npy members (``wds.WebDataset(...).decode()``);
-(d) the raw sequential read rate of the shard files from page cache (the ceiling for (b)).
+(d) the raw sequential read rate of the shard files from page cache (the ceiling for (b));
+(e) with ``integrity=True``: the threaded shard path once per read-path check — none
+    (``verify=False``), the default per-member xxh3-64 checksum, and sha256 — to price the check.
 
 Each path runs whole epochs until ``min_seconds`` have passed, with the same workers and batch
 size; peak RSS is sampled over the process and its DataLoader workers.
@@ -73,6 +75,7 @@ class BenchResult:
     stock_webdataset: PathResult | None
     raw_read_mb_per_second: float
     normalize_on: str
+    integrity: list[PathResult] | None = None  # threads: verify off, checksum (default), sha256
 
     @property
     def speedup(self) -> float:
@@ -99,6 +102,7 @@ class BenchResult:
                 self.shards.samples_per_second / max(self.stock_webdataset.samples_per_second, 1e-12)
                 if self.stock_webdataset else None
             ),
+            "integrity": [row.as_dict() for row in self.integrity] if self.integrity else None,
         }
 
 
@@ -237,9 +241,12 @@ def _stock_loader(urls: list[str], batch_size: int, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
 
 
+INTEGRITY_MODES = (("off", False), ("xxh3", True), ("sha256", "sha256"))
+
+
 def run_bench(source: str | Path, split: str, shards: str | Path, config: Config, workers: int = 2,
               batch_size: int = 8, min_seconds: float = 5.0, stock: bool = True,
-              progress: Callable[[str], None] | None = None) -> BenchResult:
+              progress: Callable[[str], None] | None = None, integrity: bool = False) -> BenchResult:
     """Run the live, shard, stock-webdataset and raw-read measurements side by side."""
     note = progress or (lambda _: None)
     manifest = load_manifest(shards)
@@ -262,8 +269,8 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
 
     stream = ShardStream(shards, batch_size=batch_size, train=False)
 
-    def shard_path(mode: str) -> PathResult:
-        loader = make_loader(stream, workers, mode=mode)
+    def shard_path(mode: str, over: ShardStream = stream, name: str | None = None) -> PathResult:
+        loader = make_loader(over, workers, mode=mode)
 
         def epoch():
             for batch in loader:
@@ -271,12 +278,20 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
                     normalize(batch.images.to(device, non_blocking=True))
                 yield batch
 
-        return _run_epochs(f"shards ({mode})", epoch, len, shard_bytes, min_seconds, max_epochs=1000)
+        return _run_epochs(name or f"shards ({mode})", epoch, len, shard_bytes, min_seconds, max_epochs=1000)
 
     note("shard path (ShardStream, reader threads)")
     shard = shard_path("threads")
     note("shard path (ShardStream, DataLoader worker processes)")
     shard_processes = shard_path("processes")
+
+    integrity_rows = None
+    if integrity:
+        integrity_rows = []
+        for label, verify in INTEGRITY_MODES:
+            note(f"shard path (threads) with the read-path check: {label}")
+            checked = ShardStream(shards, batch_size=batch_size, train=False, verify=verify)
+            integrity_rows.append(shard_path("threads", checked, f"threads, verify {label}"))
 
     stock_result = None
     if stock:
@@ -288,4 +303,4 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
             stock_result = _run_epochs("stock_webdataset", lambda: stock_loader, lambda b: len(b[0]), stock_bytes,
                                        min_seconds, max_epochs=1000)
     return BenchResult(workers, batch_size, len(samples), live, shard, shard_processes, stock_result, raw,
-                       "cuda (included)" if cuda else "not included (no CUDA: a device op)")
+                       "cuda (included)" if cuda else "not included (no CUDA: a device op)", integrity_rows)

@@ -185,11 +185,13 @@ def inspect(shards: Path, key: str | None, png: Path | None) -> None:
 @click.option("--seconds", "min_seconds", default=5.0, show_default=True, type=click.FloatRange(0.0),
               help="Run whole epochs of each path until this much time has passed.")
 @click.option("--no-stock", is_flag=True, help="Skip the stock-webdataset (.npy members) comparison.")
+@click.option("--integrity", is_flag=True,
+              help="Also time the threaded shard path with no read-path check, the xxh3 checksum and sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @config_options
 @handle_errors
 def bench(source: Path, shards: Path, split: str | None, workers: int, batch_size: int, min_seconds: float,
-          no_stock: bool, as_json: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+          no_stock: bool, integrity: bool, as_json: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
     """Side by side: the live per-epoch path on SOURCE against streaming --shards."""
     from wds_ocr.bench import run_bench
     from wds_ocr.shards.manifest import load_manifest
@@ -202,12 +204,14 @@ def bench(source: Path, shards: Path, split: str | None, workers: int, batch_siz
               "with, or omit --config/--set to take it from the manifest", 2)
     split = split or manifest.source["split"]
     result = run_bench(source, split, shards, config, workers, batch_size, min_seconds, not no_stock,
-                       progress=None if as_json else lambda text: click.echo(f"... {text}", err=True))
+                       progress=None if as_json else lambda text: click.echo(f"... {text}", err=True),
+                       integrity=integrity)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=1, sort_keys=True))
         return
     rows = [result.live, result.shards, result.shards_processes]
     rows += [result.stock_webdataset] if result.stock_webdataset else []
+    rows += result.integrity or []
     click.echo(f"{result.samples_per_epoch} samples per epoch, batch {batch_size}, {workers} workers; "
                f"normalization: {result.normalize_on}")
     click.echo(f"{'path':22s} {'samples/s':>10s} {'MB/s':>9s} {'1st batch s':>11s} {'peak RSS MB':>11s} {'epochs':>6s}")
@@ -217,6 +221,10 @@ def bench(source: Path, shards: Path, split: str | None, workers: int, batch_siz
     click.echo(f"raw sequential read of the shard files: {result.raw_read_mb_per_second:.0f} MB/s")
     click.echo(f"shards / live: {result.speedup:.1f}x samples/s; shard loader reads at "
                f"{100 * result.raw_fraction:.0f}% of the raw read rate")
+    if result.integrity:
+        off = max(result.integrity[0].samples_per_second, 1e-12)
+        click.echo("read-path check / none (threads): " + ", ".join(
+            f"{row.name.split('verify ')[-1]} {row.samples_per_second / off:.3f}x" for row in result.integrity[1:]))
     if result.stock_webdataset:
         click.echo(f"shards / stock webdataset (.npy): "
                    f"{result.shards.samples_per_second / max(result.stock_webdataset.samples_per_second, 1e-12):.1f}x")
