@@ -168,6 +168,17 @@ class PostprocessConfig(_Section):
     # themselves then reach H-mean 0.94 on sroie-dev val instead of 0.98 with 2.
     min_size: float = Field(default=2.0, ge=0.0)
     max_candidates: int = Field(default=1000, ge=1)
+    # "wds": sub-pixel unclip, rounded score mask; "db": MhLiao/DB's boxes exactly (truncation to
+    # whole pixels), to compare with published DB numbers (see eval/postprocess.py).
+    mode: Literal["wds", "db"] = "wds"
+
+
+class EvaluationConfig(_Section):
+    """How evaluation (``wds-ocr evaluate`` and validation in ``train``) runs and scores."""
+
+    # Processes that post-process and match probability maps while the model runs the next batch;
+    # None: the usable cores (per local rank) minus the loader's workers; 0: in the main process.
+    post_workers: int | None = Field(default=None, ge=0, le=256)
 
 
 class TrainConfig(_Section):
@@ -201,6 +212,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     train: TrainConfig = TrainConfig()
 
     def record_settings(self) -> dict[str, Any]:
@@ -212,6 +224,8 @@ class Config(_Section):
                 "icdar_coords": self.source.icdar_coords,
                 "dont_care": list(self.source.dont_care),
                 "outside_tolerance": self.source.outside_tolerance,
+                "max_pixels": self.source.max_pixels,
+                "max_file_bytes": self.source.max_file_bytes,
             },
             "transform": self.transform.model_dump(mode="json"),
             "targets": self.targets.model_dump(mode="json"),
@@ -224,8 +238,6 @@ class Config(_Section):
 
 
 class _StrictYamlLoader(yaml.SafeLoader):
-                "max_pixels": self.source.max_pixels,
-                "max_file_bytes": self.source.max_file_bytes,
     """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
