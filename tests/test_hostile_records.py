@@ -22,7 +22,7 @@ from wds_ocr.loader.device import content_regions
 from wds_ocr.loader.stream import ShardStream, make_loader
 from wds_ocr.shards.inspect import inspect_shards
 from wds_ocr.shards.manifest import load_manifest, write_manifest
-from wds_ocr.shards.tario import BLOCK, TarWriter, iter_members
+from wds_ocr.shards.tario import TarWriter, iter_members
 from wds_ocr.shards.verify import verify_shards
 
 

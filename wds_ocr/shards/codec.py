@@ -34,7 +34,7 @@ import numpy as np
 from wds_ocr.data.coverage import LeftOut
 from wds_ocr.data.pipeline import ProcessedSample
 from wds_ocr.errors import ShardFormatError
-from wds_ocr.shards.naming import MAP_NAMES, MAX_INDEX, MEMBER_EXTENSION, record_key
+from wds_ocr.shards.naming import MAP_NAMES, MAX_INDEX, MEMBER_EXTENSION, record_key  # noqa: F401 (MEMBER_EXTENSION re-exported)
 
 RECORD_FORMAT = "wds-ocr/record"
 RECORD_VERSION = 2
