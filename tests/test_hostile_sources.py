@@ -202,13 +202,15 @@ def test_build_with_bombs_fifos_and_devices_rejects_them_and_finishes(synth_root
         annotations["images"][name] = {"words": {}}
     (source / "jsons" / "train.json").write_text(json.dumps(annotations))
     out = tmp_path / "shards"
+    # VmHWM is this process's own peak RSS (ru_maxrss would carry the forking pytest's over exec).
     script = (
-        "import resource, sys\n"
+        "import re, sys\n"
         "from wds_ocr.cli import main\n"
         "try:\n"
         "    main()\n"
         "finally:\n"
-        "    print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "    peak = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+        "    print('maxrss_kb', peak, file=sys.stderr)\n"
     )
     started = time.perf_counter()
     result = subprocess.run(
