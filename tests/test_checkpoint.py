@@ -109,7 +109,8 @@ def test_empty_damaged_and_missing_files_are_named(tmp_path):
      "field 'rng.torch' must have shape [5056], got [10]"),
     (lambda b: b["rng"].update(torch=b["rng"]["torch"].float()),
      "field 'rng.torch' must be a torch.uint8 tensor, got torch.float32"),
-    (lambda b: b["rng"].update(cuda=torch.zeros(3, dtype=torch.uint8)), "field 'rng.cuda' must have shape [16], got [3]"),
+    (lambda b: b["rng"].update(cuda=torch.zeros(3, dtype=torch.uint8)),
+     "field 'rng.cuda' must have shape [16], got [3]"),
     (lambda b: b["rng"]["numpy"].update(keys=b["rng"]["numpy"]["keys"] - (1 << 33)),
      "field 'rng.numpy.keys' must hold 32-bit unsigned words"),
     (lambda b: b["rng"]["numpy"].update(position=700), "field 'rng.numpy.position' must lie in [0, 624], got 700"),
@@ -137,7 +138,8 @@ def test_empty_damaged_and_missing_files_are_named(tmp_path):
      "field 'optimizer.state' has key 999, not a parameter id in 0..85"),
     (lambda b: b.update(scaler={"scale": 1.0}), "field 'scaler' lacks growth_factor, backoff_factor, growth_interval, "
                                                 "_growth_tracker (expected exactly scale, growth_factor"),
-    (lambda b: b["scheduler"].update(schedule="step"), "field 'scheduler.schedule' must be 'cosine' or 'poly', got 'step'"),
+    (lambda b: b["scheduler"].update(schedule="step"),
+     "field 'scheduler.schedule' must be 'cosine' or 'poly', got 'step'"),
     (lambda b: b["model"].update({"head.bias": torch.tensor([float("inf")])}),
      "field 'model.head.bias' holds NaN or infinite values"),
 ])

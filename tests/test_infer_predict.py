@@ -16,7 +16,7 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import list_source
 from wds_ocr.data.synth import synthesize
 from wds_ocr.errors import ConfigError, SampleError
-from wds_ocr.infer.evaluate import detect, probability_maps
+from wds_ocr.infer.detect import detect, probability_maps
 from wds_ocr.infer.predict import predict
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.run.checkpoint import load_model, save_checkpoint

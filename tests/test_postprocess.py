@@ -160,3 +160,92 @@ def test_map_polygons_divides_by_the_projective_weight():
     assert map_polygons([], doubled_weight) == []
     with pytest.raises(ValueError, match=r"matrix must be 3x3, got shape \(2, 3\)"):
         map_polygons([np.zeros((4, 2))], np.zeros((2, 3)))
+
+
+# ---------------------------------------------------------------- mode "db": MhLiao/DB's definitions
+#
+# DB (SegDetectorRepresenter.boxes_from_bitmap): get_mini_boxes orders cv2.boxPoints (float32) by x
+# and takes, of each pair, the lower-indexed one as the top corner only when its y is strictly
+# smaller; box_score_fast fills its mask from the corners minus (floor x, floor y) *truncated* to
+# int32; unclip offsets the corners as pyclipper receives them (truncated to integers) by
+# area * ratio / perimeter, returning integer points; the final corners are scaled by
+# dest / map size, rounded and clipped to [0, dest].
+
+DB = CONFIG.model_copy(update={"mode": "db"})
+
+
+def test_db_mode_gives_db_boxes_for_two_blocks():
+    # Block A: corners (30, 20)..(89, 39) exactly, d = 10.778846: the integer offset path has its
+    # straight edges at round(30 - d) = 19, round(89 + d) = 100, round(20 - d) = 9, round(39 + d) = 50.
+    # Block B: (20, 80)..(49, 99), d = 8.609375: edges 11, 58, 71, 108.
+    detections = _by_top(boxes_from_prob(_two_blocks(), DB))
+    assert [d.polygon.tolist() for d in detections] == [
+        [[19.0, 9.0], [100.0, 9.0], [100.0, 50.0], [19.0, 50.0]],
+        [[11.0, 71.0], [58.0, 71.0], [58.0, 108.0], [11.0, 108.0]],
+    ]
+    # cv2.mean of float32 0.9 (0.89999998), summed in float64
+    assert [d.score for d in detections] == [pytest.approx(float(np.float32(0.9)), abs=1e-12)] * 2
+    assert all(d.polygon.dtype == np.float64 and not d.polygon.flags.writeable for d in detections)
+
+
+def test_db_mode_scales_to_dest_before_rounding():
+    (first, _) = _by_top(boxes_from_prob(_two_blocks(), DB, dest=(320, 256)))
+    assert first.polygon.tolist() == [[38.0, 18.0], [200.0, 18.0], [200.0, 100.0], [38.0, 100.0]]
+    with pytest.raises(ValueError, match="dest applies to postprocess.mode 'db' only"):
+        boxes_from_prob(_two_blocks(), CONFIG, dest=(320, 256))
+
+
+def test_box_score_truncates_in_db_mode_and_rounds_in_wds_mode():
+    from wds_ocr.eval.postprocess import _db_score, _mean_inside
+
+    # prob[y, x] = x / 10. The box spans x 2.7..7.9, y 1.2..4.8: its bounding rectangle starts at
+    # (2, 1), so the mask corners are (0.7, 0.2)..(5.9, 3.8) relative to it. DB truncates them to
+    # (0, 0)..(5, 3): columns x = 2..7, mean 0.45; wds rounds them to (1, 0)..(6, 4): x = 3..8, 0.55.
+    ramp = np.tile((np.arange(12) / 10).astype(np.float32), (8, 1))
+    box = np.array([[2.7, 1.2], [7.9, 1.2], [7.9, 4.8], [2.7, 4.8]], dtype=np.float32)
+    assert _db_score(ramp, box) == pytest.approx(0.45, abs=1e-7)
+    assert _mean_inside(ramp, box.astype(np.float64)) == pytest.approx(0.55, abs=1e-7)
+
+
+def test_unclip_truncates_to_whole_pixels_in_db_mode_and_keeps_fractions_in_wds_mode():
+    from wds_ocr.eval.postprocess import _db_mini_box, _db_unclip, _min_area_box, _unclip
+
+    # A 20 x 10 box at (10.6, 10.6): d = 200 * 1.5 / 60 = 5. DB offsets the truncated corners
+    # (10, 10)..(30, 20) to (5, 5)..(35, 25); wds offsets the exact ones to 5.6..35.6 (at 1/256 px).
+    box = np.array([[10.6, 10.6], [30.6, 10.6], [30.6, 20.6], [10.6, 20.6]], dtype=np.float32)
+    grown, short_side = _db_mini_box(_db_unclip(box, 1.5))
+    assert grown.tolist() == [[5.0, 5.0], [35.0, 5.0], [35.0, 25.0], [5.0, 25.0]] and short_side == 20.0
+    exact, _ = _min_area_box(_unclip(box.astype(np.float64), 1.5))
+    assert exact[0].tolist() == pytest.approx([5.6, 5.6], abs=0.01)
+    assert exact[2].tolist() == pytest.approx([35.6, 25.6], abs=0.01)
+
+
+def test_db_corner_order_follows_db_tie_rule():
+    from wds_ocr.eval.postprocess import _db_mini_box
+
+    # A 45-degree square: sorted by x the corners are (0, 10), then (10, 0) and (10, 20) (stable
+    # order of cv2.boxPoints), then (20, 10).
+    diamond = np.array([[10, 0], [20, 10], [10, 20], [0, 10]], dtype=np.int32).reshape(-1, 1, 2)
+    corners, side = _db_mini_box(diamond)
+    assert side == pytest.approx(np.hypot(10, 10), abs=1e-4)
+    top_left, top_right, bottom_right, bottom_left = corners.tolist()
+    assert top_left[1] < bottom_left[1] and top_right[1] < bottom_right[1]
+    # A degenerate (zero-height) box: the two left corners share y, and DB then takes the second.
+    flat = np.array([[3, 5], [9, 5]], dtype=np.int32).reshape(-1, 1, 2)
+    corners, side = _db_mini_box(flat)
+    assert side == 0.0 and corners[:, 1].tolist() == [5.0, 5.0, 5.0, 5.0]
+
+
+def test_db_and_wds_modes_drop_the_same_small_and_faint_regions():
+    prob = _two_blocks()
+    prob[50:70, 100:150] = 0.5  # above thresh, below box_thresh
+    prob[5:7, 140:142] = 0.9  # short side 1 < min_size
+    assert len(boxes_from_prob(prob, DB)) == len(boxes_from_prob(prob, CONFIG)) == 2
+    assert boxes_from_prob(np.zeros((32, 32), dtype=np.float32), DB) == []
+
+
+def test_valid_region_is_a_view_not_a_copy_and_empty_regions_give_nothing():
+    prob = _two_blocks()
+    assert boxes_from_prob(prob, CONFIG, valid=(0, 0)) == []
+    (kept,) = boxes_from_prob(prob, DB, valid=(100, 60))  # block A only, right edge clipped to 100
+    assert kept.polygon.tolist() == [[19.0, 9.0], [100.0, 9.0], [100.0, 50.0], [19.0, 50.0]]

@@ -101,6 +101,44 @@ def plot(run_dir: Path, out: Path | None) -> None:
     click.echo(f"wrote {plot_run(run_dir, out)}")
 
 
+class _PostWorkers(click.ParamType):
+    """--post-workers: "auto" or a whole number 0..256."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value is None:
+            return value
+        if str(value).strip().lower() == "auto":
+            return "auto"
+        try:
+            number = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a whole number", param, ctx)
+        if not 0 <= number <= 256:
+            self.fail(f"{number} is not in the range 0<=x<=256", param, ctx)
+        return number
+
+
+def _time_line(times) -> str:
+    workers = (f"{plural(times.post_workers, 'post-processing worker')}" if times.post_workers
+               else "post-processing in the main process")
+    summed = " (summed over the workers)" if times.post_workers > 1 else ""
+    device = "CUDA events" if times.device_timing == "cuda-events" else "wall time"
+    return (f"time: data wait {times.data_wait_s:.2f} s, device {times.device_s:.2f} s ({device}; busy "
+            f"{times.device_busy:.0%}), device wait {times.device_wait_s:.2f} s, post-processing "
+            f"{times.postprocess_s:.2f} s, matching {times.matching_s:.2f} s{summed}, result wait "
+            f"{times.result_wait_s:.2f} s, worker start {times.worker_start_s:.2f} s, total {times.total_s:.2f} s; "
+            f"{workers}")
+
+
+def _cleval_line(cleval) -> str:
+    counts = cleval.counts
+    return (f"CLEval: precision {cleval.precision:.4f}  recall {cleval.recall:.4f}  H-mean {cleval.hmean:.4f}  "
+            f"({counts.char_gt} ground-truth / {counts.char_det} detected characters, {counts.splits} splits, "
+            f"{counts.merges} merges)")
+
+
 @cli.command()
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--shards", help="Evaluate on these shards (folder, manifest or URL).")
@@ -110,7 +148,12 @@ def plot(run_dir: Path, out: Path | None) -> None:
 @click.option("--precision", type=click.Choice(["auto", "bf16-mixed", "16-mixed", "32"]),
               help="Autocast mode [the checkpoint's train.precision].")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256), help="Loader workers.")
+@click.option("--post-workers", type=_PostWorkers(),
+              help="Processes that post-process and match while the model runs the next batch; 0: the main "
+                   "process does it; auto: the usable cores minus --workers [evaluation.post_workers, auto].")
+@click.option("--metric", type=click.Choice(["iou", "cleval"]), default="iou", show_default=True,
+              help="iou: ICDAR 2015 IoU protocol; cleval: CLEval as well (needs the cleval extra).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -118,22 +161,30 @@ def plot(run_dir: Path, out: Path | None) -> None:
               help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
 @handle_errors
 def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: str, precision: str | None,
-             batch_size: int, workers: int, device: str, as_json: bool, quiet: bool,
+             batch_size: int, workers: int, post_workers, metric: str, device: str, as_json: bool, quiet: bool,
              overrides: tuple[str, ...]) -> None:
-    """Precision, recall and H-mean (ICDAR 2015 IoU protocol) of a checkpoint, in original coordinates."""
+    """Precision, recall and H-mean (ICDAR 2015 IoU protocol, optionally CLEval) of a checkpoint, in
+    original coordinates, with the time breakdown of the pass."""
+    from dataclasses import asdict
+
     from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
-    from wds_ocr.run.checkpoint import config_from_checkpoint
+    from wds_ocr.run.checkpoint import open_checkpoint
 
     if (shards is None) == (source is None):
         fail("give exactly one of --shards or --source", 2)
-    config = config_from_checkpoint(checkpoint, overrides)
+    if post_workers is not None:
+        overrides = (*overrides, f"evaluation.post_workers={'null' if post_workers == 'auto' else post_workers}")
+    opened = open_checkpoint(checkpoint)
+    config = opened.configured(overrides)
     precision = precision or config.train.precision
     bar, update = counter_bar(0, "evaluate", quiet or as_json)
     try:
         if shards is not None:
-            result = evaluate_shards(checkpoint, shards, config, precision, batch_size, workers, device, update)
+            result = evaluate_shards(opened, shards, config, precision, batch_size, workers, device, update,
+                                     metric=metric)
         else:
-            result = evaluate_source(checkpoint, source, split, config, precision, batch_size, workers, device, update)
+            result = evaluate_source(opened, source, split, config, precision, batch_size, workers, device, update,
+                                     metric=metric)
     finally:
         bar.close()
     if not is_rank0():
@@ -143,14 +194,21 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
         body = {"precision": score.precision, "recall": score.recall, "hmean": score.hmean, "matched": score.matched,
                 "gt_care": score.gt_care, "det_care": score.det_care, "images": result.images,
                 "seconds": result.seconds, "images_per_s": result.images_per_s, "precision_mode": result.mode,
+                "postprocess_mode": result.postprocess_mode, "metric": metric, "times": result.times.as_dict(),
                 "skipped": list(result.skipped), "coverage": result.coverage.as_dict(),
                 "gt_left_out_for_size": result.coverage.left_out_for_size}
+        if result.cleval is not None:
+            body["cleval"] = {"precision": result.cleval.precision, "recall": result.cleval.recall,
+                              "hmean": result.cleval.hmean, **asdict(result.cleval.counts)}
         click.echo(json.dumps(body, indent=1, sort_keys=True))
         return
     for item in result.skipped:
         click.echo(f"skipped {item}", err=True)
-    click.echo(f"{score_line(score)}\n{result.images} images in {result.seconds:.1f} s "
-               f"({result.images_per_s:.1f} images/s, {result.mode})")
+    click.echo(score_line(score))
+    if result.cleval is not None:
+        click.echo(_cleval_line(result.cleval))
+    click.echo(f"{result.images} images in {result.seconds:.1f} s ({result.images_per_s:.1f} images/s, {result.mode}, "
+               f"post-processing mode {result.postprocess_mode})\n{_time_line(result.times)}")
     coverage = result.coverage
     if coverage.trainable:
         click.echo(f"ground truth: {coverage.trainable} words; {coverage.left_out_for_size} "
@@ -176,10 +234,11 @@ def predict(checkpoint: Path, images: tuple[Path, ...], out: Path, precision: st
             device: str, no_overlay: bool, skip_bad: bool, overrides: tuple[str, ...]) -> None:
     """Detect text in IMAGES: <stem>.json (polygons in original coordinates) and <stem>.png overlays."""
     from wds_ocr.infer.predict import predict as run_predict
-    from wds_ocr.run.checkpoint import config_from_checkpoint
+    from wds_ocr.run.checkpoint import open_checkpoint
 
-    config = config_from_checkpoint(checkpoint, overrides)
-    result = run_predict(checkpoint, list(images), out, config, precision or config.train.precision, batch_size,
+    opened = open_checkpoint(checkpoint)
+    config = opened.configured(overrides)
+    result = run_predict(opened, list(images), out, config, precision or config.train.precision, batch_size,
                          device, overlay=not no_overlay, on_error="skip" if skip_bad else "raise")
     for item in result.failed:
         click.echo(f"skipped {item}", err=True)

@@ -11,9 +11,19 @@ Steps, per connected region of ``prob > thresh``:
    ``min_size + 2``; finally clipped to the image.
 
 Coordinates are in the map's pixel frame with cv2's convention: a pixel's (column, row) index is its
-coordinate, so a region covering columns 30..89 yields a contour from x=30 to x=89. Nothing is
-rounded here; the caller maps polygons back to the original image (``map_polygons`` with the
-sample's inverse matrix) and rounds there if it wants to.
+coordinate, so a region covering columns 30..89 yields a contour from x=30 to x=89.
+
+Two modes (``postprocess.mode``) differ only in how steps 3-5 treat fractions of a pixel:
+
+- ``wds`` (default): the score's mask is filled from the rectangle's corners *rounded* (cv2's
+  corners carry float noise such as 29.99998, which truncation would turn into 29), unclip offsets
+  the exact corners at 1/256 px, and the boxes keep their sub-pixel coordinates (the caller maps
+  them to the original image with the sample's inverse matrix).
+- ``db``: MhLiao/DB's SegDetectorRepresenter (boxes mode) exactly: float32 corners, the score's mask
+  from corners *truncated* towards zero, unclip on the corners truncated to whole pixels (what
+  pyclipper does with float input) at pyclipper's default arc tolerance, DB's tie rule when two
+  corners share a coordinate, and the final corners scaled to ``dest`` (default: the map's own
+  size) and rounded to whole pixels. Use it to compare with published DB numbers.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import pyclipper
+from shapely.geometry import Polygon
 
 from wds_ocr.config import PostprocessConfig
 from wds_ocr.data.geometry import apply_matrix
@@ -45,16 +56,21 @@ def boxes_from_prob(
     prob: np.ndarray,
     config: PostprocessConfig,
     valid: tuple[int, int] | None = None,
+    dest: tuple[int, int] | None = None,
 ) -> list[Detection]:
     """Scored boxes from one ``(H, W)`` probability map.
 
     ``valid=(width, height)`` says only the top-left ``width x height`` part of the map is image and
-    the rest is padding: padding is ignored (zeroed before binarizing) and boxes are clipped to the
-    valid part instead of the whole map.
+    the rest is padding: the map is cut to that part (a view, nothing is copied), so padding never
+    yields a box nor lowers a score, and boxes are clipped to it. ``dest=(width, height)`` (mode
+    ``db`` only) is DB's ``dest_width, dest_height``: the size the corners are scaled to before
+    they are rounded (default: the valid size, i.e. rounded in the map's frame).
     """
-    prob = np.asarray(prob, dtype=np.float32)
+    prob = np.asarray(prob)
     if prob.ndim != 2:
         raise ValueError(f"prob must be a 2-D (H, W) map, got shape {prob.shape}")
+    if prob.dtype != np.float32:
+        prob = prob.astype(np.float32)
     height, width = prob.shape
     if valid is not None:
         valid_width, valid_height = int(valid[0]), int(valid[1])
@@ -62,14 +78,17 @@ def boxes_from_prob(
             raise ValueError(
                 f"valid region {valid} does not fit a map of width {width}, height {height}"
             )
-        if (valid_width, valid_height) != (width, height):
-            prob = prob.copy()
-            prob[valid_height:, :] = 0.0
-            prob[:, valid_width:] = 0.0
+        prob = prob[:valid_height, :valid_width]
         width, height = valid_width, valid_height
+    if dest is not None and config.mode != "db":
+        raise ValueError("dest applies to postprocess.mode 'db' only (mode 'wds' keeps sub-pixel corners)")
+    if width == 0 or height == 0:
+        return []
 
     bitmap = (prob > config.thresh).astype(np.uint8)
     contours, _ = cv2.findContours(bitmap, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+    if config.mode == "db":
+        return _db_boxes(prob, contours, config, dest or (width, height))
 
     detections = []
     for contour in contours[: config.max_candidates]:
@@ -98,6 +117,11 @@ def map_polygons(polygons: list[np.ndarray], matrix: np.ndarray) -> list[np.ndar
     if matrix.shape != (3, 3):
         raise ValueError(f"matrix must be 3x3, got shape {matrix.shape}")
     return [apply_matrix(np.asarray(polygon, dtype=np.float64).reshape(-1, 2), matrix) for polygon in polygons]
+
+
+def min_area_quad(points: np.ndarray) -> np.ndarray:
+    """The minimum-area rectangle of ``(K, 2)`` points: (4, 2) float64, clockwise from top-left."""
+    return _min_area_box(points)[0]
 
 
 def _min_area_box(points: np.ndarray) -> tuple[np.ndarray, float]:
@@ -153,3 +177,75 @@ def _unclip(box: np.ndarray, unclip_ratio: float) -> np.ndarray | None:
     if not paths:
         return None
     return np.concatenate([np.asarray(path, dtype=np.float64) for path in paths]) / _CLIPPER_SCALE
+
+
+# ---------------------------------------------------------------- mode "db": MhLiao/DB exactly
+
+
+def _db_boxes(prob: np.ndarray, contours: tuple, config: PostprocessConfig,
+              dest: tuple[int, int]) -> list[Detection]:
+    """DB's boxes_from_bitmap on a map already cut to the image: corners scaled to ``dest`` and
+    rounded. Where DB itself would fail (unclip yielding no path, or several of unequal length:
+    numpy cannot stack them) the candidate is dropped."""
+    height, width = prob.shape
+    dest_width, dest_height = int(dest[0]), int(dest[1])
+    detections = []
+    for contour in contours[: config.max_candidates]:
+        box, short_side = _db_mini_box(contour)
+        if short_side < config.min_size:
+            continue
+        score = _db_score(prob, box)
+        if config.box_thresh > score:
+            continue
+        grown = _db_unclip(box, config.unclip_ratio)
+        if grown is None:
+            continue
+        box, short_side = _db_mini_box(grown)
+        if short_side < config.min_size + 2:
+            continue
+        corners = box.astype(np.float64)
+        corners[:, 0] = np.clip(np.round(box[:, 0] / width * dest_width), 0, dest_width)
+        corners[:, 1] = np.clip(np.round(box[:, 1] / height * dest_height), 0, dest_height)
+        corners.setflags(write=False)
+        detections.append(Detection(polygon=corners, score=score))
+    return detections
+
+
+def _db_mini_box(points: np.ndarray) -> tuple[np.ndarray, float]:
+    """DB's get_mini_boxes: float32 corners sorted by x (stably); of the two left ones the lower is
+    the top-left only when its y is strictly smaller, otherwise the second is (likewise right)."""
+    rect = cv2.minAreaRect(np.asarray(points).reshape(-1, 1, 2))
+    corners = cv2.boxPoints(rect)  # float32
+    by_x = corners[np.argsort(corners[:, 0], kind="stable")]
+    top_left, bottom_left = (by_x[0], by_x[1]) if by_x[1][1] > by_x[0][1] else (by_x[1], by_x[0])
+    top_right, bottom_right = (by_x[2], by_x[3]) if by_x[3][1] > by_x[2][1] else (by_x[3], by_x[2])
+    return np.array([top_left, top_right, bottom_right, bottom_left], dtype=np.float32), float(min(rect[1]))
+
+
+def _db_score(prob: np.ndarray, box: np.ndarray) -> float:
+    """DB's box_score_fast: the bounding rectangle from floor/ceil of the float32 corners (clipped
+    to the map), the mask filled from the corners relative to it truncated to whole pixels."""
+    map_height, map_width = prob.shape
+    x_min = int(np.clip(np.floor(box[:, 0].min()), 0, map_width - 1))
+    x_max = int(np.clip(np.ceil(box[:, 0].max()), 0, map_width - 1))
+    y_min = int(np.clip(np.floor(box[:, 1].min()), 0, map_height - 1))
+    y_max = int(np.clip(np.ceil(box[:, 1].max()), 0, map_height - 1))
+    mask = np.zeros((y_max - y_min + 1, x_max - x_min + 1), dtype=np.uint8)
+    local = (box.astype(np.float64) - np.array([x_min, y_min], dtype=np.float64)).astype(np.int32)
+    cv2.fillPoly(mask, [local.reshape(-1, 1, 2)], 1)
+    return float(cv2.mean(prob[y_min : y_max + 1, x_min : x_max + 1], mask)[0])
+
+
+def _db_unclip(box: np.ndarray, unclip_ratio: float) -> np.ndarray | None:
+    """DB's unclip: distance from the float corners' area and perimeter as shapely computes them,
+    the offset path on the corners truncated towards zero, integer output points."""
+    corners = box.astype(np.float64)
+    shape = Polygon(corners)
+    if shape.length <= 0.0:
+        return None
+    offset = pyclipper.PyclipperOffset()
+    offset.AddPath(np.trunc(corners).astype(np.int64).tolist(), pyclipper.JT_ROUND, pyclipper.ET_CLOSEDPOLYGON)
+    paths = offset.Execute(shape.area * unclip_ratio / shape.length)
+    if not paths or len({len(path) for path in paths}) != 1:
+        return None
+    return np.concatenate([np.asarray(path, dtype=np.int64) for path in paths])

@@ -5,60 +5,49 @@ Two inputs, one computation:
 * ``evaluate_shards`` streams records (uint8 image + everything evaluation needs) from shards;
 * ``evaluate_source`` runs the live path (``process_sample``) on the source images.
 
-Both hand the same uint8 images, in the same order and batch composition, to ``probability_maps``
-(normalize on the device, forward under autocast, sigmoid in float32) and each map to ``detect``:
-the map is cut to the sample's valid (resized, unpadded) region, found from the record's inverse
-matrix and original size, so padding never yields boxes; the boxes are shifted by the padding
-offset (0 for top-left padding, the centring offset for centre padding) and mapped to the
-original image with the inverse matrix. They are matched against the original-frame polygons
-and don't-care flags with ``DetectionMetric``. Shards being bit-identical to the live path, the
-two give identical precision, recall and H-mean. Under DDP (torchrun) each rank takes every
-world-th sample and the counts are all-reduced; ``per_image`` then holds this rank's images.
+Both hand the same uint8 images, in the same order and batch composition, to the detection core
+(``infer.detect.run_detection``: forward under autocast on the device, maps to a pool of
+post-processing workers or the main process, boxes cut to each sample's valid region and mapped to
+the original image, matched against the original-frame polygons and don't-care flags). Shards
+being bit-identical to the live path, the two give identical precision, recall and H-mean. Under
+DDP (torchrun) each rank takes every world-th sample and the counts are all-reduced;
+``per_image`` and ``times`` then describe this rank.
+
+A command opens its checkpoint once and passes the ``Checkpoint`` in (a path works too).
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from wds_ocr.config import Config, PostprocessConfig
+from wds_ocr.config import Config, LoaderConfig
 from wds_ocr.data.coverage import Coverage
-from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceSample, list_source
-from wds_ocr.errors import SampleError
-from wds_ocr.eval.metric import DetectionMetric, DetectionScore
-from wds_ocr.eval.postprocess import Detection, boxes_from_prob, map_polygons
-from wds_ocr.loader.device import normalize
-from wds_ocr.loader.stream import SampleInfo, ShardStream, make_loader
-from wds_ocr.shards.build import record_key
-from wds_ocr.run.checkpoint import load_model
-from wds_ocr.run.runtime import Runtime, autocast, check_precision, resolve_precision, start_runtime, stop_runtime
+from wds_ocr.errors import SampleError, ShardFormatError
+from wds_ocr.eval.cleval import CLEvalScore
+from wds_ocr.eval.metric import DetectionScore
+from wds_ocr.infer.detect import (DetectionRun, EvalProgress, EvalTimes, ImageEval, ImageTruth, detect,
+                                  reduce_cleval, reduce_coverage, reduce_metric, resolve_post_workers, run_detection,
+                                  truth_from_info)
+from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
+from wds_ocr.run.runtime import Runtime, check_precision, resolve_precision, start_runtime, stop_runtime
+from wds_ocr.shards.codec import decode_record
 
-EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
-
-
-@dataclass(frozen=True)
-class ImageEval:
-    name: str
-    detections: int
-    matched: int
-    gt_care: int
-    det_care: int
-    coverage: Coverage = Coverage()  # its ground-truth words: in the training targets, or left out and why
+__all__ = ["EvalResult", "ImageEval", "detect", "evaluate_shards", "evaluate_source"]
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    score: DetectionScore  # over all ranks
+    score: DetectionScore  # ICDAR 2015 IoU, over all ranks
     images: int  # images evaluated, all ranks
     seconds: float  # wall time of the evaluation loop (model loading excluded)
     images_per_s: float
@@ -69,105 +58,90 @@ class EvalResult:
     # The ground truth's words (all ranks) by what the records' target settings made of them: words
     # left out for size count as ground truth here but were never in the training targets.
     coverage: Coverage = Coverage()
+    times: EvalTimes = EvalTimes()  # this rank's time breakdown
+    cleval: CLEvalScore | None = None  # with metric "cleval", over all ranks
+    postprocess_mode: str = "wds"
 
 
-def detect(prob: np.ndarray, inverse_matrix: np.ndarray, original_size: tuple[int, int],
-           config: PostprocessConfig) -> list[Detection]:
-    """Boxes of one (S, S) probability map, in original-image coordinates."""
-    (offset_x, offset_y), (width, height) = valid_region(inverse_matrix, original_size)
-    # The map from the offset on has the image at its top-left; boxes_from_prob zeroes the rest.
-    found = boxes_from_prob(prob[offset_y:, offset_x:], config, valid=(width, height))
-    shift = np.array([offset_x, offset_y], dtype=np.float64)
-    mapped = map_polygons([d.polygon + shift for d in found], inverse_matrix)
-    return [Detection(polygon=polygon, score=d.score) for polygon, d in zip(mapped, found)]
-
-
-def probability_maps(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
-    """(N, S, S) float32 probabilities for (N, S, S, 3) uint8 images."""
-    with torch.inference_mode():
-        pixels = normalize(images.to(device, non_blocking=True))
-        with autocast(device, precision):
-            logits = model(pixels)["prob_logits"]
-        prob = torch.sigmoid(logits[:, 0].float())
-        # Synchronization point: the CPU waits here for the GPU to finish this batch.
-        return prob.cpu().numpy()
-
-
-def evaluate_batches(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, Sequence[SampleInfo]]],
-                     config: PostprocessConfig, precision: str, device: torch.device,
-                     progress: EvalProgress | None = None, total: int = 0) -> tuple[DetectionMetric, list[ImageEval]]:
-    """Run the model over (images, truths) batches and match every image; this rank's counts."""
-    model.eval()
-    metric = DetectionMetric()
-    per_image: list[ImageEval] = []
-    for images, truths in batches:
-        prob = probability_maps(model, images, device, precision)
-        for sample_prob, truth in zip(prob, truths):
-            detections = detect(sample_prob, truth.inverse_matrix, truth.original_size, config)
-            counts = metric.update(truth.polygons, truth.dont_care, [d.polygon for d in detections])
-            per_image.append(ImageEval(truth.name, len(detections), counts.matched, counts.gt_care, counts.det_care,
-                                       Coverage.from_codes(truth.left_out)))
-        if progress is not None:
-            progress(metric.images, total)
-    return metric, per_image
-
-
-def reduce_metric(metric: DetectionMetric, runtime: Runtime) -> DetectionMetric:
-    """Sum the counts of all ranks (every rank must call this)."""
-    if not runtime.distributed:
-        return metric
-    counts = torch.tensor(metric.counts(), dtype=torch.int64, device=runtime.device)
-    dist.all_reduce(counts)
-    # Synchronization point: .tolist() waits for the all-reduce.
-    return DetectionMetric.from_counts(*counts.tolist(), iou_threshold=metric.iou_threshold,
-                                       area_precision_threshold=metric.area_precision_threshold)
-
-
-def _result(metric: DetectionMetric, runtime: Runtime, started: float, precision: str, skipped: list[str],
-            per_image: list[ImageEval]) -> EvalResult:
-    total = reduce_metric(metric, runtime)
-    seconds = time.perf_counter() - started
+def _result(run: DetectionRun, runtime: Runtime, precision: str, skipped: list[str], config: Config) -> EvalResult:
+    """Reduce this rank's run over all ranks (every rank must call this)."""
+    total = reduce_metric(run.metric, runtime)
+    cleval = reduce_cleval(run.cleval, runtime)
+    coverage = reduce_coverage(sum((i.coverage for i in run.per_image), Coverage()), runtime)
+    seconds = run.times.total_s
     return EvalResult(score=total.score(), images=total.images, seconds=seconds,
                       images_per_s=total.images / seconds if seconds > 0 else 0.0, mode=precision,
-                      skipped=tuple(skipped), per_image=tuple(per_image), world_size=runtime.world_size,
-                      coverage=reduce_coverage(sum((i.coverage for i in per_image), Coverage()), runtime))
+                      skipped=tuple(skipped), per_image=tuple(run.per_image), world_size=runtime.world_size,
+                      coverage=coverage, times=run.times, cleval=None if cleval is None else cleval.score(),
+                      postprocess_mode=config.postprocess.mode)
 
 
-def reduce_coverage(coverage: Coverage, runtime: Runtime) -> Coverage:
-    """Sum the word coverage of all ranks (every rank must call this)."""
-    if not runtime.distributed:
-        return coverage
-    counts = torch.tensor(list(coverage.as_dict().values()), dtype=torch.int64, device=runtime.device)
-    dist.all_reduce(counts)
-    return Coverage(*counts.tolist())
+def _loader_settings(config: Config, batch_size: int | None, workers: int | None) -> LoaderConfig:
+    """The config's loader section with the command's batch size and workers (validated again)."""
+    changes = {name: value for name, value in (("batch_size", batch_size), ("workers", workers)) if value is not None}
+    return LoaderConfig.model_validate({**config.loader.model_dump(), **changes})
 
 
-def evaluate_shards(checkpoint: str | Path, shards: str | Path, config: Config | None = None,
-                    precision: str = "auto", batch_size: int = 8, workers: int = 2, device: str = "auto",
-                    progress: EvalProgress | None = None) -> EvalResult:
-    """P/R/H of ``checkpoint`` on a shard folder or URL. ``config`` (default: the checkpoint's)
-    supplies post-processing and the loader's verify/on_error settings."""
+def _open_stream(location: str | Path, loader: LoaderConfig, runtime: Runtime) -> ShardStream:
+    return ShardStream(location, loader.batch_size, train=False, verify=loader.verify_hashes,
+                       on_error=loader.on_error, rank=runtime.rank, world_size=runtime.world_size)
+
+
+def record_texts(stream: ShardStream) -> dict[str, tuple[str, ...]]:
+    """Key -> transcriptions of this rank's records (CLEval counts characters; the loader's
+    SampleInfo does not carry the texts, so their metadata is read once more). A record that
+    cannot be read is left out here: the loader raises or skips it when it reaches it."""
+    texts = {}
+    for plan in stream.plans():
+        for ref in plan.samples:
+            entry = stream.manifest.shards[ref.shard]
+            try:
+                key, data = stream.read_member(ref.shard, ref.position)
+                texts[key] = _texts(decode_record(data, entry.name, key).meta.texts)
+            except ShardFormatError:
+                continue
+    return texts
+
+
+def _texts(texts) -> tuple[str, ...]:
+    """Transcriptions as CLEval counts them: a word without one has no characters."""
+    return tuple("" if text is None else str(text) for text in texts)
+
+
+def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, config: Config | None = None,
+                    precision: str = "auto", batch_size: int | None = 8, workers: int | None = 2,
+                    device: str = "auto", progress: EvalProgress | None = None, *, metric: str = "iou",
+                    pool_options: dict[str, float] | None = None) -> EvalResult:
+    """P/R/H of ``checkpoint`` (a path or an open ``Checkpoint``) on a shard folder or URL.
+
+    ``config`` (default: the checkpoint's) supplies post-processing, ``evaluation.post_workers``
+    and the loader settings; ``batch_size`` / ``workers`` (None: the config's) override its loader
+    section. ``metric="cleval"`` adds CLEval to the IoU protocol.
+    """
     check_precision(precision)
+    checkpoint = open_checkpoint(checkpoint)
+    config = config or checkpoint.config
+    loader = _loader_settings(config, batch_size, workers)
     runtime = start_runtime(device)
     precision = resolve_precision(precision, runtime.device)
     try:
-        model, stored = load_model(checkpoint, runtime.device)
-        config = config or stored
-        stream = ShardStream(shards, batch_size, train=False, verify=config.loader.verify_hashes,
-                             on_error=config.loader.on_error, rank=runtime.rank, world_size=runtime.world_size)
+        model = checkpoint.model(runtime.device)
+        stream = _open_stream(shards, loader, runtime)
         total = sum(len(plan.samples) for plan in stream.plans())
+        texts = record_texts(stream) if metric == "cleval" else {}
         skipped: list[str] = []
 
-        def batches() -> Iterator[tuple[torch.Tensor, list[Any]]]:
-            for batch in make_loader(stream, workers, mode=config.loader.mode):
+        def batches() -> Iterator[tuple[torch.Tensor, list[ImageTruth]]]:
+            for batch in make_loader(stream, loader.workers, mode=loader.mode):
                 skipped.extend(f"{shard} [{key}]: {reason}" for shard, key, reason in batch.skipped)
                 if len(batch):
-                    yield batch.images, batch.info
+                    yield batch.images, [truth_from_info(i, texts.get(i.key) if texts else None) for i in batch.info]
 
-        started = time.perf_counter()
-        metric, per_image = evaluate_batches(model, batches(), config.postprocess, precision, runtime.device,
-                                             progress, total)
-        return _result(metric, runtime, started, precision, skipped, per_image)
+        run = run_detection(model, batches(), config.postprocess, precision, runtime.device,
+                            post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
+                            metric=metric, capacity=loader.batch_size, progress=progress, total=total,
+                            pool_options=pool_options)
+        return _result(run, runtime, precision, skipped, config)
     finally:
         stop_runtime(runtime)
 
@@ -182,15 +156,16 @@ class _LiveSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray | None, SampleInfo | str]:
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, ImageTruth | str]:
         try:
             processed = process_sample(self.samples[index], self.config)
         except SampleError as exc:
             return None, str(exc)
         meta = processed.meta
-        truth = SampleInfo(record_key(processed.index, meta.name), meta.name, meta.original_size, meta.inverse_matrix,
-                           list(meta.polygons_original), np.asarray(meta.dont_care, dtype=bool),
-                           np.asarray(meta.left_out, dtype=np.uint8))
+        truth = ImageTruth(meta.name, (int(meta.original_size[0]), int(meta.original_size[1])),
+                           np.asarray(meta.inverse_matrix, dtype=np.float64), tuple(meta.polygons_original),
+                           np.asarray(meta.dont_care, dtype=bool), np.asarray(meta.left_out, dtype=np.uint8),
+                           _texts(meta.texts))
         return processed.image, truth
 
 
@@ -199,12 +174,12 @@ def _as_is(item: Any) -> Any:
 
 
 def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
-                  skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[SampleInfo]]]:
+                  skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[ImageTruth]]]:
     """Batches of consecutive good samples (bad ones left out first, as the shard build does)."""
     extra: dict[str, Any] = {"multiprocessing_context": "fork"} if workers > 0 and os.name == "posix" else {}
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, **extra)
     images: list[np.ndarray] = []
-    truths: list[SampleInfo] = []
+    truths: list[ImageTruth] = []
     for image, truth in loader:
         if image is None:
             skipped.append(truth)
@@ -218,24 +193,28 @@ def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
         yield torch.from_numpy(np.stack(images)), truths
 
 
-def evaluate_source(checkpoint: str | Path, source_dir: str | Path, split: str, config: Config | None = None,
-                    precision: str = "auto", batch_size: int = 8, workers: int = 2, device: str = "auto",
-                    progress: EvalProgress | None = None) -> EvalResult:
+def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path, split: str,
+                    config: Config | None = None, precision: str = "auto", batch_size: int | None = 8,
+                    workers: int | None = 2, device: str = "auto", progress: EvalProgress | None = None, *,
+                    metric: str = "iou", pool_options: dict[str, float] | None = None) -> EvalResult:
     """P/R/H of ``checkpoint`` on a source split through the live path (no shards). ``config``
     (default: the checkpoint's) supplies the source, transform and post-processing settings."""
     check_precision(precision)
+    checkpoint = open_checkpoint(checkpoint)
+    config = config or checkpoint.config
+    loader = _loader_settings(config, batch_size, workers)
     runtime = start_runtime(device)
     precision = resolve_precision(precision, runtime.device)
     try:
-        model, stored = load_model(checkpoint, runtime.device)
-        config = config or stored
+        model = checkpoint.model(runtime.device)
         listing = list_source(source_dir, split, config.source)
         skipped = [f"{reject.name}: {reject.reason}" for reject in listing.rejects] if runtime.is_main else []
         mine = listing.samples[runtime.rank :: runtime.world_size]
-        started = time.perf_counter()
-        metric, per_image = evaluate_batches(
-            model, _batched_live(_LiveSamples(mine, config), batch_size, workers, skipped), config.postprocess,
-            precision, runtime.device, progress, len(mine))
-        return _result(metric, runtime, started, precision, skipped, per_image)
+        batches = _batched_live(_LiveSamples(mine, config), loader.batch_size, loader.workers, skipped)
+        run = run_detection(model, batches, config.postprocess, precision, runtime.device,
+                            post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
+                            metric=metric, capacity=loader.batch_size, progress=progress, total=len(mine),
+                            pool_options=pool_options)
+        return _result(run, runtime, precision, skipped, config)
     finally:
         stop_runtime(runtime)

@@ -2,8 +2,8 @@
 
 Each image is decoded canonically (EXIF orientation applied: the frame a viewer shows), resized
 and padded exactly as for training, run through the model, and its boxes mapped back to that
-original frame with the transform's inverse matrix (``evaluate.detect``, the code evaluation
-uses). For ``photo.jpg`` the outputs are ``OUT/photo.json``:
+original frame with the transform's inverse matrix (``detect``, the code evaluation uses). For
+``photo.jpg`` the outputs are ``OUT/photo.json``:
 
     {"image": "photo.jpg", "width": W, "height": H,
      "polygons": [{"points": [[x, y], ...], "score": s}, ...]}
@@ -28,9 +28,9 @@ from wds_ocr.config import Config
 from wds_ocr.data.geometry import plan_resize, resize_and_pad
 from wds_ocr.data.images import decode_canonical, read_image_bytes
 from wds_ocr.errors import ConfigError, SampleError
-from wds_ocr.infer.evaluate import detect, probability_maps
 from wds_ocr.eval.postprocess import Detection
-from wds_ocr.run.checkpoint import load_model
+from wds_ocr.infer.detect import detect, probability_maps
+from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import check_precision, resolve_device
 from wds_ocr.viz import draw_polygons, write_png
 
@@ -121,23 +121,25 @@ def _batches(images: list[Path], config: Config, batch_size: int, on_error: str,
         yield batch
 
 
-def predict(checkpoint: str | Path, images: list[Path], out_dir: str | Path, config: Config | None = None,
+def predict(checkpoint: str | Path | Checkpoint, images: list[Path], out_dir: str | Path, config: Config | None = None,
             precision: str = "auto", batch_size: int = 4, device: str = "auto", overlay: bool = True,
             on_error: str = "raise", progress: PredictProgress | None = None) -> PredictResult:
     """Write ``<stem>.json`` (and ``<stem>.png`` when ``overlay``) for every image into ``out_dir``.
 
-    ``config`` (default: the checkpoint's) supplies the transform and post-processing settings.
+    ``checkpoint`` is a path or an open ``Checkpoint``; ``config`` (default: the checkpoint's)
+    supplies the transform and post-processing settings.
     """
     check_precision(precision)
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     images = [Path(p) for p in images]
     _check_stems(images)
+    checkpoint = open_checkpoint(checkpoint)
+    torch_device = resolve_device(device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch_device = resolve_device(device)
-    model, stored = load_model(checkpoint, torch_device)
-    config = config or stored
+    model = checkpoint.model(torch_device)
+    config = config or checkpoint.config
     predictions: list[Prediction] = []
     failed: list[str] = []
     started = time.perf_counter()

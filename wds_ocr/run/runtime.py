@@ -104,6 +104,13 @@ def stop_runtime(runtime: Runtime) -> None:
         dist.destroy_process_group()
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
@@ -121,9 +128,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype autocast runs in for ``precision`` on ``device`` (None for "32")."""
+    return _AUTOCAST_DTYPES.get(resolve_precision(precision, device))
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The forward-pass context for ``precision`` ("32": no autocast at all; "auto": see resolve_precision)."""
-    dtype = _AUTOCAST_DTYPES.get(resolve_precision(precision, device))
+    dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

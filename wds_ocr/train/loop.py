@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from wds_ocr.config import Config, TrainConfig
 from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
-from wds_ocr.infer.evaluate import evaluate_batches, reduce_metric
+from wds_ocr.infer.detect import reduce_metric, resolve_post_workers, run_detection, truth_from_info
 from wds_ocr.eval.metric import DetectionScore
 from wds_ocr.loader.device import Augmenter, content_regions, prepare, to_device
 from wds_ocr.loader.plan import batches_per_epoch
@@ -173,10 +173,13 @@ def _check_shards(stream: ShardStream, config: Config, location: str | Path) -> 
 
 
 def _validate(model: DBNet, loader: Iterable[Batch], config: Config, precision: str,
-              runtime: Runtime) -> DetectionScore:
-    batches = ((batch.images, batch.info) for batch in loader if len(batch))
-    metric, _ = evaluate_batches(model, batches, config.postprocess, precision, runtime.device)
-    return reduce_metric(metric, runtime).score()  # every rank takes part in the all-reduce
+              runtime: Runtime) -> tuple[DetectionScore, dict[str, Any]]:
+    """The validation score (all ranks) and this rank's time breakdown (``EvalTimes.as_dict``)."""
+    batches = ((batch.images, [truth_from_info(info) for info in batch.info]) for batch in loader if len(batch))
+    post_workers = resolve_post_workers(config.evaluation.post_workers, config.loader.workers, runtime)
+    run = run_detection(model, batches, config.postprocess, precision, runtime.device, post_workers=post_workers,
+                        capacity=config.loader.batch_size)
+    return reduce_metric(run.metric, runtime).score(), run.times.as_dict()  # every rank joins the all-reduce
 
 
 def _stand_in(batch: Batch) -> Batch:
@@ -280,12 +283,13 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
             """Score the model on the validation shards, log it; the checkpoints to write."""
             nonlocal best_hmean, validated_step
             evaluated = time.perf_counter()
-            score = _validate(raw_model, val_loader, config, precision, runtime)
+            score, times = _validate(raw_model, val_loader, config, precision, runtime)
             validated_step = position.step
             log.write({"event": "eval", "step": position.step, "epoch": epoch,
                        "precision": score.precision, "recall": score.recall, "hmean": score.hmean,
                        "matched": score.matched, "gt_care": score.gt_care, "det_care": score.det_care,
-                       "images": score.images, "seconds": time.perf_counter() - evaluated})
+                       "images": score.images, "seconds": time.perf_counter() - evaluated,
+                       **{name: value for name, value in times.items() if name != "images"}})
             if progress is not None and runtime.is_main:
                 progress(TrainProgress("eval", position.step, stop_at, epoch, score=score))
             if runtime.is_main:
@@ -369,13 +373,13 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
             draw_run_curves(out_dir)
         samples_per_s, data_wait = total.rates(runtime.world_size)
         best_path = out_dir / BEST_NAME
+        skips = stream.policy.summary()  # the loader's SkipPolicy counted every record it skipped
+        if skips["skipped"]:
+            log.write({"event": "skips", "step": position.step, **skips})
         return TrainResult(out_dir, position.step, position.epoch, out_dir / LAST_NAME,
                            best_path if best_hmean is not None else None, best_hmean, final_loss,
                            time.perf_counter() - started, samples_per_s, data_wait, runtime.world_size,
                            skipped=skips["skipped"])
     finally:
-        skips = stream.policy.summary()  # the loader's SkipPolicy counted every record it skipped
-        if skips["skipped"]:
-            log.write({"event": "skips", "step": position.step, **skips})
         log.close()
         stop_runtime(runtime)
