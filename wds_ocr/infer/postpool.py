@@ -1,58 +1,46 @@
 """A pool of post-processing worker processes fed through a shared-memory ring of maps.
 
 Why processes, and why these: post-processing and matching are CPU work in cv2, pyclipper,
-shapely and Python (about 20 ms per receipt), which would leave a GPU idle most of a validation
-pass if the main process did it between forward passes. Workers are plain subprocesses
-(``python -m wds_ocr.infer.postpool``), not multiprocessing children: nothing is forked from a
+shapely and Python (5-20 ms per receipt), which would leave a GPU idle most of a validation pass
+if the main process did it between forward passes. Workers are plain subprocesses
+(``python -m wds_ocr.infer.postworker``), not multiprocessing children: nothing is forked from a
 process that holds a CUDA context and loader threads, and nothing re-imports the user's main
 script (which ``spawn`` and ``forkserver`` do). They import no torch.
 
-Data paths:
-
-- *Maps* go through a ring of preallocated buffers in one anonymous shared-memory file
-  (``memfd_create``, or an unlinked temporary file where that is missing) handed to each worker
-  as an inherited descriptor: ``groups`` batch-sized slots of ``capacity`` maps each. The main
-  process copies a batch's maps from the device straight into a free group; a worker reads its
-  map in place (a numpy view). Nothing is pickled, and memory is bounded by the ring: at most
-  ``groups`` batches are in flight, after which the main process waits for the oldest to finish.
-- *Everything else* is small msgpack frames (length-prefixed) over each worker's stdin/stdout:
-  per image the slot and the ground truth (arrays as raw little-endian bytes), back the counts
-  and times. The parent's ends are non-blocking and pumped with ``select``; a worker never blocks
-  the parent, and a parent that dies closes the pipes, which ends its workers.
+Maps travel through the ring and everything else as msgpack frames (``infer.handoff``). The
+parent's pipe ends are non-blocking and pumped with ``select``, so a busy worker never blocks the
+parent; a parent that dies closes the pipes, which ends its workers. At most ``groups`` batches
+are in flight: the next batch waits for the oldest group to come back.
 
 Failure is never a hang: every wait has a deadline (``start_timeout`` for the workers to come up,
 ``result_timeout`` without any result while work is outstanding); a worker that exits, is killed
 or raises is reported as ``PostprocessWorkerError`` naming the worker, the image it had and the
-tail of its stderr.
+tail of its stderr, and the pool's workers are killed.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import select
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import msgpack
 import numpy as np
 
-from wds_ocr.config import PostprocessConfig
-from wds_ocr.errors import WdsOcrError
-from wds_ocr.eval.cleval import CLEvalCounts
-from wds_ocr.infer.scoring import (ImageOutcome, ImageTruth, MapForm, ScoringSettings, score_image, split_polygons,
-                                   truth_arrays)
+from wds_ocr.infer.handoff import (FrameBuffer, MapRing, PostprocessWorkerError, RingLayout, anonymous_file,
+                                   outcome_from_message, pack_frame, truth_message)
+from wds_ocr.infer.postworker import WORKER_MODULE
+from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings
 
-WORKER_MODULE = "wds_ocr.infer.postpool"
+__all__ = ["PostPool", "PostprocessWorkerError"]
+
 # Seconds the workers have to import and map the ring (a loaded machine can be slow to start Python).
 START_TIMEOUT = 120.0
 # Seconds without any result while work is outstanding before the pool gives up (a receipt takes
@@ -60,143 +48,8 @@ START_TIMEOUT = 120.0
 RESULT_TIMEOUT = 300.0
 # Seconds a closing worker has to exit after its input is closed, before it is killed.
 EXIT_TIMEOUT = 10.0
-# The largest frame either side accepts (a truth with thousands of polygons is well under 1 MiB).
-MAX_FRAME = 64 << 20
-_LENGTH = struct.Struct("<I")
 # Bytes of a worker's stderr quoted in an error.
 STDERR_TAIL = 2000
-
-
-class PostprocessWorkerError(WdsOcrError):
-    """A post-processing worker that failed, died or stopped answering."""
-
-
-# ---------------------------------------------------------------- frames and messages
-
-
-def pack_frame(body: dict[str, Any]) -> bytes:
-    payload = msgpack.packb(body, use_bin_type=True)
-    return _LENGTH.pack(len(payload)) + payload
-
-
-def _array_bytes(array: np.ndarray, dtype: str) -> bytes:
-    return np.ascontiguousarray(array, dtype=np.dtype(dtype)).tobytes()
-
-
-def truth_message(task: int, group: int, row: int, truth: ImageTruth) -> dict[str, Any]:
-    points, sizes = truth_arrays(truth.polygons)
-    return {"op": "task", "id": task, "group": group, "row": row, "name": truth.name,
-            "size": [int(truth.original_size[0]), int(truth.original_size[1])],
-            "inverse": _array_bytes(truth.inverse_matrix, "<f8"), "points": _array_bytes(points, "<f8"),
-            "sizes": _array_bytes(sizes, "<i4"), "dont_care": _array_bytes(truth.dont_care, "u1"),
-            "left_out": _array_bytes(truth.left_out, "u1"),
-            "texts": None if truth.texts is None else list(truth.texts)}
-
-
-def truth_from_message(message: dict[str, Any]) -> ImageTruth:
-    points = np.frombuffer(message["points"], dtype="<f8").reshape(-1, 2)
-    sizes = np.frombuffer(message["sizes"], dtype="<i4")
-    if int(sizes.sum()) != len(points):
-        raise ValueError(f"{message['name']}: polygon sizes add up to {int(sizes.sum())}, {len(points)} points came")
-    texts = message["texts"]
-    return ImageTruth(message["name"], (int(message["size"][0]), int(message["size"][1])),
-                      np.frombuffer(message["inverse"], dtype="<f8").reshape(3, 3),
-                      split_polygons(points, sizes), np.frombuffer(message["dont_care"], dtype="u1").astype(bool),
-                      np.frombuffer(message["left_out"], dtype="u1"), None if texts is None else tuple(texts))
-
-
-def outcome_message(task: int, outcome: ImageOutcome) -> dict[str, Any]:
-    return {"op": "done", "id": task, "counts": [outcome.detections, outcome.matched, outcome.gt_care,
-                                                  outcome.det_care],
-            "cleval": None if outcome.cleval is None else outcome.cleval.as_list(),
-            "times": [outcome.postprocess_s, outcome.matching_s]}
-
-
-def outcome_from_message(message: dict[str, Any]) -> ImageOutcome:
-    detections, matched, gt_care, det_care = (int(v) for v in message["counts"])
-    cleval = None if message["cleval"] is None else CLEvalCounts.from_list(message["cleval"])
-    postprocess_s, matching_s = (float(v) for v in message["times"])
-    return ImageOutcome(detections, matched, gt_care, det_care, cleval, postprocess_s, matching_s)
-
-
-class _FrameBuffer:
-    """Bytes read so far from one pipe, cut into complete frames."""
-
-    def __init__(self, what: str):
-        self.what = what
-        self.data = bytearray()
-
-    def frames(self) -> list[dict[str, Any]]:
-        out = []
-        while len(self.data) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self.data)
-            if length > MAX_FRAME:
-                raise PostprocessWorkerError(f"{self.what} sent a frame of {length} bytes (at most {MAX_FRAME})")
-            if len(self.data) < _LENGTH.size + length:
-                break
-            payload = bytes(self.data[_LENGTH.size : _LENGTH.size + length])
-            del self.data[: _LENGTH.size + length]
-            out.append(msgpack.unpackb(payload, raw=False))
-        return out
-
-
-# ---------------------------------------------------------------- the ring
-
-
-@dataclass(frozen=True)
-class RingLayout:
-    groups: int  # batches in flight at most
-    capacity: int  # maps per group (the batch size)
-    map_size: int  # S: maps are S x S
-    itemsize: int
-
-    @property
-    def map_bytes(self) -> int:
-        return self.map_size * self.map_size * self.itemsize
-
-    @property
-    def nbytes(self) -> int:
-        return self.groups * self.capacity * self.map_bytes
-
-    def offset(self, group: int, row: int) -> int:
-        return (group * self.capacity + row) * self.map_bytes
-
-
-def _anonymous_file() -> int:
-    """A descriptor of an unnamed file (memfd where the OS has it) that children can inherit."""
-    if hasattr(os, "memfd_create"):
-        return os.memfd_create("wds-ocr-maps")
-    handle = tempfile.TemporaryFile()
-    descriptor = os.dup(handle.fileno())
-    handle.close()
-    return descriptor
-
-
-class MapRing:
-    """The parent's side of the ring: one writable mapping of ``fd``, a numpy view per group."""
-
-    def __init__(self, fd: int, layout: RingLayout, dtype: np.dtype):
-        self.layout = layout
-        self.dtype = np.dtype(dtype)
-        os.ftruncate(fd, max(1, layout.nbytes))
-        self._map = mmap.mmap(fd, max(1, layout.nbytes))
-        self.maps = np.frombuffer(self._map, dtype=self.dtype, count=layout.groups * layout.capacity
-                                  * layout.map_size ** 2).reshape(layout.groups, layout.capacity, layout.map_size,
-                                                                   layout.map_size)
-
-    def group(self, group: int, count: int) -> np.ndarray:
-        """The first ``count`` map buffers of ``group``: (count, S, S), writable, contiguous."""
-        return self.maps[group, :count]
-
-    def close(self) -> None:
-        self.maps = None  # drop the view before the mapping closes
-        try:
-            self._map.close()
-        except BufferError:  # a caller still holds a view: the mapping goes when it does
-            pass
-
-
-# ---------------------------------------------------------------- the parent's side
 
 
 @dataclass
@@ -206,7 +59,7 @@ class _Worker:
     stdin: int
     stdout: int
     stderr: BinaryIO
-    inbox: _FrameBuffer
+    inbox: FrameBuffer
     outbox: bytearray
     tasks: deque  # (task id, image name) sent and not yet answered, in order
     ready: bool = False
@@ -261,7 +114,7 @@ class PostPool:
         package_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-        self._fd = _anonymous_file()
+        self._fd = anonymous_file()
         for index in range(self.count):
             stderr = tempfile.TemporaryFile()
             process = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(self._fd)], stdin=subprocess.PIPE,
@@ -271,7 +124,7 @@ class PostPool:
             os.set_blocking(stdin, False)
             os.set_blocking(stdout, False)
             self.workers.append(_Worker(index, process, stdin, stdout, stderr,
-                                        _FrameBuffer(f"post-processing worker {index}"), bytearray(), deque()))
+                                        FrameBuffer(f"post-processing worker {index}"), bytearray(), deque()))
 
     def open_ring(self, form: MapForm, map_size: int, capacity: int) -> None:
         """Create the ring for maps of ``map_size`` in ``form``, ``capacity`` per batch, and hand it
@@ -453,72 +306,3 @@ class PostPool:
         where = f" while working on {worker.tasks[0][1]}" if worker.tasks else ""
         return PostprocessWorkerError(f"post-processing worker {worker.index} (pid {worker.process.pid}) {how}{where}"
                                       + (f"; its last words: {tail}" if tail else ""))
-
-
-# ---------------------------------------------------------------- the worker's side
-
-
-def _read_exact(stream: BinaryIO, count: int) -> bytes | None:
-    data = bytearray()
-    while len(data) < count:
-        chunk = stream.read(count - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
-
-
-def _read_frame(stream: BinaryIO) -> dict[str, Any] | None:
-    head = _read_exact(stream, _LENGTH.size)
-    if head is None:
-        return None
-    (length,) = _LENGTH.unpack(head)
-    if length > MAX_FRAME:
-        raise ValueError(f"frame of {length} bytes (at most {MAX_FRAME})")
-    payload = _read_exact(stream, length)
-    if payload is None:
-        return None
-    return msgpack.unpackb(payload, raw=False)
-
-
-def serve(source: BinaryIO, sink: BinaryIO, ring_fd: int) -> None:
-    """The worker loop: a ring message, then tasks until the input closes; maps are read from the
-    ring file inherited as descriptor ``ring_fd``."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    hello = _read_frame(source)
-    if hello is None:
-        return
-    if hello.get("op") != "ring":
-        raise ValueError(f"expected the ring message first, got {hello.get('op')!r}")
-    form = MapForm(hello["form"], None if hello["table"] is None else np.frombuffer(hello["table"], dtype="<f4"))
-    layout = RingLayout(hello["groups"], hello["capacity"], hello["map_size"], form.dtype.itemsize)
-    mapping = mmap.mmap(ring_fd, max(1, layout.nbytes), access=mmap.ACCESS_READ)
-    maps = np.frombuffer(mapping, dtype=form.dtype, count=layout.groups * layout.capacity * layout.map_size ** 2
-                         ).reshape(layout.groups, layout.capacity, layout.map_size, layout.map_size)
-    settings = ScoringSettings(PostprocessConfig.model_validate(hello["postprocess"]), hello["metric"])
-    sink.write(pack_frame({"op": "ready", "pid": os.getpid()}))
-    sink.flush()
-    while (message := _read_frame(source)) is not None:
-        truth = truth_from_message(message)
-        try:
-            outcome = score_image(maps[message["group"], message["row"]], form, truth, settings)
-        except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises it there
-            traceback.print_exc()
-            sink.write(pack_frame({"op": "error", "id": message["id"], "error": f"{type(exc).__name__}: {exc}"}))
-            sink.flush()
-            raise SystemExit(1) from None
-        sink.write(pack_frame(outcome_message(message["id"], outcome)))
-        sink.flush()
-
-
-def main() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when its workers stop
-    if len(sys.argv) != 2 or not sys.argv[1].isdigit():
-        raise SystemExit(f"usage: python -m {WORKER_MODULE} RING_FD (started by PostPool, not by hand)")
-    serve(sys.stdin.buffer, sys.stdout.buffer, int(sys.argv[1]))
-
-
-if __name__ == "__main__":
-    main()
