@@ -106,7 +106,8 @@ def test_pipelined_counts_equal_serial_for_any_worker_count(checkpoint, shards, 
     (("postprocess.mode=db",), "32", "iou"),
     ((), "32", "cleval"),
 ])
-def test_pipelined_equals_serial_in_every_map_form_mode_and_metric(checkpoint, shards, overrides, precision, metric):
+def test_pipelined_equals_serial_in_every_map_form_mode_and_metric(checkpoint, shards, receipts, overrides, precision,
+                                                                   metric):
     if metric == "cleval":
         pytest.importorskip("cleval", reason="the optional cleval package is not installed")
     serial = run(checkpoint, shards, 0, 4, *overrides, precision=precision, metric=metric)
@@ -116,6 +117,9 @@ def test_pipelined_equals_serial_in_every_map_form_mode_and_metric(checkpoint, s
     assert (serial.cleval is not None) == (metric == "cleval")
     if metric == "cleval":
         assert serial.cleval.counts.char_gt > 100 and all(i.cleval is not None for i in serial.per_image)
+        live = evaluate_source(checkpoint, receipts, "train", with_settings("evaluation.post_workers=0"), "32", 4, 0,
+                               "cpu", metric="cleval")  # transcriptions from the live path, not the records
+        assert live.cleval == serial.cleval
     assert serial.postprocess_mode == ("db" if overrides else "wds")
 
 
