@@ -215,8 +215,8 @@ def test_every_problem_is_reported_one_per_line() -> None:
 
 def test_unknown_section_and_field_are_named_with_the_known_ones() -> None:
     assert _error("transfrom.size=512") == (
-        "invalid configuration:\n  transfrom: unknown section; known: augment, loader, loss, model, postprocess, "
-        "shards, source, targets, train, transform"
+        "invalid configuration:\n  transfrom: unknown section; known: augment, evaluation, loader, loss, model, "
+        "postprocess, shards, source, targets, train, transform"
     )
     assert _error("transform.sise=512") == (
         "invalid configuration:\n  transform.sise: unknown setting; known: pad, size (got 512)"
