@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import platform
 import re
+import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,24 +146,45 @@ def _process_one(position: int) -> Outcome:
                    coverage=Coverage.from_codes(processed.meta.left_out))
 
 
+def _ready() -> bool:
+    return True
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers fork from a server that imported the pipeline once (``forkserver``, where the
+    platform has it): starting them costs one import, not one per worker, and later builds in the
+    same process (train, then val) start theirs in milliseconds. Never plain ``fork``: the parent
+    may hold OpenCV's thread pool."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
 def _outcomes(samples: list[SourceSample], config: Config, positions: range, workers: int) -> Iterator[Outcome]:
-    """Outcomes in position order; at most ``4 * workers`` samples in flight."""
+    """Outcomes in position order; at most ``4 * workers`` samples in flight.
+
+    With several workers the pool starts in the background and, until one of its workers is up,
+    the parent processes the next positions itself, so start-up costs no idle time; a build
+    that ends before the pool is up never uses it."""
     if not positions:
         return
+    todo = iter(positions)
     if workers <= 1:
-        threads = cv2.getNumThreads()
-        _init_worker(samples, config)
-        try:
-            for position in positions:
-                yield _process_one(position)
-        finally:
-            _WORKER.clear()
-            cv2.setNumThreads(threads)
+        yield from _in_process(samples, config, todo)
         return
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(samples, config)) as pool:
+    starting = _PoolStart(workers, samples, config)
+    try:
+        local = _in_process(samples, config, todo)
+        while not starting.ready():
+            outcome = next(local, None)
+            if outcome is None:
+                return
+            yield outcome
+        local.close()
+        pool = starting.pool
         pending: deque = deque()
-        todo = iter(positions)
         for position in todo:
             pending.append(pool.apply_async(_process_one, (position,)))
             if len(pending) >= 4 * workers:
@@ -173,6 +195,54 @@ def _outcomes(samples: list[SourceSample], config: Config, positions: range, wor
             if following is not None:
                 pending.append(pool.apply_async(_process_one, (following,)))
             yield outcome
+    finally:
+        starting.close()
+
+
+class _PoolStart:
+    """A worker pool started in a thread (starting the processes blocks until the fork server has
+    imported the pipeline); ``ready()`` once it is up and a worker has answered."""
+
+    def __init__(self, workers: int, samples: list[SourceSample], config: Config):
+        self.pool: Any = None
+        self._answer: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._start, args=(workers, samples, config), daemon=True,
+                                        name="wds-ocr-pool-start")
+        self._thread.start()
+
+    def _start(self, workers: int, samples: list[SourceSample], config: Config) -> None:
+        try:
+            self.pool = _worker_context().Pool(workers, initializer=_init_worker, initargs=(samples, config))
+            self._answer = self.pool.apply_async(_ready)
+        except BaseException as exc:  # surfaced by ready()
+            self._error = exc
+
+    def ready(self) -> bool:
+        if self._thread.is_alive():
+            return False
+        if self._error is not None:
+            raise self._error
+        return self._answer.ready()
+
+    def close(self) -> None:
+        self._thread.join()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+def _in_process(samples: list[SourceSample], config: Config, todo: Iterator[int]) -> Iterator[Outcome]:
+    """Outcomes of the positions taken from ``todo``, computed in this process (one at a time, as
+    they are asked for: a position is taken only when its outcome is wanted)."""
+    threads = cv2.getNumThreads()
+    _init_worker(samples, config)
+    try:
+        for position in todo:
+            yield _process_one(position)
+    finally:
+        _WORKER.clear()
+        cv2.setNumThreads(threads)
 
 
 # --- manifest and rejects --------------------------------------------------------------------
