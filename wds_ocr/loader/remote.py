@@ -1,10 +1,12 @@
 """Byte-range access to shard folders: local paths, file://, http(s)://, and fsspec URLs (s3://, gs://).
 
 A location is a folder (or its manifest.json) holding the shards. Readers fetch exact byte
-ranges taken from the manifest's per-sample offsets: local files with ``os.pread`` (one system
-call, no seek state shared between threads), HTTP with ``Range`` requests on kept-alive
-connections (one per thread), other schemes through fsspec when it is installed. Readers open
-lazily, so they can be created before DataLoader workers start and used inside each worker.
+ranges taken from the manifest's per-sample offsets, straight into the caller's buffer
+(``read_into``, what the loader uses: its batch buffer): local files with ``os.preadv`` (one
+system call, no seek state shared between threads), HTTP with ``Range`` requests on kept-alive
+connections (one per thread) whose body is read into the buffer as it arrives, other schemes
+through fsspec when it is installed (one extra copy there). Readers open lazily, so they can be
+created before DataLoader workers start and used inside each worker.
 
 Hostile manifests and servers (see docs/SECURITY.md):
 
@@ -140,6 +142,10 @@ class RangeReader:
     def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
         raise NotImplementedError
 
+    def read_into(self, shard: str, start: int, stop: int, out: memoryview, deadline: Deadline | None = None) -> None:
+        """Read ``[start, stop)`` into ``out`` (exactly ``stop - start`` writable bytes)."""
+        out[:] = self.read(shard, start, stop, deadline)
+
     def describe(self, shard: str) -> str:
         raise NotImplementedError
 
@@ -184,6 +190,18 @@ class LocalReader(RangeReader):
         if len(data) != stop - start:
             raise ShardFormatError(shard, None, f"truncated: bytes {start}..{stop} requested, {len(data)} read")
         return data
+
+    def read_into(self, shard: str, start: int, stop: int, out: memoryview, deadline: Deadline | None = None) -> None:
+        fd = self._fd(shard)
+        wanted = stop - start
+        got = 0
+        while got < wanted:  # a regular file gives it all at once; a signal may cut a read short
+            count = os.preadv(fd, [out[got:wanted]], start + got)
+            if count == 0:
+                break
+            got += count
+        if got != wanted:
+            raise ShardFormatError(shard, None, f"truncated: bytes {start}..{stop} requested, {got} read")
 
     def describe(self, shard: str) -> str:
         return str(self.folder / shard)
@@ -260,7 +278,7 @@ class HttpReader(RangeReader):
     # -- one request --------------------------------------------------------------------------
 
     def _attempt(self, path: str, headers: dict[str, str], wanted: tuple[int, int] | None, cap: int,
-                 deadline: Deadline, url: str, shard: str | None) -> bytes:
+                 deadline: Deadline, url: str, shard: str | None, into: memoryview | None) -> bytes:
         """One GET. ``wanted`` = (start, stop) for a range (body exactly that long), else a whole
         file of at most ``cap`` bytes. Raises _Attempt (retry), RemoteError or IntegrityError."""
         conn = self._connection()
@@ -276,7 +294,7 @@ class HttpReader(RangeReader):
             response = conn.getresponse()
             if deadline.over:  # the watchdog cut the headers short: what arrived is not an answer
                 raise OSError("no complete answer by the deadline" if not deadline.cancelled else "cancelled")
-            body = self._body(response, wanted, cap, deadline, url, shard)
+            body = self._body(response, wanted, cap, deadline, url, shard, into)
             if response.will_close:
                 self._drop_connection()
             return body
@@ -293,7 +311,7 @@ class HttpReader(RangeReader):
                 _WATCHDOG.release(token)
 
     def _body(self, response: http.client.HTTPResponse, wanted: tuple[int, int] | None, cap: int,
-              deadline: Deadline, url: str, shard: str | None) -> bytes:
+              deadline: Deadline, url: str, shard: str | None, into: memoryview | None) -> bytes:
         status = response.status
         if status in _RETRY_STATUS:
             raise _Attempt(f"HTTP {status} {response.reason}")
@@ -321,7 +339,7 @@ class HttpReader(RangeReader):
             if length is not None and length > cap:
                 raise RemoteError(f"GET {url}: {length} bytes, over the {cap}-byte limit")
             expected = length
-        return _read_body(response, expected, cap, deadline, url, length is not None)
+        return _read_body(response, expected, cap, deadline, url, length is not None, into)
 
     def _check_content_range(self, header: str | None, wanted: tuple[int, int], url: str, shard: str | None) -> None:
         start, stop = wanted
@@ -340,8 +358,9 @@ class HttpReader(RangeReader):
         self._range_checked = True
 
     def _get(self, name: str, wanted: tuple[int, int] | None, cap: int, deadline: Deadline,
-             shard: str | None) -> bytes:
-        """A GET with retries and same-origin redirects within ``deadline``."""
+             shard: str | None, into: memoryview | None = None) -> bytes:
+        """A GET with retries and same-origin redirects within ``deadline``; a range body goes into
+        ``into`` when given (each attempt rewrites it from its start)."""
         path = self._path_for(name, "shard" if shard is not None else "file")
         headers = {"Accept-Encoding": "identity"}
         if wanted is not None:
@@ -357,7 +376,7 @@ class HttpReader(RangeReader):
             if deadline.remaining() <= 0:
                 break
             try:
-                return self._attempt(path, headers, wanted, cap, deadline, url, shard)
+                return self._attempt(path, headers, wanted, cap, deadline, url, shard, into)
             except _Redirect as redirect:
                 redirects += 1
                 path, url = self._follow(redirect.location, url, redirects)
@@ -389,6 +408,12 @@ class HttpReader(RangeReader):
     def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
         request = Deadline(self.settings.request_deadline, parent=deadline)
         return self._get(shard, (start, stop), stop - start, request, shard)
+
+    def read_into(self, shard: str, start: int, stop: int, out: memoryview, deadline: Deadline | None = None) -> None:
+        if len(out) != stop - start:
+            raise ValueError(f"read_into needs a buffer of {stop - start} bytes, got {len(out)}")
+        request = Deadline(self.settings.request_deadline, parent=deadline)
+        self._get(shard, (start, stop), stop - start, request, shard, out)
 
     def fetch(self, name: str) -> bytes:
         """A whole (small) file of the folder, e.g. the manifest, capped at ``max_manifest_bytes``."""
@@ -424,44 +449,51 @@ def _describe(exc: BaseException) -> str:
 
 
 def _read_body(response: http.client.HTTPResponse, expected: int | None, cap: int, deadline: Deadline, url: str,
-               has_length: bool) -> bytes:
+               has_length: bool, into: memoryview | None = None) -> bytes:
     """Exactly ``expected`` bytes (or, when None, everything up to ``cap``), checking the deadline
-    after every chunk. A body longer than asked for is refused without reading it all."""
-    limit = expected if expected is not None else cap
-    buffer = bytearray(limit if expected is not None else 0)
-    view = memoryview(buffer) if expected is not None else None
+    after every chunk. A body longer than asked for is refused without reading it all. With
+    ``into`` (``expected`` bytes long) the body is read straight into it and b"" is returned."""
+    if expected is None:
+        return _read_unsized(response, cap, deadline, url)
+    view = into if into is not None else memoryview(bytearray(expected))
     got = 0
-    while True:
+    while got < expected:
         if deadline.over:
             if deadline.cancelled:
                 raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)")
-            raise _Attempt(f"the body was not complete by the deadline ({got} of "
-                           f"{expected if expected is not None else 'its'} bytes)")
-        want = min(_CHUNK, limit - got + 1) if expected is None or got < limit else 1
-        chunk = response.read1(want)
-        if not chunk:
+            raise _Attempt(f"the body was not complete by the deadline ({got} of {expected} bytes)")
+        count = response.readinto(view[got : min(expected, got + _CHUNK)])
+        if not count:
             break
-        if got + len(chunk) > limit:
-            what = f"{expected} bytes asked for" if expected is not None else f"the {cap}-byte limit"
-            raise RemoteError(f"GET {url}: the server sent more than {what}; refused")
-        if view is not None:
-            view[got : got + len(chunk)] = chunk
-        else:
-            buffer += chunk
-        got += len(chunk)
-        if expected is not None and got == expected and (has_length or response.chunked):
-            break  # the length is known and met: no need to wait for the end of the stream
-    if expected is not None and got < expected:
+        got += count
+    if got < expected:
         if deadline.cancelled:
             raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)")
         if deadline.over:  # the watchdog shut the socket down
             raise _Attempt(f"the body was not complete by the deadline ({got} of {expected} bytes)")
         raise _Attempt(f"connection closed after {got} of {expected} bytes of the body")
-    if response.chunked:
-        if response.read1(1):  # the last chunk must follow
+    if response.chunked or not has_length:
+        if response.read1(1):  # the last chunk, or the end of the stream, must follow
             raise RemoteError(f"GET {url}: the server sent more than {expected} bytes asked for; refused")
-    elif has_length:
+    else:
         response.read()  # nothing is left: marks the response complete so the connection is kept
+    return b"" if into is not None else bytes(view)
+
+
+def _read_unsized(response: http.client.HTTPResponse, cap: int, deadline: Deadline, url: str) -> bytes:
+    """A body of unknown length (a manifest without Content-Length), refused past ``cap`` bytes."""
+    buffer = bytearray()
+    while True:
+        if deadline.over:
+            if deadline.cancelled:
+                raise ReadCancelled(f"GET {url}: cancelled (the loader is shutting down)")
+            raise _Attempt(f"the body was not complete by the deadline ({len(buffer)} of its bytes)")
+        chunk = response.read1(min(_CHUNK, cap - len(buffer) + 1))
+        if not chunk:
+            break
+        if len(buffer) + len(chunk) > cap:
+            raise RemoteError(f"GET {url}: the server sent more than the {cap}-byte limit; refused")
+        buffer += chunk
     return bytes(buffer)
 
 
