@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,32 @@ def test_train_refuses_settings_the_shards_were_not_built_with(demo_run, tmp_pat
                                       "--set", "transform.size=256"])
     assert result.exit_code == 1
     assert "error:" in result.output and "transform.size" in result.output
+
+
+def test_shards_of_an_older_format_are_refused_with_the_rebuild_command(demo_run, tmp_path):
+    out, _ = demo_run
+    old = tmp_path / "demo"
+    shutil.copytree(out / "data", old / "data")
+    shutil.copytree(out / "shards", old / "shards")
+    for split in ("train", "val"):  # what a demo folder built before the compact records holds
+        manifest = old / "shards" / split / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"schema_version": 4', '"schema_version": 3'))
+    train = old / "shards" / "train"
+    runner = CliRunner()
+    demo = runner.invoke(cli, ["demo", "--out", str(old), "--n", "8", "--workers", "1", "--set", "train.epochs=1"])
+    assert demo.exit_code == 1 and "Traceback" not in demo.output
+    assert demo.output.splitlines()[-1] == (
+        f"error: {train} holds shards written by an older wds-ocr (manifest.json has schema_version 3; this one "
+        f"reads 4, compact records): pass --overwrite (overwrite=True) to rebuild them there, remove {train}, or "
+        "build into another --out")
+    rebuild = (f"{train / 'manifest.json'} has schema_version 3, written by an older wds-ocr (this one reads version "
+               f"4: compact records with per-member checksums); rebuild the shards: wds-ocr build-shards SOURCE "
+               f"--split train --out {train} --overwrite")
+    trained = runner.invoke(cli, ["train", "--shards", str(train), "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 1 and trained.output.strip() == f"error: {rebuild}"
+    verified = runner.invoke(cli, ["verify", str(train)])
+    assert verified.exit_code == 1 and rebuild in verified.output and "Traceback" not in verified.output
+    rebuilt = runner.invoke(cli, ["build-shards", str(old / "data"), "--split", "train", "--out", str(train),
+                                  "--overwrite", "--set", "transform.size=128"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads((train / "manifest.json").read_text())["schema_version"] == 4

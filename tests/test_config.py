@@ -13,7 +13,7 @@ from wds_ocr.errors import ConfigError
 
 # sha256 of the default record_settings(). Changing it invalidates every shard ever built: only
 # update it together with a deliberate change of record_settings() or PIPELINE_VERSION.
-DEFAULT_FINGERPRINT = "9504ee8d08eee9eced98f7444835d75bee8a56c8912017049a9a0eb353e5f3ee"
+DEFAULT_FINGERPRINT = "b25d197a031996adf34154f9b5285516a6fc49afd2924b25a26d130ba666b080"
 
 
 def _error(*overrides: str, path: Path | None = None) -> str:
@@ -45,7 +45,7 @@ def test_defaults() -> None:
     assert (config.train.precision, config.train.epochs, config.train.lr) == ("auto", 10, 1e-3)
     assert (config.train.max_steps, config.augment.crop_size) == (None, 0)
     assert config.model.backbone_weights is None
-    assert PIPELINE_VERSION == 3
+    assert PIPELINE_VERSION == 4  # 4: compact records (record version 3)
 
 
 def test_config_is_frozen() -> None:

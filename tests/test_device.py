@@ -163,3 +163,60 @@ def test_a_crop_larger_than_the_records_is_refused(batch):
     augmenter = Augmenter(AugmentConfig(crop_size=512), thresh_min=0.3)
     with pytest.raises(ValueError, match=r"augment.crop_size=512 needs square records of at least that side, got 256x256"):
         augmenter(batch.images.permute(0, 3, 1, 2).float(), maps_of(batch))
+
+
+# --- expansion of the compact records ------------------------------------------------------------
+
+
+def live_arrays(root, split, config, keys=None):
+    from wds_ocr.data.pipeline import process_sample
+    from wds_ocr.data.sources import list_source
+    from wds_ocr.shards.codec import full_arrays
+    from wds_ocr.shards.naming import record_key
+
+    samples = list_source(root, split, config.source).samples
+    return {record_key(s.index, s.name): full_arrays(process_sample(s, config)) for s in samples
+            if keys is None or record_key(s.index, s.name) in keys}
+
+
+def assert_expanded_equals_live(batch, moved, live) -> int:
+    for row, key in enumerate(batch.keys):
+        for name, array in live[key].items():
+            got = (moved.images if name == "image" else getattr(moved, name))[row]
+            assert got.dtype == {np.uint8: torch.uint8, np.float16: torch.float16}[array.dtype.type], name
+            assert got.numpy().tobytes() == array.tobytes(), (key, name)
+    return len(batch)
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_device_expansion_equals_the_live_pipeline_on_synthetic_receipts(synth_root, tmp_path, mode):
+    from wds_ocr.config import load_config
+
+    folder = build_small_shards(synth_root, tmp_path / "s", size=256, max_samples=4)
+    live = live_arrays(synth_root, "train", load_config(None, ["transform.size=256"]))
+    seen = 0
+    for batch in make_loader(ShardStream(folder, batch_size=3), 2, mode=mode):
+        seen += assert_expanded_equals_live(batch, to_device(batch, "cpu"), live)
+    assert seen == 9
+
+
+def test_device_expansion_equals_the_live_pipeline_on_real_receipts(sroie_root, tmp_path):
+    """Five SROIE validation receipts at the default 640 (one with an EXIF orientation tag)."""
+    from wds_ocr.config import load_config
+    from wds_ocr.shards.build import Partition, build_shards
+
+    config = load_config(None, [])
+    result = build_shards(sroie_root, "val", tmp_path / "s", config, partition=Partition.parse("0/8"))
+    keys = set(result.manifest.shards[0].keys)
+    live = live_arrays(sroie_root, "val", config, keys)
+    assert len(live) == 5
+    stream = ShardStream(result.manifest_path, batch_size=2)
+    seen = 0
+    for batch in make_loader(stream, 2, mode="threads"):
+        moved = to_device(batch, "cpu")
+        seen += assert_expanded_equals_live(batch, moved, live)
+        for name, value in moved.maps().items():  # and the host batch's CPU expansion is the same
+            assert torch.equal(value, getattr(batch, name)), name
+    assert seen == 5
+    sizes = [entry.span(i)[1] - entry.span(i)[0] for entry in result.manifest.shards for i in range(entry.samples)]
+    assert max(sizes) < 1_320_000  # a 640 px receipt was 3.29 MB as full arrays

@@ -80,8 +80,11 @@ SHARD = "m.json shard 'shard-000000.tar'"
         (lambda b: b["counts"].update(rejected=3),
          "m.json: counts.samples_in=9 is not written 9 + rejected 3"),
         (lambda b: b.update(schema_version=2),
-         "m.json has schema_version 2, written by an older wds-ocr (this one reads version 3, with per-member "
-         "checksums); rebuild the shards with wds-ocr build-shards"),
+         "m.json has schema_version 2, written by an older wds-ocr (this one reads version 4: compact records with "
+         "per-member checksums); rebuild the shards: wds-ocr build-shards SOURCE --split train --out . --overwrite"),
+        (lambda b: b.update(schema_version=3),  # full-array records (record version 2)
+         "m.json has schema_version 3, written by an older wds-ocr (this one reads version 4: compact records with "
+         "per-member checksums); rebuild the shards: wds-ocr build-shards SOURCE --split train --out . --overwrite"),
         (lambda b: b.update(checksum="crc32"),
          "m.json: checksum 'crc32' is not one this wds-ocr computes ('xxh3_64'); rebuild the shards"),
         (lambda b: b.update(surprise=1), "m.json: unknown fields ['surprise']"),

@@ -84,9 +84,10 @@ def test_batches_hold_exactly_the_records(uneven_shards):
     assert batch.thresh_map.dtype == torch.float16 and batch.gt.shape == (4, 64, 64)
     for row, key in enumerate(batch.keys):
         record, _ = read_record(uneven_shards, manifest, key)
-        assert np.array_equal(batch.images[row].numpy(), record.arrays["image"])
+        full = record.expand()
+        assert batch.images[row].numpy().tobytes() == full["image"].tobytes()
         for name in ("gt", "mask", "thresh_map", "thresh_mask"):
-            assert np.array_equal(getattr(batch, name)[row].numpy(), record.arrays[name])
+            assert getattr(batch, name)[row].numpy().tobytes() == full[name].tobytes(), name
         info = batch.info[row]
         assert info.name == record.meta.name
         assert np.array_equal(info.inverse_matrix, record.arrays["inverse_matrix"])
@@ -182,8 +183,8 @@ def test_oversized_declared_shape_is_refused_before_allocation(uneven_shards, tm
 def test_shape_that_disagrees_with_bytes_is_refused(uneven_shards, tmp_path):
     folder = copy_shards(uneven_shards, tmp_path / "s")
     key = load_manifest(folder).shards[0].keys[2]
-    rewrite_record(folder, key, lambda h: h["arrays"]["gt"].__setitem__("shape", [64, 65]))
-    with pytest.raises(ShardFormatError, match=r"array gt: shape \[64, 65\] x 1 bytes != declared 4096 bytes"):
+    rewrite_record(folder, key, lambda h: h["arrays"]["map_window"].__setitem__("shape", [5]))
+    with pytest.raises(ShardFormatError, match=r"array map_window: shape \[5\] x 4 bytes != declared 16 bytes"):
         first_batch(folder)
 
 
@@ -193,7 +194,7 @@ def test_skip_policy_reports_and_shrinks_the_batch(uneven_shards, tmp_path):
     rewrite_record(folder, key, lambda h: h.__setitem__("version", 99))
     batch = first_batch(folder, on_error="skip")
     assert len(batch) == 8 and key not in batch.keys
-    assert batch.skipped == [("shard-000000.tar", key, "record version 99 is not supported (this code reads 2); "
+    assert batch.skipped == [("shard-000000.tar", key, "record version 99 is not supported (this code reads 3); "
                                                        "rebuild the shards or upgrade wds-ocr")]
 
 
@@ -201,8 +202,9 @@ def test_streaming_hash_check_names_shard_and_key(uneven_shards, tmp_path):
     folder = copy_shards(uneven_shards, tmp_path / "s")
     entry = load_manifest(folder).shards[1]
     shard = folder / entry.name
+    record, _ = read_record(folder, load_manifest(folder), entry.keys[3])
     data = bytearray(shard.read_bytes())
-    data[entry.offsets[3] + BLOCK + 5000] ^= 0x01  # inside the image pixels: decodes fine, hash does not
+    data[entry.offsets[3] + BLOCK + record.offsets["image"] + 100] ^= 0x01  # a pixel: decodes fine, hash does not
     shard.write_bytes(bytes(data))
     assert len(first_batch(folder, verify=False)) == 9  # unchecked (the opt-out): the flip goes unnoticed
     for verify, what in ((True, "checksum"), ("sha256", "sha256")):  # the default, and the full digest
@@ -261,9 +263,9 @@ def test_rss_stays_flat_over_five_epochs(synth_root, tmp_path):
         del batch
         gc.collect()
         rss.append(process.memory_info().rss)
-    per_epoch = 9 * (512 * 512 * 3 + 512 * 512 * 5)  # 18.9 MB streamed per epoch
-    # Anything kept per batch would add ~19 MB per epoch (76 MB over epochs 2-5); the allocator's
-    # own caching moves RSS by a few batches (a few MB) at most.
+    per_epoch = sum(entry.members_end for entry in stream.manifest.shards)  # the compact records streamed
+    # Anything kept per batch would add what an epoch streams (plus its CPU expansion if kept); the
+    # allocator's own caching moves RSS by a few batches at most.
     growth = rss[-1] - rss[0]
     assert growth < per_epoch // 2, f"RSS grew by {growth / 1e6:.1f} MB over epochs 1-5: {[r // 10**6 for r in rss]}"
 
@@ -290,3 +292,70 @@ def test_file_url_and_manifest_path_read_the_same_shards(uneven_shards):
     expected = run_rank(uneven_shards, 0, 1, 0)
     assert run_rank(f"file://{uneven_shards}", 0, 1, 0) == expected
     assert run_rank(uneven_shards / "manifest.json", 0, 1, 0) == expected
+
+
+# --- one copy from file to batch -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_shard_256(synth_root, tmp_path_factory) -> Path:
+    """The 9 train receipts at 256x256 in one shard (members of ~60-180 kB)."""
+    return build_small_shards(synth_root, tmp_path_factory.mktemp("s256") / "s", size=256, max_samples=100)
+
+
+def read_twice_traced(stream: ShardStream):
+    """The first plan's batch read into a warm ring buffer, and the peak of Python allocations."""
+    import tracemalloc
+
+    from wds_ocr.loader.ring import BufferRing
+
+    ring = BufferRing()
+    plan = stream.plans()[0]
+    del stream.read_batch(plan, ring=ring).packed  # warm: the ring's buffer exists, code paths are imported
+    tracemalloc.start()
+    try:
+        batch = stream.read_batch(plan, ring=ring)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return plan, batch, peak, ring
+
+
+def stored_members(folder: Path, plan) -> tuple[bytes, int]:
+    """The plan's members exactly as stored in the shard, back to back, and the smallest's size."""
+    entry = load_manifest(folder).shards[0]
+    data = (folder / entry.name).read_bytes()
+    spans = [entry.span(ref.position) for ref in plan.samples]
+    return b"".join(data[a:b] for a, b in spans), min(b - a for a, b in spans)
+
+
+def test_local_members_land_in_the_batch_buffer_with_no_copy_in_between(one_shard_256, monkeypatch):
+    from wds_ocr.loader.remote import LocalReader
+
+    monkeypatch.setattr(LocalReader, "read", lambda *a, **k: pytest.fail("read through an intermediate bytes object"))
+    stream = ShardStream(one_shard_256, batch_size=4)
+    plan, batch, peak, ring = read_twice_traced(stream)
+    expected, smallest = stored_members(one_shard_256, plan)
+    # the payload is the members as stored (tar header, record, padding), in the ring's buffer
+    assert batch.packed.payload.numpy().tobytes() == expected
+    assert batch.lease.buffer is not None and batch.packed.payload.data_ptr() == batch.lease.buffer.tensor.data_ptr()
+    assert (ring.allocations, ring.reuses) == (1, 1)
+    # nothing of a member's size was allocated on the way (a pread into bytes would be: the peak
+    # would pass the smallest member); what is allocated is the samples' metadata (SampleInfo)
+    assert peak < smallest, (peak, smallest)
+    assert len(batch) == 4 and [layout.image % 64 for layout in batch.packed.layouts] == [0, 0, 0, 0]
+
+
+def test_http_bodies_land_in_the_batch_buffer_as_they_arrive(one_shard_256, monkeypatch):
+    from wds_ocr.bench_http import python_server
+    from wds_ocr.loader.remote import HttpReader
+
+    with python_server(one_shard_256) as url:  # bodies sent with os.sendfile: no allocation server-side
+        stream = ShardStream(url, batch_size=4)
+        monkeypatch.setattr(HttpReader, "read", lambda *a, **k: pytest.fail("read through an intermediate bytes object"))
+        plan, batch, peak, _ = read_twice_traced(stream)
+    expected, smallest = stored_members(one_shard_256, plan)
+    assert batch.packed.payload.numpy().tobytes() == expected
+    assert peak < smallest, (peak, smallest)  # as for local reads: no member-sized allocation
+    local = ShardStream(one_shard_256, batch_size=4).read_batch(plan)
+    assert batch.keys == local.keys and torch.equal(batch.thresh_map, local.thresh_map)

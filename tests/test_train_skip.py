@@ -26,5 +26,5 @@ def test_all_corrupt_batches_are_skipped_and_counted(synth_root, tmp_path):
     assert result.skipped == 9  # the SkipPolicy's count reaches the result and the metrics
     skips = [line for line in lines if line["event"] == "skips"]
     assert len(skips) == 1 and skips[0]["skipped"] == 9 and skips[0]["step"] == 3
-    assert skips[0]["examples"][0].endswith("record version 99 is not supported (this code reads 2); "
+    assert skips[0]["examples"][0].endswith("record version 99 is not supported (this code reads 3); "
                                             "rebuild the shards or upgrade wds-ocr")

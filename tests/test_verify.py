@@ -266,15 +266,17 @@ def test_record_whose_shape_disagrees_with_its_bytes(folder):
     key, data = items[1]
     items[1] = (key, reencode(data, lambda header, blob: header["arrays"]["image"].update(shape=[128, 128, 4])))
     rewrite_shard(folder, items)
-    assert problems(verify_shards(folder)) == [(SHARD, key, "array image: shape [128, 128, 4] x 1 bytes != declared 49152 bytes")]
+    nbytes = msgpack.unpackb(data)[0]["arrays"]["image"]["nbytes"]  # the stored (resized) image's bytes
+    assert problems(verify_shards(folder)) == [
+        (SHARD, key, f"array image: shape [128, 128, 4] x 1 bytes != declared {nbytes} bytes")]
 
 
 def test_record_that_differs_from_the_live_pipeline_only(folder, synth_root):
     items = [(m.key, m.data) for m in members(folder)]
     key, data = items[0]
 
-    def nudge(header, blob) -> None:
-        spec = header["arrays"]["thresh_map"]
+    def nudge(header, blob) -> None:  # one threshold value in the band: a valid record, not the live one
+        spec = header["arrays"]["thresh_values"]
         values = np.frombuffer(blob, "<f2", offset=spec["offset"], count=1).copy()
         values[0] = 0.5 if values[0] != 0.5 else 0.6
         blob[spec["offset"] : spec["offset"] + 2] = values.tobytes()
@@ -314,7 +316,7 @@ def test_tampered_manifest(folder):
 def test_unreadable_manifest(folder):
     (folder / "manifest.json").write_text('{"schema": "wds-ocr/manifest", "schema_version": 7}')
     assert problems(verify_shards(folder)) == [(None, None, (
-        f"{folder / 'manifest.json'} has schema_version 7; this wds-ocr reads version 3: "
+        f"{folder / 'manifest.json'} has schema_version 7; this wds-ocr reads version 4: "
         "upgrade wds-ocr or rebuild the shards"))]
 
 
@@ -412,5 +414,10 @@ def test_inspect_summarizes_the_shards_and_one_record(clean, tmp_path):
     assert lines[1] == "source: json split train; in 9, written 9, rejected 0, words skipped 0"
     assert summary.record.key == key and summary.shard == SHARD
     assert any(line.startswith(f"record {key} (in {SHARD}): ") for line in lines)
-    assert "  image              u1   [128, 128, 3]        49,152 bytes" in lines
+    image = summary.record.arrays["image"]
+    assert image.shape[2] == 3 and max(image.shape[:2]) == 128  # the resized image, without its padding
+    assert f"  image              u1   {str(list(image.shape)):16s} {image.nbytes:>10,} bytes" in lines
+    stored = sum(nbytes for *_, nbytes in summary.arrays)
+    assert (f"  stored arrays {stored:,} bytes; expanded on the device to image + maps of {128 * 128 * 8:,} bytes "
+            f"({128 * 128 * 8 / stored:.1f}x)") in lines
     assert lines[-1] == f"wrote {tmp_path / 'panel.png'}" and (tmp_path / "panel.png").stat().st_size > 0

@@ -28,8 +28,8 @@ from pydantic_core import PydanticCustomError
 from wds_ocr.errors import ConfigError
 
 # Bump when code changes the bytes a record holds for the same inputs and settings, or which
-# samples a build admits (3: image pixel and file size limits, per-member checksums).
-PIPELINE_VERSION = 3
+# samples a build admits (3: image pixel and file size limits, per-member checksums; 4: compact records).
+PIPELINE_VERSION = 4
 
 
 class _Section(BaseModel):

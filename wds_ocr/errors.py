@@ -78,6 +78,14 @@ class ManifestError(WdsOcrError):
     """A manifest that is missing, unreadable, of an unknown schema, or inconsistent."""
 
 
+class OlderManifestError(ManifestError):
+    """A manifest written by an older wds-ocr, whose shards this one cannot read: rebuild them."""
+
+    def __init__(self, message: str, version: int):
+        super().__init__(message)
+        self.version = version
+
+
 class StaleShardsError(WdsOcrError):
     """Shards built with a different configuration or pipeline version than the current one."""
 

@@ -1,7 +1,10 @@
-"""On the device: copy, normalize, lay out, augment. The CPU never transforms.
+"""On the device: copy, expand, normalize, lay out, augment. The CPU never transforms.
 
-``to_device`` copies a Batch's tensors with ``non_blocking=True`` (asynchronous from pinned
-memory). ``normalize`` turns (N, H, W, 3) uint8 into float32 NCHW in channels_last layout with
+``to_device`` copies a Batch's payload (its compact records, as read) with ``non_blocking=True``
+(asynchronous from pinned memory) and expands it there into the full image and maps, bit for bit
+the live pipeline's (``loader.batch``: place each image in its zero frame, unpack the bit planes
+of each map window, scatter the threshold values); the ring waits for the copy before it reuses
+the host buffer. ``normalize`` turns (N, H, W, 3) uint8 into float32 NCHW in channels_last layout with
 ImageNet mean/std — one fused elementwise op on the device; the permute is free because NHWC
 memory *is* channels_last. ``Augmenter`` applies one random affine (flip, scale, rotation,
 translation) per sample to the image and all four maps together through a single sampling grid:
@@ -20,7 +23,8 @@ import torch.nn.functional as F
 from wds_ocr.config import AugmentConfig
 from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
-from wds_ocr.loader.stream import Batch, SampleInfo
+from wds_ocr.loader.batch import Batch, SampleInfo, expand_images, expand_maps
+from wds_ocr.loader.ring import device_fence
 from wds_ocr.shards.naming import MAP_NAMES
 
 
@@ -37,8 +41,18 @@ class DeviceBatch:
 
 
 def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:
-    """Asynchronous host-to-device copies (overlap with compute when the batch is pinned)."""
-    return DeviceBatch(**{name: t.to(device, non_blocking=True) for name, t in batch.tensors().items()})
+    """The batch's full image and maps on ``device``: one asynchronous copy of the packed records
+    (overlapping compute when the host buffer is pinned), then their expansion there. A batch of
+    full tensors is copied as it is."""
+    packed = batch.packed
+    if packed is None:
+        return DeviceBatch(**{name: t.to(device, non_blocking=True) for name, t in batch.tensors().items()})
+    payload = packed.payload.to(device, non_blocking=True)
+    if payload.device.type == "cuda" and batch.lease is not None:
+        with torch.cuda.device(payload.device):
+            batch.lease.fence(device_fence())  # the host buffer is reused only after this copy
+    images = expand_images(payload, packed.layouts, packed.size)
+    return DeviceBatch(images, **expand_maps(payload, packed.layouts, packed.size, packed.fill))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,15 @@
-"""The streaming loader: planned batches -> exact byte ranges -> zero-copy decode -> one tensor per field.
+"""The streaming loader: planned batches -> exact byte ranges -> one copy into the batch buffer.
 
 Composed from webdataset pipeline stages (``DataPipeline``, ``split_by_worker``) around our own
-stages. The CPU does no image work: each record's arrays are numpy views over the bytes read
-(no decode, no copy) and are copied once into the batch tensors, which are preallocated per
-batch — in shared memory inside DataLoader workers (so handing the batch to the main process
-copies nothing) and in pinned memory in the main process when CUDA is present.
+stages. The CPU does no image work and makes no intermediate copy: each batch's members are read
+(``os.preadv`` for local files; HTTP bodies as their bytes arrive) straight into one buffer, one
+member after the other, exactly as stored (record version 3: compact arrays, see
+``wds_ocr.shards.compact``); the checksum, the tar header and the codec's validation all run on
+those bytes in place, and the batch (``batch.Batch``) is that buffer plus where each record's
+arrays lie in it. The device expands it (``loader.device.to_device``). Buffers come from rings
+(``loader.ring``) and are recycled once nothing refers to their batch: pinned memory when CUDA is
+present, shared memory inside DataLoader workers (the main process notes on a shared board when it
+has dropped each batch, and workers reuse only buffers it released).
 
 Safety (docs/SECURITY.md): only manifest-listed byte ranges are read, from the manifest's own
 folder or server (``remote``); by default (``verify=True``) every member's xxh3-64 checksum is
@@ -12,9 +17,10 @@ checked against the manifest before anything else touches its bytes (``verify="s
 sha256 digest; ``verify=False``: no check). Then its tar header is checked (regular, flat
 ``<key>.msgpack`` name, size consistent with the range) and the codec validates every declared
 shape and length against the bytes and every metadata field and array readers use; nothing is
-unpickled. Batches are allocated from the manifest's ``transform.size``, which the manifest
-parser bounds. ``on_error="skip"`` (a ``SkipPolicy``) logs, counts and reports bad records in
-``Batch.skipped`` instead of raising; transport failures and rebuilt shards always raise.
+unpickled. Records must have the manifest's side (``transform.size``, which the manifest parser
+bounds) and threshold fill. ``on_error="skip"`` (a ``SkipPolicy``) logs, counts and reports bad
+records in ``Batch.skipped`` instead of raising; transport failures and rebuilt shards always
+raise.
 
 Rebuilt shards: when a read fails its checks, and before each epoch and each newly opened local
 shard, the stream checks that the manifest is still the one it opened; if it was replaced or
@@ -34,7 +40,7 @@ import itertools
 import os
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,81 +49,19 @@ import torch
 import webdataset as wds
 
 from wds_ocr.errors import IntegrityError, ShardFormatError, ShardsChangedError, WdsOcrError
+from wds_ocr.loader.batch import Batch, Packed, SampleInfo, SampleLayout
 from wds_ocr.loader.plan import BatchPlan, plan_batches
 from wds_ocr.loader.policy import SkipPolicy, Skipped
 from wds_ocr.loader.remote import Deadline, LocalReader, RangeReader, RemoteSettings, open_shards
-from wds_ocr.shards.codec import decode_record
+from wds_ocr.loader.ring import BufferRing, Lease, ReleaseBoard, WorkerRing, allocate
+from wds_ocr.shards.codec import Record, decode_record
+from wds_ocr.shards.compact import fill_value
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest
-from wds_ocr.shards.naming import MAP_NAMES, MEMBER_EXTENSION
+from wds_ocr.shards.naming import MEMBER_EXTENSION
 from wds_ocr.shards.tario import BLOCK, parse_header, span_checksum
 
 MAX_SPAN = 1 << 31
-_MAP_DTYPES = {"thresh_map": torch.float16}
-# Batch field -> (record array, dtype, rank): the image, then the maps in MAP_NAMES order.
-_FIELDS = {"images": ("image", torch.uint8, 3),
-           **{name: (name, _MAP_DTYPES.get(name, torch.uint8), 2) for name in MAP_NAMES}}
 _VERIFY = {True: "checksum", False: "off", "checksum": "checksum", "sha256": "sha256", "off": "off"}
-
-
-@dataclass
-class SampleInfo:
-    """Per-sample metadata evaluation needs (original-frame polygons, inverse matrix, ...)."""
-
-    key: str
-    name: str
-    original_size: tuple[int, int]
-    inverse_matrix: np.ndarray
-    polygons: list[np.ndarray]  # original-image frame
-    dont_care: np.ndarray  # (P,) bool, from the annotations
-    left_out: np.ndarray  # (P,) uint8 LeftOut codes: why a polygon is not in the training targets (0: it is)
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # (N, S, S, 3) uint8 RGB
-    gt: torch.Tensor  # (N, S, S) uint8
-    mask: torch.Tensor  # (N, S, S) uint8
-    thresh_map: torch.Tensor  # (N, S, S) float16
-    thresh_mask: torch.Tensor  # (N, S, S) uint8
-    info: list[SampleInfo]
-    index: int  # batch number within this rank's epoch
-    skipped: list[Skipped] = field(default_factory=list)  # (shard, key, reason) of each record skipped
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def keys(self) -> list[str]:
-        return [i.key for i in self.info]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in _FIELDS}
-
-    def pin_memory(self) -> "Batch":
-        """Called by DataLoader(pin_memory=True) in the main process."""
-        pinned = {name: t if t.is_pinned() else t.pin_memory() for name, t in self.tensors().items()}
-        return Batch(**pinned, info=self.info, index=self.index, skipped=self.skipped)
-
-
-def _allocate_batch(n: int, size: int, where: str) -> dict[str, torch.Tensor]:
-    """All five fields of a batch as views into one storage: shared (worker), pinned or plain."""
-    layout = []
-    nbytes = 0
-    for name, (_, dtype, rank) in _FIELDS.items():
-        shape = (n, size, size, 3) if rank == 3 else (n, size, size)
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        nbytes += (-nbytes) % 64
-        layout.append((name, dtype, shape, nbytes // itemsize))
-        nbytes += itemsize * int(np.prod(shape))
-    if where == "shared":
-        storage = torch.UntypedStorage._new_shared(nbytes)
-    else:
-        storage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=where == "pinned").untyped_storage()
-    out = {}
-    for name, dtype, shape, offset in layout:
-        stride = tuple(int(np.prod(shape[i + 1 :])) for i in range(len(shape)))
-        out[name] = torch.empty(0, dtype=dtype).set_(storage, offset, shape, stride)
-    return out
 
 
 class ShardStream(wds.DataPipeline):
@@ -162,6 +106,9 @@ class ShardStream(wds.DataPipeline):
         # main process set before each epoch, so they need not be restarted every epoch.
         self._position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.size = manifest.image_size
+        self.fill = fill_value(manifest.thresh_range[0])
+        self.board: ReleaseBoard | None = None  # set by make_loader before DataLoader workers start
+        self._rings: tuple[int, Any] | None = None  # (pid, ring) of the process iterating
         super().__init__(self._plans, wds.split_by_worker, self._read_batches)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -188,17 +135,26 @@ class ShardStream(wds.DataPipeline):
         self.check_unchanged(local_only=True)
         return iter(self.plans())
 
+    def _ring(self) -> "BufferRing | WorkerRing":
+        """This process's buffers: a worker's shared ring, or the main process's ring."""
+        if self._rings is None or self._rings[0] != os.getpid():
+            worker = torch.utils.data.get_worker_info()
+            ring = (WorkerRing(self.board, worker.id) if worker is not None
+                    else BufferRing("pinned" if torch.cuda.is_available() else "plain"))
+            self._rings = (os.getpid(), ring)
+        return self._rings[1]
+
     def _read_batches(self, plans: Iterator[BatchPlan]) -> Iterator[Batch]:
         worker = torch.utils.data.get_worker_info()
-        where = "shared" if worker is not None else ("pinned" if torch.cuda.is_available() else "plain")
+        ring = self._ring()
         for plan in plans:
             if worker is None:
-                batch = self.read_batch(plan, where)
+                batch = self.read_batch(plan, ring=ring)
                 self.policy.tally(batch.skipped)
                 yield batch
                 continue
             try:
-                batch = self.read_batch(plan, where)
+                batch = self.read_batch(plan, ring=ring)
             except WdsOcrError as exc:  # to the main process as itself (see ProcessLoader)
                 yield _WorkerFailure(exc)
                 return
@@ -223,29 +179,45 @@ class ShardStream(wds.DataPipeline):
             raise changed from error
         return error
 
+    def _span(self, shard_index: int, position: int) -> tuple[int, int]:
+        entry = self.manifest.shards[shard_index]
+        start, stop = entry.span(position)
+        if not BLOCK < stop - start <= MAX_SPAN:
+            raise ShardFormatError(entry.name, entry.keys[position],
+                                   f"manifest span of {stop - start} bytes is not a plausible member")
+        return start, stop
+
     def read_member(self, shard_index: int, position: int, deadline: Deadline | None = None) -> tuple[str, memoryview]:
-        """(key, record bytes) of one member: checksum and header checked before the record is touched."""
+        """(key, record bytes) of one member, in a buffer of its own: checksum and header checked
+        before the record is touched."""
         try:
-            return self._read_member(shard_index, position, deadline)
+            start, stop = self._span(shard_index, position)
+            span = memoryview(bytearray(stop - start))
+            return self._read_member(shard_index, position, start, stop, span, deadline)
         except ShardFormatError as exc:
             raise self._failed(exc) from None
 
-    def _read_member(self, shard_index: int, position: int, deadline: Deadline | None) -> tuple[str, memoryview]:
+    def _read_member(self, shard_index: int, position: int, start: int, stop: int, span: memoryview,
+                     deadline: Deadline | None) -> tuple[str, memoryview]:
+        """Read the member into ``span`` (its exact size) and check it; (key, its record bytes)."""
         entry = self.manifest.shards[shard_index]
-        start, stop = entry.span(position)
         key = entry.keys[position]
-        if not BLOCK < stop - start <= MAX_SPAN:
-            raise ShardFormatError(entry.name, key, f"manifest span of {stop - start} bytes is not a plausible member")
         try:
-            span = self.reader.read(entry.name, start, stop, deadline)
+            self.reader.read_into(entry.name, start, stop, span, deadline)
         except ShardFormatError as exc:
             raise ShardFormatError(exc.shard, exc.key or key, exc.reason) from None
+        return self._check_member(shard_index, position, start, span)
+
+    def _check_member(self, shard_index: int, position: int, start: int, span: memoryview) -> tuple[str, memoryview]:
+        """The checksum and tar header of a member read into ``span``; (key, its record bytes)."""
+        entry = self.manifest.shards[shard_index]
+        key = entry.keys[position]
         if self.verify == "checksum" and span_checksum(span) != entry.checksums[position]:
             raise IntegrityError(entry.name, key, "bytes differ from the manifest's checksum (corrupt or replaced "
                                                   "shard)")
         if self.verify == "sha256" and hashlib.sha256(span).hexdigest()[:DIGEST_HEX] != entry.digests[position]:
             raise IntegrityError(entry.name, key, "bytes differ from the manifest's sha256 (corrupt or replaced shard)")
-        parsed = parse_header(span[:BLOCK], entry.name, start)
+        parsed = parse_header(bytes(span[:BLOCK]), entry.name, start)
         if parsed is None:
             raise ShardFormatError(entry.name, key, f"end-of-archive block where the manifest lists a member (byte {start})")
         member_key, extension, size = parsed
@@ -256,45 +228,127 @@ class ShardStream(wds.DataPipeline):
                                                     "records are read (never pickle or other formats)")
         if BLOCK + size > len(span) or len(span) - BLOCK - size >= BLOCK:
             raise ShardFormatError(entry.name, key, f"tar header declares {size} bytes, manifest span holds {len(span) - BLOCK}")
-        return key, memoryview(span)[BLOCK : BLOCK + size]
+        return key, span[BLOCK : BLOCK + size]
 
-    def read_batch(self, plan: BatchPlan, where: str = "plain", cancel: threading.Event | None = None) -> Batch:
-        n = len(plan.samples)
-        s = self.size
-        out = _allocate_batch(n, s, where)
-        views = {name: t.numpy() for name, t in out.items()}
+    def _check_record(self, record: Record, shard: str, key: str) -> None:
+        """What a valid record must also share with this stream's manifest (the batch's frames)."""
+        if record.meta.side != self.size:
+            raise ShardFormatError(shard, key, f"record side {record.meta.side}, the manifest says {self.size}")
+        if record.arrays["thresh_fill"].view("<u2")[0] != self.fill.view("<u2")[0]:
+            raise ShardFormatError(shard, key, f"record thresh_fill {float(record.arrays['thresh_fill'][0])!r}, the "
+                                               f"manifest's targets.thresh_min gives {float(self.fill[0])!r}")
+
+    def read_batch(self, plan: BatchPlan, where: str = "plain", cancel: threading.Event | None = None,
+                   ring: "BufferRing | WorkerRing | None" = None) -> Batch:
+        """Read a planned batch into one buffer (from ``ring``, else a new ``where`` buffer).
+
+        Members that follow each other in a shard are read with one request (``_runs``): one
+        ``preadv``, or one HTTP Range request, lands them all; a run that fails is read again member
+        by member, so an error names its member and ``on_error="skip"`` skips only that one."""
+        slots: list[tuple[int, int, int] | ShardFormatError] = []  # (start, stop, offset in the buffer)
+        total = 0
+        for ref in plan.samples:
+            try:
+                start, stop = self._span(ref.shard, ref.position)
+            except ShardFormatError as exc:
+                slots.append(exc)
+                continue
+            slots.append((start, stop, total))
+            total += stop - start
+        lease = ring.acquire(total) if ring is not None else Lease(allocate(total, where))
+        buffer = lease.tensor.numpy()
+        view = memoryview(buffer)
+        deadline = Deadline(self.remote.batch_deadline, cancel)
+        landed = self._read_runs(plan, slots, view, deadline)
+        layouts: list[SampleLayout] = []
         info: list[SampleInfo] = []
         skipped: list[Skipped] = []
-        deadline = Deadline(self.remote.batch_deadline, cancel)
-        row = 0
-        for ref in plan.samples:
+        for index, (ref, slot) in enumerate(zip(plan.samples, slots)):
             entry = self.manifest.shards[ref.shard]
             try:
-                key, data = self.read_member(ref.shard, ref.position, deadline)
+                if isinstance(slot, ShardFormatError):
+                    raise slot
+                start, stop, offset = slot
+                span = view[offset : offset + stop - start]
+                if index in landed:
+                    key, data = self._check_member(ref.shard, ref.position, start, span)
+                else:
+                    key, data = self._read_member(ref.shard, ref.position, start, stop, span, deadline)
                 record = decode_record(data, entry.name, key)
-                for name, (array_name, _, _) in _FIELDS.items():
-                    array = record.arrays[array_name]
-                    if array.shape != views[name].shape[1:]:
-                        raise ShardFormatError(entry.name, key, f"{array_name} shape {list(array.shape)}, "
-                                                                f"the manifest says {list(views[name].shape[1:])}")
-                    views[name][row] = array
+                self._check_record(record, entry.name, key)
             except ShardFormatError as exc:
                 self.policy.handle(self._failed(exc), skipped)
                 continue
-            meta = record.meta
-            info.append(SampleInfo(
-                key=key,
-                name=meta.name,
-                original_size=meta.original_size,
-                inverse_matrix=np.array(record.arrays["inverse_matrix"]),
-                polygons=[np.array(p) for p in record.polygons("polygons_original")],
-                dont_care=record.arrays["dont_care"].astype(bool),
-                left_out=np.array(record.arrays["left_out"]),
-            ))
-            row += 1
-        if row < n:
-            out = {name: t[:row] for name, t in out.items()}
-        return Batch(**out, info=info, index=plan.index, skipped=skipped)
+            layouts.append(_layout(record, offset + BLOCK))
+            info.append(_sample_info(key, record))
+        del view, buffer
+        packed = Packed(lease.tensor[:total], tuple(layouts), self.size, float(self.fill[0]))
+        return Batch(info=info, index=plan.index, skipped=skipped, packed=packed, lease=lease)
+
+    def _read_runs(self, plan: BatchPlan, slots: list, view: memoryview, deadline: Deadline) -> set[int]:
+        """Read every run of members adjacent in one shard (and in the buffer) with one request;
+        the plan positions whose bytes landed (a failed run's are read member by member later)."""
+        landed: set[int] = set()
+        for first, last in _runs(plan, slots):
+            if last == first:
+                continue  # a single member: read with its own checks
+            shard = self.manifest.shards[plan.samples[first].shard].name
+            start, offset = slots[first][0], slots[first][2]
+            stop = slots[last][1]
+            try:
+                self.reader.read_into(shard, start, stop, view[offset : offset + stop - start], deadline)
+            except ShardFormatError:
+                continue
+            landed.update(range(first, last + 1))
+        return landed
+
+
+_MAX_RUN = 64 << 20  # bytes one request reads at most
+
+
+def _runs(plan: BatchPlan, slots: list) -> Iterator[tuple[int, int]]:
+    """(first, last) plan positions of each run of members that follow each other in a shard."""
+    first = None
+    for index, slot in enumerate(slots):
+        if isinstance(slot, ShardFormatError):
+            if first is not None:
+                yield first, index - 1
+            first = None
+            continue
+        if first is not None:
+            previous = slots[index - 1]
+            if (plan.samples[index].shard != plan.samples[first].shard or isinstance(previous, ShardFormatError)
+                    or previous[1] != slot[0] or slot[1] - slots[first][0] > _MAX_RUN):
+                yield first, index - 1
+                first = index
+        else:
+            first = index
+    if first is not None:
+        yield first, len(slots) - 1
+
+
+def _layout(record: Record, start: int) -> SampleLayout:
+    """Where ``record``'s compact arrays lie in the batch buffer, the record starting at ``start``."""
+    a, at = record.arrays, record.offsets
+    height, width = a["image"].shape[:2]
+    wx, wy, ww, wh = a["map_window"].tolist()
+    left, top = record.meta.offset
+    return SampleLayout(start + at["image"], height, width, top, left, start + at["map_bits"], wx, wy, ww, wh,
+                        start + at["thresh_values"], a["thresh_values"].shape[0])
+
+
+def _sample_info(key: str, record: Record) -> SampleInfo:
+    """The metadata evaluation needs, copied out of the batch buffer (which is recycled)."""
+    meta = record.meta
+    return SampleInfo(
+        key=key,
+        name=meta.name,
+        original_size=meta.original_size,
+        inverse_matrix=np.array(record.arrays["inverse_matrix"]),
+        polygons=record.polygons("polygons_original", copy=True),
+        dont_care=record.arrays["dont_care"].astype(bool),
+        left_out=np.array(record.arrays["left_out"]),
+    )
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -308,15 +362,16 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class ThreadedLoader:
     """Batches read by a pool of threads in the main process, in plan order.
 
-    The per-sample work is a positioned read plus one copy into the batch, both of which release
-    the GIL, so threads scale without worker processes: batches need no shared-memory transfer
-    and go straight into pinned memory when CUDA is present.
+    The per-sample work is a positioned read into the batch buffer plus a checksum, both of which
+    release the GIL, so threads scale without worker processes: batches need no shared-memory
+    transfer, and their buffers (pinned when CUDA is present) come from a ring kept across epochs.
     """
 
     def __init__(self, stream: ShardStream, threads: int = 2, prefetch: int = 2):
         self.stream = stream
         self.threads = max(1, threads)
         self.depth = max(1, threads * prefetch)
+        self.ring = BufferRing("pinned" if torch.cuda.is_available() else "plain")
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -324,21 +379,22 @@ class ThreadedLoader:
     def __iter__(self) -> Iterator[Batch]:
         from concurrent.futures import ThreadPoolExecutor
 
-        where = "pinned" if torch.cuda.is_available() else "plain"
         self.stream.check_unchanged(local_only=True)
         plans = iter(self.stream.plans())
         cancel = threading.Event()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wds-ocr-read")
         read = self.stream.read_batch
+        ring = self.ring
         try:
-            pending = deque(pool.submit(read, plan, where, cancel) for plan in itertools.islice(plans, self.depth))
+            pending = deque(pool.submit(read, plan, "plain", cancel, ring) for plan in itertools.islice(plans, self.depth))
             while pending:
                 batch = pending.popleft().result()
                 plan = next(plans, None)
                 if plan is not None:
-                    pending.append(pool.submit(read, plan, where, cancel))
+                    pending.append(pool.submit(read, plan, "plain", cancel, ring))
                 self.stream.policy.tally(batch.skipped)
                 yield batch
+                del batch  # the consumer's reference is the only one: its buffer returns when it drops it
         finally:
             # An error, or a consumer that stopped early: do not wait for the reads in flight (a slow
             # server could hold them until their deadlines); cancelling shuts their sockets down.
@@ -355,45 +411,68 @@ class _WorkerFailure:
 
 class ProcessLoader:
     """A DataLoader over worker processes that re-raises a worker's package error as itself (the
-    DataLoader alone would turn it into a RuntimeError holding the worker's traceback as text)
-    and tallies skips in the main process."""
+    DataLoader alone would turn it into a RuntimeError holding the worker's traceback as text),
+    tallies skips in the main process, and releases each worker buffer on the shared board once
+    nothing in this process refers to its batch (with CUDA: once it is copied into a pinned buffer
+    of this process's ring)."""
 
-    def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader):
+    def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader, board: ReleaseBoard | None = None):
         self.stream = stream
         self.loader = loader
+        self.board = board
+        self.pinned = BufferRing("pinned") if torch.cuda.is_available() and loader.num_workers else None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.board is not None:
+            self.stream.board = self.board  # the workers (forked at the first iteration) inherit it
         for item in self.loader:
             if isinstance(item, _WorkerFailure):
                 raise item.error
             if self.loader.num_workers:
                 self.stream.policy.tally(item.skipped)
+                self._receive(item)
             yield item
+            del item
+
+    def _receive(self, batch: Batch) -> None:
+        """Make ``batch`` hold its worker buffer by a lease that frees it on the board."""
+        if batch.packed is None or batch.lease is None or self.board is None:
+            return
+        payload = self.board.receive(batch.packed.payload, batch.lease.origin)
+        lease = Lease(payload)
+        if self.pinned is not None:
+            lease = self.pinned.acquire(payload.numel())
+            lease.tensor.copy_(payload)
+            payload = lease.tensor
+        batch.packed.payload = payload
+        batch.lease = lease
 
 
 def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str = "processes"):
     """An iterable of Batches for ``stream``.
 
-    ``mode="processes"``: a torch DataLoader over ready-made batches (batch_size=None), pinned when
-    CUDA is present; ``workers`` worker processes persist across epochs (``stream.set_epoch``
-    reaches them through shared memory). ``mode="threads"``: a ThreadedLoader with ``workers``
-    threads in this process — no shared-memory hand-off, the faster choice for this loader's
-    read-and-copy work (see docs/BENCHMARKS.md). Both yield the same batches in the same order.
+    ``mode="processes"``: a torch DataLoader over ready-made batches (batch_size=None);
+    ``workers`` worker processes persist across epochs (``stream.set_epoch`` reaches them through
+    shared memory) and recycle a ring of shared buffers each. ``mode="threads"``: a ThreadedLoader
+    with ``workers`` threads in this process — no shared-memory hand-off, the faster choice for
+    this loader's read-into-place work (see docs/BENCHMARKS.md). Both yield the same batches in
+    the same order.
     """
     if mode == "threads":
         return ThreadedLoader(stream, threads=max(1, workers), prefetch=prefetch)
     if mode != "processes":
         raise ValueError(f"loader mode must be 'threads' or 'processes', got {mode!r}")
     kwargs: dict[str, Any] = {}
+    board = None
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch, multiprocessing_context="fork" if os.name == "posix" else None)
+        board = ReleaseBoard(workers)
     return ProcessLoader(stream, torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0, **kwargs,
-    ))
+        stream, batch_size=None, num_workers=workers, pin_memory=False, persistent_workers=workers > 0, **kwargs,
+    ), board)
 
 
 __all__ = ["Batch", "ProcessLoader", "SampleInfo", "ShardStream", "Skipped", "ThreadedLoader", "make_loader"]

@@ -39,10 +39,11 @@ from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.images import read_image_bytes
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import Skip, SourceListing, SourceSample, list_source
-from wds_ocr.errors import BuildError, ManifestError, SampleError
+from wds_ocr.errors import BuildError, ManifestError, OlderManifestError, SampleError
 from wds_ocr.shards.codec import encode_record
 from wds_ocr.shards.journal import BuildLock, Journal, file_sha256, remove_strays, reusable_entries
-from wds_ocr.shards.manifest import Counts, Manifest, PartRange, ShardEntry, load_manifest, write_manifest
+from wds_ocr.shards.manifest import (SCHEMA_VERSION, Counts, Manifest, PartRange, ShardEntry, load_manifest,
+                                     write_manifest)
 from wds_ocr.shards.naming import (PART_MANIFEST_PATTERN, MANIFEST_NAME, lock_name, manifest_name, record_key,
                                    rejects_name, shard_name, shard_prefix, stray_pattern)
 from wds_ocr.shards.rejects import Reject, write_rejects
@@ -142,7 +143,8 @@ def _process_one(position: int) -> Outcome:
     except SampleError as exc:
         return _rejected(position, sample, digest, exc.reason)
     key = record_key(sample.index, sample.name)
-    return Outcome(position, digest, encode_record(processed, key), key, skips=_word_skips(sample, processed.skips),
+    record = encode_record(processed, key, config.targets.thresh_min)
+    return Outcome(position, digest, record, key, skips=_word_skips(sample, processed.skips),
                    coverage=Coverage.from_codes(processed.meta.left_out))
 
 
@@ -401,6 +403,11 @@ def _check_folder(out_dir: Path, prefix: str, plan: _Plan, journal: Journal) -> 
             continue
         try:
             existing = load_manifest(path)
+        except OlderManifestError as exc:
+            raise BuildError(f"{out_dir} holds shards written by an older wds-ocr ({path.name} has schema_version "
+                             f"{exc.version}; this one reads {SCHEMA_VERSION}, compact records): pass --overwrite "
+                             f"(overwrite=True) to rebuild them there, remove {out_dir}, or build into another "
+                             "--out") from None
         except ManifestError as exc:
             raise BuildError(refuse % f"{path.name} cannot be used by this wds-ocr: {exc}") from None
         changes = _settings_changes(existing, config, plan.split, plan.listing.format)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError, ShardFormatError
+from wds_ocr.shards import compact
 from wds_ocr.shards.codec import Record, decode_record
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
 from wds_ocr.shards.tario import iter_members, read_span
@@ -49,6 +50,10 @@ class InspectSummary:
         out.append(f"  {Coverage.from_codes(self.record.arrays['left_out']).summary()}")
         for name, dtype, shape, nbytes in self.arrays:
             out.append(f"  {name:18s} {dtype:4s} {str(list(shape)):16s} {nbytes:>10,} bytes")
+        stored = sum(nbytes for *_, nbytes in self.arrays)
+        full = compact.full_bytes(meta.side)
+        out.append(f"  stored arrays {stored:,} bytes; expanded on the device to image + maps of {full:,} bytes "
+                   f"({full / max(stored, 1):.1f}x)")
         if self.png is not None:
             out.append(f"wrote {self.png}")
         return out
@@ -80,9 +85,10 @@ def inspect_shards(location: str | Path, key: str | None = None, png: Path | Non
     if png is not None:
         from wds_ocr.viz import record_panel, write_png
 
+        full = record.expand()
         panel = record_panel(
-            record.arrays["image"], record.polygons(), record.arrays["left_out"] != 0,
-            record.arrays["gt"], record.arrays["thresh_map"], manifest.thresh_range,
+            full["image"], record.polygons(), record.arrays["left_out"] != 0,
+            full["gt"], full["thresh_map"], manifest.thresh_range,
         )
         write_png(png, panel)
     return InspectSummary(manifest, record, shard, png, arrays)

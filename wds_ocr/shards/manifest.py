@@ -11,8 +11,8 @@ A manifest is input like any other: parsing validates every field a reader uses,
 ranges (no offset past 2^41, no image size the config would refuse), shard names that are plain
 ``shard-NNNNNN.tar`` names (never a path or URL), keys that are record keys in strictly increasing
 listing order, counts that add up — so that everything downstream can trust a ``Manifest``. A
-reader refuses a schema it does not know; schema 2 (before per-member checksums) asks for a
-rebuild.
+reader refuses a schema it does not know; schemas 2 (before per-member checksums) and 3 (records
+of full arrays, before the compact record version 3) ask for a rebuild.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any
 from wds_ocr.config import PIPELINE_VERSION, Config, ShardConfig, build_config
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
-from wds_ocr.errors import ConfigError, ManifestError
+from wds_ocr.errors import ConfigError, ManifestError, OlderManifestError
 from wds_ocr.shards.naming import MANIFEST_NAME, MAX_INDEX, SHARD_PATTERN, key_index, temporary_name
 
 SCHEMA = "wds-ocr/manifest"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4  # 4: compact records (record version 3); 3: full-array records, checksums
 DIGEST_HEX = 16
 CHECKSUM = "xxh3_64"  # the per-member checksum the loader verifies by default
 CHECKSUM_HEX = 16
@@ -342,6 +342,21 @@ def _check_consistency(manifest: Manifest, where: str) -> None:
                             f"({CHECKSUM!r}); rebuild the shards")
 
 
+_SAFE_SPLIT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _old_split(body: dict[str, Any]) -> str:
+    """The split an older manifest names, for the rebuild command (SPLIT unless it is a plain name)."""
+    source = body.get("source")
+    split = source.get("split") if isinstance(source, dict) else None
+    return split if isinstance(split, str) and _SAFE_SPLIT.fullmatch(split) else "SPLIT"
+
+
+def _folder_of(where: str) -> str:
+    """The folder (or URL) a manifest named ``where`` lies in."""
+    return where.rsplit("/", 1)[0] if "/" in where else "."
+
+
 def parse_manifest(text: str | bytes, where: str) -> Manifest:
     """Parse and validate manifest JSON; ``where`` names it in errors."""
     if len(text) > MAX_MANIFEST_BYTES:
@@ -357,9 +372,10 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     version = body.get("schema_version")
     if version != SCHEMA_VERSION:
         if type(version) is int and version < SCHEMA_VERSION:
-            raise ManifestError(f"{where} has schema_version {version}, written by an older wds-ocr (this one reads "
-                                f"version {SCHEMA_VERSION}, with per-member checksums); rebuild the shards with "
-                                "wds-ocr build-shards")
+            raise OlderManifestError(
+                f"{where} has schema_version {version}, written by an older wds-ocr (this one reads version "
+                f"{SCHEMA_VERSION}: compact records with per-member checksums); rebuild the shards: wds-ocr "
+                f"build-shards SOURCE --split {_old_split(body)} --out {_folder_of(where)} --overwrite", version)
         raise ManifestError(
             f"{where} has schema_version {version!r}; this wds-ocr reads version {SCHEMA_VERSION}: "
             "upgrade wds-ocr or rebuild the shards"

@@ -11,8 +11,9 @@ Checks, each reported as one ``Problem`` (shard, key, what):
     removed from the manifest), shard numbers consecutive, the rejects file agrees with
     counts.rejected / counts.words_skipped, and every listed sample is in the shards or the rejects;
   * with a source: every record (or ``sample`` of them) equals a fresh run of the live pipeline
-    bit for bit, every source sample is either in the shards or in the rejects, and the source
-    fingerprint matches.
+    bit for bit, both as stored (the compact record's bytes) and expanded (the full image and
+    maps ``Record.expand`` restores equal the live pipeline's arrays), every source sample is
+    either in the shards or in the rejects, and the source fingerprint matches.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
 from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatError
 from wds_ocr.shards.build import image_digest, source_fingerprint
-from wds_ocr.shards.codec import ARRAY_SPECS, Record, decode_record, encode_record
+from wds_ocr.shards.codec import ARRAY_SPECS, COMPACT_ARRAYS, Record, decode_record, encode_record, full_arrays
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest, ShardEntry, load_manifest, manifest_path
-from wds_ocr.shards.naming import (MAP_NAMES, MEMBER_EXTENSION, SHARD_PATTERN, key_index, record_key,
-                                   rejects_name)
+from wds_ocr.shards.naming import MEMBER_EXTENSION, SHARD_PATTERN, key_index, record_key, rejects_name
 from wds_ocr.shards.rejects import Reject, read_rejects
 from wds_ocr.shards.tario import BLOCK, Member, iter_members
 
@@ -116,23 +116,29 @@ def check_record(record: Record, size: int, thresh_range: tuple[float, float]) -
     """What a decoded (so already validated, see ``codec``) record must also agree on with its
     manifest: its side and the threshold range. An empty list when both hold."""
     problems = []
+    if record.meta.side != size:
+        problems.append(f"record side {record.meta.side}, expected {size} (transform.size)")
     a = record.arrays
-    if a["image"].shape != (size, size, 3):
-        problems.append(f"image shape {list(a['image'].shape)}, expected [{size}, {size}, 3] (transform.size)")
-    for name in MAP_NAMES:
-        if a[name].shape != (size, size):
-            problems.append(f"{name} shape {list(a[name].shape)}, expected [{size}, {size}] (transform.size)")
-    thresh = a["thresh_map"].astype(np.float32)
+    thresh = np.concatenate([a["thresh_fill"], a["thresh_values"]]).astype(np.float32)
     low, high = thresh_range
-    if thresh.size and (thresh.min() < low - 1e-3 or thresh.max() > high + 1e-3):
+    if thresh.min() < low - 1e-3 or thresh.max() > high + 1e-3:
         problems.append(f"thresh_map outside [{low}, {high}]")
     return problems
 
 
 def describe_difference(shard: Record, live: Record) -> str:
-    """Which fields of a shard record differ from the live pipeline's record."""
+    """Which fields of a shard record differ from the live pipeline's record: the full image and
+    maps (as expanded), then the other arrays and the metadata."""
     diffs = []
+    if shard.meta.side != live.meta.side:
+        return f"meta.side {shard.meta.side} vs live {live.meta.side}"
+    for name, expanded in shard.expand().items():
+        other = live.expand()[name]
+        if expanded.tobytes() != other.tobytes():
+            diffs.append(f"{name} differs at {int(np.count_nonzero(expanded != other))} elements")
     for name in ARRAY_SPECS:
+        if name in COMPACT_ARRAYS:
+            continue
         x, y = shard.arrays[name], live.arrays[name]
         if x.shape != y.shape:
             diffs.append(f"{name} shape {list(x.shape)} vs live {list(y.shape)}")
@@ -163,14 +169,21 @@ class _SourceCheck:
             report.add(shard, key, "record has no sample in the source listing (built from another source?)")
             return
         try:
-            live = encode_record(process_sample(sample, self.config), key)
+            processed = process_sample(sample, self.config)
         except SampleError as exc:
             report.add(shard, key, f"live pipeline rejects this sample now: {exc.reason}")
             return
+        live = encode_record(processed, key, self.config.targets.thresh_min)
         report.compared_with_source += 1
         if live != data:
             what = describe_difference(decode_record(data, shard, key), decode_record(live, "<live>", key))
             report.add(shard, key, f"differs from the live pipeline: {what}")
+            return
+        # Equal bytes; and what they expand to is the live pipeline's full arrays (lossless layout).
+        expanded = decode_record(data, shard, key).expand()
+        for name, array in full_arrays(processed).items():
+            if expanded[name].dtype != array.dtype or expanded[name].tobytes() != array.tobytes():
+                report.add(shard, key, f"{name} expanded from the record differs from the live pipeline's")
 
 
 @dataclass

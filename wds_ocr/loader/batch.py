@@ -1,0 +1,232 @@
+"""What the loader delivers: a ``Batch`` of compact records in one buffer, and the torch code that
+expands it into the full image and maps — on the device (``loader.device.to_device``), or on the
+CPU when a caller asks the host batch for them.
+
+A batch's records are read straight into one buffer, member after member (tar header, record,
+padding), so ``payload`` holds their bytes exactly as stored; ``layouts`` says where each record's
+compact arrays lie in it (``SampleLayout``: byte offsets from the validated record header). Moving
+a batch to the device is one copy of ``payload`` — a quarter of the full arrays' bytes — then
+per record: place the image (h, w, 3) in a zero (S, S, 3) frame, unpack the four bit planes of
+its map window (shift, and) and place them in frames holding the planes' defaults; per batch:
+scatter the threshold values where the band plane is set (``masked_scatter_``, row-major, so
+the records' values concatenated in order land where they belong). Every step is an exact
+integer or copy operation: the result equals the live pipeline's arrays bit for bit (tests).
+
+``Batch.images``, ``.gt``, ``.mask``, ``.thresh_map``, ``.thresh_mask`` and ``.tensors()`` give the
+full host tensors, expanded on the CPU on first use (evaluation, tests, code written for the
+full-array batches); a ``Batch`` can also be made from full tensors directly (a stand-in batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from wds_ocr.loader.policy import Skipped
+from wds_ocr.loader.ring import Lease
+from wds_ocr.shards.compact import PLANE_DEFAULTS, PLANES
+from wds_ocr.shards.naming import MAP_NAMES
+
+# Batch field -> (dtype, rank): the image, then the maps in MAP_NAMES order.
+FIELDS: dict[str, tuple[torch.dtype, int]] = {
+    "images": (torch.uint8, 3), **{name: (torch.float16 if name == "thresh_map" else torch.uint8, 2)
+                                   for name in MAP_NAMES}}
+
+
+@dataclass
+class SampleInfo:
+    """Per-sample metadata evaluation needs (original-frame polygons, inverse matrix, ...)."""
+
+    key: str
+    name: str
+    original_size: tuple[int, int]
+    inverse_matrix: np.ndarray
+    polygons: list[np.ndarray]  # original-image frame
+    dont_care: np.ndarray  # (P,) bool, from the annotations
+    left_out: np.ndarray  # (P,) uint8 LeftOut codes: why a polygon is not in the training targets (0: it is)
+
+
+class SampleLayout(NamedTuple):
+    """Where one record's compact arrays lie in its batch's payload (byte offsets) and where
+    they go in the side x side record."""
+
+    image: int  # the (height, width, 3) uint8 image
+    height: int
+    width: int
+    top: int  # the image's place in the record (meta.offset)
+    left: int
+    bits: int  # map_bits: (4, window_height, ceil(window_width / 8)) uint8
+    window_x: int
+    window_y: int
+    window_width: int
+    window_height: int
+    values: int  # thresh_values: (count,) float16
+    count: int
+
+    @property
+    def image_bytes(self) -> int:
+        return self.height * self.width * 3
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.window_width + 7) // 8
+
+
+@dataclass
+class Packed:
+    """A batch's records as read: one uint8 payload, and the layout of each record in it."""
+
+    payload: torch.Tensor  # (bytes,) uint8
+    layouts: tuple[SampleLayout, ...]
+    size: int  # records are size x size
+    fill: float  # thresh_map outside the band (a float16 value)
+
+
+class Batch:
+    """A batch of records: compact (``packed``, what the loader reads) or full tensors.
+
+    Full fields (N = ``len(batch)``, S = the record side): ``images`` (N, S, S, 3) uint8 RGB,
+    ``gt``, ``mask``, ``thresh_mask`` (N, S, S) uint8 0/1, ``thresh_map`` (N, S, S) float16. Plus
+    ``info`` (one ``SampleInfo`` per record), ``index`` (batch number within this rank's epoch)
+    and ``skipped`` (shard, key, reason of each record skipped).
+    """
+
+    def __init__(self, images: torch.Tensor | None = None, gt: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, thresh_map: torch.Tensor | None = None,
+                 thresh_mask: torch.Tensor | None = None, info: list[SampleInfo] | None = None, index: int = 0,
+                 skipped: list[Skipped] | None = None, packed: Packed | None = None, lease: Lease | None = None):
+        given = {"images": images, "gt": gt, "mask": mask, "thresh_map": thresh_map, "thresh_mask": thresh_mask}
+        if packed is None and any(t is None for t in given.values()):
+            raise ValueError("a Batch needs either its packed records or all five full tensors")
+        self.packed = packed
+        self.lease = lease  # the buffer ``packed.payload`` lies in (None: not from a ring)
+        self.info = info if info is not None else []
+        self.index = index
+        self.skipped = skipped if skipped is not None else []
+        self._full: dict[str, torch.Tensor] = {k: v for k, v in given.items() if v is not None}
+
+    def __len__(self) -> int:
+        return len(self.packed.layouts) if self.packed is not None else int(self._full["images"].shape[0])
+
+    def __repr__(self) -> str:
+        kind = f"packed, {self.packed.payload.numel():,} bytes" if self.packed is not None else "full"
+        return f"Batch(index={self.index}, {len(self)} records, {kind})"
+
+    @property
+    def keys(self) -> list[str]:
+        return [i.key for i in self.info]
+
+    @property
+    def images(self) -> torch.Tensor:
+        if "images" not in self._full:
+            self._full["images"] = expand_images(self.packed.payload, self.packed.layouts, self.packed.size)
+        return self._full["images"]
+
+    @property
+    def gt(self) -> torch.Tensor:
+        return self._map("gt")
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self._map("mask")
+
+    @property
+    def thresh_map(self) -> torch.Tensor:
+        return self._map("thresh_map")
+
+    @property
+    def thresh_mask(self) -> torch.Tensor:
+        return self._map("thresh_mask")
+
+    def _map(self, name: str) -> torch.Tensor:
+        if name not in self._full:
+            self._full.update(expand_maps(self.packed.payload, self.packed.layouts, self.packed.size,
+                                          self.packed.fill))
+        return self._full[name]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The five full host tensors (expanded on the CPU from the packed records on first use)."""
+        self.images
+        for name in MAP_NAMES:
+            self._map(name)
+        return {name: self._full[name] for name in FIELDS}
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True) in the main process."""
+        if self.packed is not None:
+            payload = self.packed.payload
+            pinned = Packed(payload if payload.is_pinned() else payload.pin_memory(), self.packed.layouts,
+                            self.packed.size, self.packed.fill)
+            return Batch(info=self.info, index=self.index, skipped=self.skipped, packed=pinned)
+        full = {name: t if t.is_pinned() else t.pin_memory() for name, t in self.tensors().items()}
+        return Batch(**full, info=self.info, index=self.index, skipped=self.skipped)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # To the main process: the packed payload (shared memory) or the full tensors, never CPU
+        # expansions made in a worker; a lease crosses only as its (worker, buffer) origin.
+        full = self._full if self.packed is None else {}
+        origin = self.lease.origin if self.lease is not None else None
+        return {"packed": self.packed, "info": self.info, "index": self.index, "skipped": self.skipped,
+                "full": full, "origin": origin}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.packed, self.info, self.index = state["packed"], state["info"], state["index"]
+        self.skipped, self._full = state["skipped"], dict(state["full"])
+        self.lease = Lease(self.packed.payload, origin=state["origin"]) if state["origin"] is not None else None
+
+
+# ----------------------------------------------------------------------------- expansion
+
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shifts(device: torch.device) -> torch.Tensor:
+    shifts = _SHIFTS.get(device)
+    if shifts is None:
+        shifts = _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return shifts
+
+
+def expand_images(payload: torch.Tensor, layouts: tuple[SampleLayout, ...], size: int) -> torch.Tensor:
+    """(N, size, size, 3) uint8 on ``payload``'s device: each record's image placed at its offset
+    in a zero frame (the padding the record leaves out)."""
+    images = torch.zeros((len(layouts), size, size, 3), dtype=torch.uint8, device=payload.device)
+    for row, at in enumerate(layouts):
+        if at.image_bytes:
+            content = payload[at.image : at.image + at.image_bytes].view(at.height, at.width, 3)
+            images[row, at.top : at.top + at.height, at.left : at.left + at.width] = content
+    return images
+
+
+def expand_maps(payload: torch.Tensor, layouts: tuple[SampleLayout, ...], size: int,
+                fill: float) -> dict[str, torch.Tensor]:
+    """gt, mask, thresh_mask ((N, size, size) uint8 0/1) and thresh_map ((N, size, size) float16)
+    on ``payload``'s device, from each record's bit planes and threshold values."""
+    device = payload.device
+    n = len(layouts)
+    planes = torch.empty((len(PLANES), n, size, size), dtype=torch.uint8, device=device)
+    for plane, default in zip(planes, PLANE_DEFAULTS):
+        plane.fill_(default)
+    shifts = _shifts(device)
+    pieces = []
+    for row, at in enumerate(layouts):
+        if at.window_width and at.window_height:
+            packed = payload[at.bits : at.bits + len(PLANES) * at.window_height * at.row_bytes]
+            packed = packed.view(len(PLANES), at.window_height, at.row_bytes, 1)
+            bits = (packed >> shifts).bitwise_and_(1).view(len(PLANES), at.window_height, at.row_bytes * 8)
+            planes[:, row, at.window_y : at.window_y + at.window_height,
+                   at.window_x : at.window_x + at.window_width] = bits[:, :, : at.window_width]
+        if at.count:
+            piece = payload[at.values : at.values + 2 * at.count]
+            pieces.append(piece if at.values % 2 == 0 else piece.clone())
+    thresh = torch.full((n, size, size), fill, dtype=torch.float16, device=device)
+    if pieces:
+        values = (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).view(torch.float16)
+        thresh.masked_scatter_(planes[3].bool(), values)
+    return {"gt": planes[0], "mask": planes[1], "thresh_map": thresh, "thresh_mask": planes[2]}
+
+
+__all__ = ["Batch", "FIELDS", "Packed", "SampleInfo", "SampleLayout", "expand_images", "expand_maps"]
