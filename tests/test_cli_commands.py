@@ -152,3 +152,27 @@ def test_shards_of_an_older_format_are_refused_with_the_rebuild_command(demo_run
                                   "--overwrite", "--set", "transform.size=128"])
     assert rebuilt.exit_code == 0, rebuilt.output
     assert json.loads((train / "manifest.json").read_text())["schema_version"] == 4
+
+
+def test_bench_reports_every_path_side_by_side(demo_run):
+    out, _ = demo_run
+    shards = out / "shards" / "val"
+    result = CliRunner().invoke(cli, ["bench", str(out / "data"), "--shards", str(shards), "--seconds", "0",
+                                      "--batch", "2", "--workers", "1", "--peers", "webdataset", "--http", "python",
+                                      "--no-live", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{\n"):])
+    assert sorted(report["median"]) == ["peer: webdataset", "shards (HTTP, threads)", "shards (processes)",
+                                        "shards (threads)"]
+    for name, row in report["median"].items():
+        assert row["samples"] == row["epochs"] * 2, name  # the 2 val receipts, whole epochs
+    threads_row, sizes = report["median"]["shards (threads)"], report["record_bytes"]
+    assert threads_row["bytes_read"] == pytest.approx(threads_row["epochs"] * sizes["mean"] * sizes["count"])
+    assert report["record_bytes"]["count"] == 2 and report["record_bytes"]["full_arrays"] == 128 * 128 * 8
+    assert report["http_server"] == "Python ThreadingHTTPServer with os.sendfile"
+    ratios = report["rounds"][0]["ratios"]
+    threads = report["median"]["shards (threads)"]["samples_per_second"]
+    assert ratios["processes_over_threads"] == report["median"]["shards (processes)"]["samples_per_second"] / threads
+    assert ratios["threads_over_live"] is None and ratios["threads_expanded_fraction_of_raw_read"] > 0
+    bad = CliRunner().invoke(cli, ["bench", str(out / "data"), "--shards", str(shards), "--peers", "tfds"])
+    assert bad.exit_code == 2 and "--peers: unknown tfds; choose from webdataset, litdata, mosaic or none" in bad.output

@@ -1,28 +1,33 @@
-"""bench: the live per-epoch path against the shard path, side by side on one machine.
+"""bench: the shard loader against the hardware, its peers and the live path, side by side.
 
-(a) live: the receipt project's way — a map-style Dataset that per sample reads the JPEG, decodes
-    it with EXIF applied, resizes, pads, builds the four DBNet maps and normalizes on the CPU, then
-    the default collate;
-(b) shards: ShardStream delivering uint8 batches, read by threads in the main process and, for
-    comparison, by DataLoader worker processes (normalization is a device op: included when CUDA
-    is present, else left out);
-(c) stock webdataset reading the same arrays stored as .npy members (``wds.WebDataset(...).decode()``);
-(d) the raw sequential read rate of the shard files from page cache (the ceiling for (b));
+(a) raw: the sequential read rate of the shard files from page cache (one thread, 8 MiB reads):
+    the ceiling for reading them;
+(b) shards: ShardStream delivering batches of compact records, read straight into recycled
+    buffers by threads in the main process, by DataLoader worker processes, and by threads from a
+    local HTTP server (nginx if installed, else a Python server with sendfile) serving the same
+    files. Expanding the records and normalizing are device ops: included when CUDA is present,
+    else left out (on a CPU-only machine the "device" would be these same cores);
+(c) peers: stock webdataset, LitData and Mosaic MDS reading the same arrays (``bench_peers``);
+(d) live (optional): the receipt project's way — decode, EXIF, resize, pad, targets and normalize
+    per sample in a map-style Dataset with the default collate;
 (e) with ``integrity=True``: the threaded shard path once per read-path check — none
-    (``verify=False``), the default per-member xxh3-64 checksum, and sha256 — to price the check.
+    (``verify=False``), the default per-member xxh3-64 checksum, and sha256.
 
 Each path runs whole epochs until ``min_seconds`` have passed, with the same workers and batch
-size; peak RSS is sampled over the process and its DataLoader workers.
+size; peak RSS is sampled over the process and its DataLoader workers. ``rounds`` > 1 runs every
+path once per round, round after round (a shared machine's load drifts: neighbouring rows of one
+round share it), and reports each path's median round and the ratios of every round.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
+import statistics
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -30,11 +35,13 @@ import numpy as np
 import psutil
 import torch
 
+from wds_ocr import bench_peers
 from wds_ocr.config import Config
 from wds_ocr.data.pipeline import normalize_image, process_sample
 from wds_ocr.data.sources import SourceSample, list_source
-from wds_ocr.loader.device import normalize
+from wds_ocr.loader.device import normalize, to_device
 from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.shards.compact import full_bytes
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
 
 _RAW_CHUNK = 8 << 20
@@ -65,44 +72,102 @@ class PathResult:
 
 
 @dataclass
+class RecordSizes:
+    """Bytes per record on disk (tar member: header, record, padding) and what its full arrays took."""
+
+    count: int
+    mean: float
+    median: float
+    largest: int
+    full_arrays: int  # image + the four maps at the record's side, as record version 2 stored them
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record_sizes(manifest: Manifest) -> RecordSizes:
+    spans = [stop - start for entry in manifest.shards for start, stop in map(entry.span, range(entry.samples))]
+    return RecordSizes(len(spans), sum(spans) / max(len(spans), 1), float(statistics.median(spans)) if spans else 0.0,
+                       max(spans, default=0), full_bytes(manifest.image_size))
+
+
+@dataclass
+class Round:
+    """One round: every path once, one after the other."""
+
+    raw_read_mb_per_second: float
+    paths: dict[str, PathResult]
+    full_record_bytes: int = 0  # what a record's image and maps take once expanded
+
+
+    def ratios(self) -> dict[str, float | None]:
+        def rate(name: str, what: str = "samples_per_second") -> float | None:
+            row = self.paths.get(name)
+            return getattr(row, what) if row is not None else None
+
+        threads, processes, http = rate("shards (threads)"), rate("shards (processes)"), rate("shards (HTTP, threads)")
+        peers = [rate(f"peer: {peer}") for peer in bench_peers.PEERS]
+        best_peer = max((p for p in peers if p), default=None)
+        threads_mb, live = rate("shards (threads)", "mb_per_second"), rate("live")
+        expanded_mb = threads * self.full_record_bytes / 1e6 if threads and self.full_record_bytes else None
+        return {
+            "threads_fraction_of_raw_read": threads_mb / self.raw_read_mb_per_second if threads_mb else None,
+            "threads_expanded_fraction_of_raw_read": expanded_mb / self.raw_read_mb_per_second if expanded_mb else None,
+            "threads_over_best_peer": threads / best_peer if threads and best_peer else None,
+            "processes_over_threads": processes / threads if processes and threads else None,
+            "http_over_local": http / threads if http and threads else None,
+            "threads_over_live": threads / live if threads and live else None,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"raw_read_mb_per_second": self.raw_read_mb_per_second,
+                "paths": {name: row.as_dict() for name, row in self.paths.items()}, "ratios": self.ratios()}
+
+
+@dataclass
 class BenchResult:
     workers: int
     batch_size: int
     samples_per_epoch: int
-    live: PathResult
-    shards: PathResult
-    shards_processes: PathResult
-    stock_webdataset: PathResult | None
-    raw_read_mb_per_second: float
-    normalize_on: str
-    integrity: list[PathResult] | None = None  # threads: verify off, checksum (default), sha256
+    sizes: RecordSizes
+    rounds: list[Round]
+    device_ops: str  # what of the device's work the shard rows include
+    http_server: str | None
+    peer_bytes: dict[str, int] = field(default_factory=dict)  # bytes each peer's dataset takes
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> why it did not run
+
+    def median_path(self, name: str) -> PathResult | None:
+        rows = [r.paths[name] for r in self.rounds if name in r.paths]
+        if not rows:
+            return None
+        return sorted(rows, key=lambda row: row.samples_per_second)[(len(rows) - 1) // 2]
 
     @property
-    def speedup(self) -> float:
-        return self.shards.samples_per_second / max(self.live.samples_per_second, 1e-12)
+    def path_names(self) -> list[str]:
+        names: list[str] = []
+        for r in self.rounds:
+            names += [n for n in r.paths if n not in names]
+        return names
 
     @property
-    def raw_fraction(self) -> float:
-        return self.shards.mb_per_second / max(self.raw_read_mb_per_second, 1e-12)
+    def raw_read_mb_per_second(self) -> float:
+        return statistics.median(r.raw_read_mb_per_second for r in self.rounds)
+
+    def ratio_rounds(self) -> dict[str, list[float | None]]:
+        per_round = [r.ratios() for r in self.rounds]
+        return {name: [ratios[name] for ratios in per_round] for name in per_round[0]}
 
     def as_dict(self) -> dict[str, Any]:
+        ratios = self.ratio_rounds()
         return {
-            "workers": self.workers,
-            "batch_size": self.batch_size,
-            "samples_per_epoch": self.samples_per_epoch,
-            "normalize_on": self.normalize_on,
-            "live": self.live.as_dict(),
-            "shards": self.shards.as_dict(),
-            "shards_processes": self.shards_processes.as_dict(),
-            "stock_webdataset": self.stock_webdataset.as_dict() if self.stock_webdataset else None,
+            "workers": self.workers, "batch_size": self.batch_size, "samples_per_epoch": self.samples_per_epoch,
+            "record_bytes": self.sizes.as_dict(), "device_ops": self.device_ops, "http_server": self.http_server,
+            "peer_bytes": self.peer_bytes, "skipped": self.skipped,
+            "median": {name: self.median_path(name).as_dict() for name in self.path_names},
             "raw_read_mb_per_second": self.raw_read_mb_per_second,
-            "speedup_shards_over_live": self.speedup,
-            "shards_fraction_of_raw_read": self.raw_fraction,
-            "shards_over_stock_webdataset": (
-                self.shards.samples_per_second / max(self.stock_webdataset.samples_per_second, 1e-12)
-                if self.stock_webdataset else None
-            ),
-            "integrity": [row.as_dict() for row in self.integrity] if self.integrity else None,
+            "ratios_median": {k: statistics.median(v) if all(x is not None for x in v) else None
+                              for k, v in ratios.items()},
+            "rounds": [r.as_dict() for r in self.rounds],
         }
 
 
@@ -204,103 +269,73 @@ def raw_read_rate(folder: Path, manifest: Manifest, repeats: int = 3) -> float:
     return best
 
 
-def write_stock_npy_shards(location: Path, out: Path) -> list[str]:
-    """The same arrays as stock webdataset .npy members (what a user without wds-ocr would write)."""
-    import webdataset as wds
-
-    from wds_ocr.shards.inspect import read_record
-
-    manifest = load_manifest(location)
-    folder = manifest_path(location).parent
-    urls = []
-    for s, entry in enumerate(manifest.shards):
-        path = out / f"npy-{s:06d}.tar"
-        with wds.TarWriter(str(path)) as writer:
-            for key in entry.keys:
-                record, _ = read_record(folder, manifest, key)
-                sample = {"__key__": key}
-                for name in ("image", "gt", "mask", "thresh_map", "thresh_mask"):
-                    buffer = io.BytesIO()
-                    np.save(buffer, record.arrays[name], allow_pickle=False)
-                    sample[f"{name}.npy"] = buffer.getvalue()
-                writer.write(sample)
-        urls.append(str(path))
-    return urls
-
-
-def _stock_loader(urls: list[str], batch_size: int, workers: int):
-    import webdataset as wds
-
-    dataset = (
-        wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                       empty_check=False)
-        .decode()
-        .to_tuple("image.npy", "gt.npy", "mask.npy", "thresh_map.npy", "thresh_mask.npy")
-        .batched(batch_size, partial=True)
-    )
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
-
-
 INTEGRITY_MODES = (("off", False), ("xxh3", True), ("sha256", "sha256"))
 
 
+def _shard_epochs(stream: ShardStream, workers: int, mode: str, device: torch.device | None):
+    loader = make_loader(stream, workers, mode=mode)
+
+    def epoch():
+        for batch in loader:
+            if device is not None:  # the device's share: one copy, expansion, fused normalize
+                normalize(to_device(batch, device).images)
+            yield batch
+
+    return epoch
+
+
 def run_bench(source: str | Path, split: str, shards: str | Path, config: Config, workers: int = 2,
-              batch_size: int = 8, min_seconds: float = 5.0, stock: bool = True,
-              progress: Callable[[str], None] | None = None, integrity: bool = False) -> BenchResult:
-    """Run the live, shard, stock-webdataset and raw-read measurements side by side."""
+              batch_size: int = 8, min_seconds: float = 5.0, peers: Iterable[str] = bench_peers.PEERS,
+              progress: Callable[[str], None] | None = None, integrity: bool = False, live: bool = True,
+              http: str | None = "auto", rounds: int = 1, processes: bool = True) -> BenchResult:
+    """Run the paths side by side (see the module docstring); ``http`` is the local server kind
+    (``auto``, ``nginx``, ``python``) or None for no HTTP row; ``peers`` those of
+    ``bench_peers.PEERS`` to run."""
+    from wds_ocr.bench_http import local_server
+
     note = progress or (lambda _: None)
     manifest = load_manifest(shards)
     folder = manifest_path(shards).parent
-    listing = list_source(source, split, config.source)
-    samples = listing.samples
-    source_bytes = sum(os.path.getsize(s.image_path) for s in samples if s.image_path.is_file())
     shard_bytes = sum(entry.members_end for entry in manifest.shards)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-
-    note("raw sequential read of the shard files")
-    raw = raw_read_rate(folder, manifest)
-
-    note("live path (decode + EXIF + resize + pad + targets + normalize per sample)")
-    live_loader = torch.utils.data.DataLoader(LiveDataset(samples, config), batch_size=batch_size,
-                                              num_workers=workers, shuffle=False)
-    live = _run_epochs("live", lambda: live_loader, lambda b: int(b["image"].shape[0]), source_bytes,
-                       min_seconds, max_epochs=3)
-
-    stream = ShardStream(shards, batch_size=batch_size, train=False)
-
-    def shard_path(mode: str, over: ShardStream = stream, name: str | None = None) -> PathResult:
-        loader = make_loader(over, workers, mode=mode)
-
-        def epoch():
-            for batch in loader:
-                if cuda:  # the device's share: copy + fused normalize (CPU path leaves it to the device)
-                    normalize(batch.images.to(device, non_blocking=True))
-                yield batch
-
-        return _run_epochs(name or f"shards ({mode})", epoch, len, shard_bytes, min_seconds, max_epochs=1000)
-
-    note("shard path (ShardStream, reader threads)")
-    shard = shard_path("threads")
-    note("shard path (ShardStream, DataLoader worker processes)")
-    shard_processes = shard_path("processes")
-
-    integrity_rows = None
-    if integrity:
-        integrity_rows = []
-        for label, verify in INTEGRITY_MODES:
-            note(f"shard path (threads) with the read-path check: {label}")
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    result = BenchResult(workers, batch_size, manifest.total_samples, record_sizes(manifest), [],
+                         "copy + expansion + normalize on cuda (included)" if device is not None
+                         else "not included (no CUDA): expansion and normalization are device ops", None)
+    epochs: dict[str, tuple[Callable[[], Iterable[Any]], Callable[[Any], int], int]] = {}
+    with tempfile.TemporaryDirectory(prefix="wds-ocr-bench-") as tmp, contextlib.ExitStack() as stack:
+        stream = ShardStream(shards, batch_size=batch_size, train=False)
+        epochs["shards (threads)"] = (_shard_epochs(stream, workers, "threads", device), len, shard_bytes)
+        if processes:
+            epochs["shards (processes)"] = (_shard_epochs(stream, workers, "processes", device), len, shard_bytes)
+        if http is not None:
+            url, result.http_server = stack.enter_context(local_server(folder, http))
+            remote = ShardStream(url, batch_size=batch_size, train=False)
+            epochs["shards (HTTP, threads)"] = (_shard_epochs(remote, workers, "threads", device), len, shard_bytes)
+        for label, verify in INTEGRITY_MODES if integrity else ():
             checked = ShardStream(shards, batch_size=batch_size, train=False, verify=verify)
-            integrity_rows.append(shard_path("threads", checked, f"threads, verify {label}"))
-
-    stock_result = None
-    if stock:
-        note("stock webdataset over .npy members")
-        with tempfile.TemporaryDirectory(prefix="wds-ocr-bench-") as tmp:
-            urls = write_stock_npy_shards(Path(shards), Path(tmp))
-            stock_bytes = sum(os.path.getsize(u) for u in urls)
-            stock_loader = _stock_loader(urls, batch_size, workers)
-            stock_result = _run_epochs("stock_webdataset", lambda: stock_loader, lambda b: len(b[0]), stock_bytes,
-                                       min_seconds, max_epochs=1000)
-    return BenchResult(workers, batch_size, len(samples), live, shard, shard_processes, stock_result, raw,
-                       "cuda (included)" if cuda else "not included (no CUDA: a device op)", integrity_rows)
+            epochs[f"threads, verify {label}"] = (_shard_epochs(checked, workers, "threads", device), len, shard_bytes)
+        for peer in peers:
+            if not bench_peers.available(peer):
+                result.skipped[f"peer: {peer}"] = f"{bench_peers._MODULES[peer]} is not installed"
+                continue
+            note(f"writing the same arrays with {peer}")
+            location = bench_peers.WRITERS[peer](Path(shards), Path(tmp))
+            result.peer_bytes[peer] = bench_peers.stored_bytes(location)
+            loader = bench_peers.LOADERS[peer](location, batch_size, workers)
+            epochs[f"peer: {peer}"] = (lambda loader=loader: loader, len, result.peer_bytes[peer])
+        if live:
+            samples = list_source(source, split, config.source).samples
+            source_bytes = sum(os.path.getsize(s.image_path) for s in samples if s.image_path.is_file())
+            live_loader = torch.utils.data.DataLoader(LiveDataset(samples, config), batch_size=batch_size,
+                                                      num_workers=workers, shuffle=False)
+            epochs["live"] = (lambda: live_loader, lambda b: int(b["image"].shape[0]), source_bytes)
+        for number in range(rounds):
+            note(f"round {number + 1} of {rounds}: raw sequential read of the shard files")
+            raw = raw_read_rate(folder, manifest)
+            rows = {}
+            for name, (make_epoch, count, nbytes) in epochs.items():
+                note(f"round {number + 1} of {rounds}: {name}")
+                rows[name] = _run_epochs(name, make_epoch, count, nbytes, min_seconds,
+                                         max_epochs=3 if name == "live" else 100_000)
+            result.rounds.append(Round(raw, rows, result.sizes.full_arrays))
+    return result

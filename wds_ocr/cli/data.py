@@ -184,16 +184,28 @@ def inspect(shards: Path, key: str | None, png: Path | None) -> None:
 @click.option("--batch", "batch_size", default=8, show_default=True, type=click.IntRange(1, 4096))
 @click.option("--seconds", "min_seconds", default=5.0, show_default=True, type=click.FloatRange(0.0),
               help="Run whole epochs of each path until this much time has passed.")
-@click.option("--no-stock", is_flag=True, help="Skip the stock-webdataset (.npy members) comparison.")
+@click.option("--peers", default="webdataset,litdata,mosaic", show_default=True,
+              help="Libraries to read the same arrays with (comma-separated; LitData and Mosaic are the 'bench' "
+                   "extra; 'none' for no peers).")
+@click.option("--no-stock", is_flag=True, help="Same as --peers none.")
+@click.option("--http", "http", default="auto", show_default=True,
+              type=click.Choice(["auto", "nginx", "python", "off"]),
+              help="Local HTTP server for the HTTP row: nginx if installed (auto), a Python sendfile server, or none.")
+@click.option("--no-live", is_flag=True, help="Skip the live per-sample path (slow: decode + targets per sample).")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1, 100),
+              help="Run every path once per round; report the median round and every round's ratios.")
 @click.option("--integrity", is_flag=True,
               help="Also time the threaded shard path with no read-path check, the xxh3 checksum and sha256.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 @config_options
 @handle_errors
 def bench(source: Path, shards: Path, split: str | None, workers: int, batch_size: int, min_seconds: float,
-          no_stock: bool, integrity: bool, as_json: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
-    """Side by side: the live per-epoch path on SOURCE against streaming --shards."""
+          peers: str, no_stock: bool, http: str, no_live: bool, rounds: int, integrity: bool, as_json: bool,
+          config_file: Path | None, overrides: tuple[str, ...]) -> None:
+    """Side by side: streaming --shards against the raw read rate of their files, the same arrays read
+    with webdataset / LitData / Mosaic, HTTP from 127.0.0.1, and the live per-epoch path on SOURCE."""
     from wds_ocr.bench import run_bench
+    from wds_ocr.bench_peers import PEERS
     from wds_ocr.shards.manifest import load_manifest
     from wds_ocr.shards.verify import config_from_manifest
 
@@ -202,29 +214,53 @@ def bench(source: Path, shards: Path, split: str | None, workers: int, batch_siz
     if config.fingerprint() != manifest.fingerprint:
         fail("the live path would not produce these shards (settings differ); pass the config they were built "
               "with, or omit --config/--set to take it from the manifest", 2)
+    chosen = [] if no_stock or peers.strip() == "none" else [p.strip() for p in peers.split(",") if p.strip()]
+    unknown = sorted(set(chosen) - set(PEERS))
+    if unknown:
+        fail(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)} or none", 2)
     split = split or manifest.source["split"]
-    result = run_bench(source, split, shards, config, workers, batch_size, min_seconds, not no_stock,
+    result = run_bench(source, split, shards, config, workers, batch_size, min_seconds, chosen,
                        progress=None if as_json else lambda text: click.echo(f"... {text}", err=True),
-                       integrity=integrity)
+                       integrity=integrity, live=not no_live, http=None if http == "off" else http, rounds=rounds)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=1, sort_keys=True))
         return
-    rows = [result.live, result.shards, result.shards_processes]
-    rows += [result.stock_webdataset] if result.stock_webdataset else []
-    rows += result.integrity or []
-    click.echo(f"{result.samples_per_epoch} samples per epoch, batch {batch_size}, {workers} workers; "
-               f"normalization: {result.normalize_on}")
-    click.echo(f"{'path':22s} {'samples/s':>10s} {'MB/s':>9s} {'1st batch s':>11s} {'peak RSS MB':>11s} {'epochs':>6s}")
-    for row in rows:
-        click.echo(f"{row.name:22s} {row.samples_per_second:10.1f} {row.mb_per_second:9.1f} "
-                   f"{row.first_batch_seconds:11.3f} {row.peak_rss_mb:11.0f} {row.epochs:6d}")
-    click.echo(f"raw sequential read of the shard files: {result.raw_read_mb_per_second:.0f} MB/s")
-    click.echo(f"shards / live: {result.speedup:.1f}x samples/s; shard loader reads at "
-               f"{100 * result.raw_fraction:.0f}% of the raw read rate")
-    if result.integrity:
-        off = max(result.integrity[0].samples_per_second, 1e-12)
-        click.echo("read-path check / none (threads): " + ", ".join(
-            f"{row.name.split('verify ')[-1]} {row.samples_per_second / off:.3f}x" for row in result.integrity[1:]))
-    if result.stock_webdataset:
-        click.echo(f"shards / stock webdataset (.npy): "
-                   f"{result.shards.samples_per_second / max(result.stock_webdataset.samples_per_second, 1e-12):.1f}x")
+    for line in bench_lines(result):
+        click.echo(line)
+
+
+def bench_lines(result) -> list[str]:
+    """The bench report as text: the median round of every path, then the ratios of each round."""
+    sizes = result.sizes
+    lines = [f"{result.samples_per_epoch} samples per epoch, batch {result.batch_size}, {result.workers} workers, "
+             f"{len(result.rounds)} round(s); device ops: {result.device_ops}",
+             f"bytes per record: mean {sizes.mean / 1e6:.3f} MB, median {sizes.median / 1e6:.3f} MB, largest "
+             f"{sizes.largest / 1e6:.3f} MB (the full arrays: {sizes.full_arrays / 1e6:.2f} MB, "
+             f"{sizes.full_arrays / max(sizes.mean, 1):.2f}x)"]
+    if result.http_server:
+        lines.append(f"HTTP server on 127.0.0.1: {result.http_server}")
+    for peer, nbytes in result.peer_bytes.items():
+        lines.append(f"peer {peer}: {nbytes / max(result.samples_per_epoch, 1) / 1e6:.3f} MB per sample on disk")
+    lines.append(f"{'path (median round)':24s} {'samples/s':>10s} {'MB/s':>9s} {'1st batch s':>11s} "
+                 f"{'peak RSS MB':>11s} {'epochs':>6s}")
+    for name in result.path_names:
+        row = result.median_path(name)
+        lines.append(f"{name:24s} {row.samples_per_second:10.1f} {row.mb_per_second:9.1f} "
+                     f"{row.first_batch_seconds:11.3f} {row.peak_rss_mb:11.0f} {row.epochs:6d}")
+    lines.append(f"raw sequential read of the shard files: {result.raw_read_mb_per_second:.0f} MB/s (median round)")
+    labels = {"threads_fraction_of_raw_read": "threads MB/s / raw read (stored bytes)",
+              "threads_expanded_fraction_of_raw_read": "threads MB/s / raw read (expanded bytes)",
+              "threads_over_best_peer":
+              "threads / best peer (samples/s)", "processes_over_threads": "processes / threads",
+              "http_over_local": "HTTP / local (threads)", "threads_over_live": "threads / live"}
+    for name, values in result.ratio_rounds().items():
+        if any(v is not None for v in values):
+            lines.append(f"{labels[name]}: " + " / ".join("-" if v is None else f"{v:.2f}" for v in values))
+    if "threads, verify off" in result.path_names:
+        off = max(result.median_path("threads, verify off").samples_per_second, 1e-12)
+        lines.append("read-path check / none (threads): " + ", ".join(
+            f"{name.split('verify ')[-1]} {result.median_path(name).samples_per_second / off:.3f}x"
+            for name in result.path_names if name.startswith("threads, verify ") and not name.endswith("off")))
+    for name, why in result.skipped.items():
+        lines.append(f"skipped {name}: {why}")
+    return lines
