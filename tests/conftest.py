@@ -51,65 +51,13 @@ def single_shard(synth_root, tmp_path_factory) -> Path:
     return build_small_shards(synth_root, tmp_path_factory.mktemp("single") / "shards", max_samples=100)
 
 
-class _RangeHandler:
-    """Built lazily: an http.server handler that honours single 'Range: bytes=a-b' requests."""
-
-    @staticmethod
-    def make(directory: Path):
-        import http.server
-        import re
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(directory), **kwargs)
-
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
-
-            def do_GET(self) -> None:
-                path = Path(self.translate_path(self.path))
-                if not path.is_file():
-                    self.send_error(404, "not found")
-                    return
-                size = path.stat().st_size
-                match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
-                start, stop = 0, size
-                if match:
-                    start = int(match.group(1))
-                    stop = min(size, int(match.group(2)) + 1) if match.group(2) else size
-                    if start >= size:
-                        self.send_error(416, "range not satisfiable")
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(stop - start))
-                self.send_header("Accept-Ranges", "bytes")
-                self.end_headers()
-                with open(path, "rb") as handle:
-                    handle.seek(start)
-                    self.wfile.write(handle.read(stop - start))
-
-        return Handler
-
-
 @pytest.fixture
 def serve_folder():
-    """Start a real HTTP server (with Range support) on 127.0.0.1 for a folder; returns its URL."""
-    import http.server
-    import threading
+    """Start a real HTTP server (with Range support, bench_http's) on 127.0.0.1 for a folder;
+    returns its URL."""
+    import contextlib
 
-    servers = []
+    from wds_ocr.bench_http import python_server
 
-    def start(directory: Path) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler.make(directory))
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    with contextlib.ExitStack() as servers:
+        yield lambda directory: servers.enter_context(python_server(directory))

@@ -242,7 +242,7 @@ def test_corrupted_served_shard_is_caught(uneven_shards, serve_folder, tmp_path)
 def test_missing_remote_manifest_is_a_clear_error(serve_folder, tmp_path):
     url = serve_folder(tmp_path)
     with pytest.raises(ManifestError, match=r"cannot fetch http://127.0.0.1:\d+/manifest.json: GET "
-                                            r"http://127.0.0.1:\d+/manifest.json: HTTP 404 not found$"):
+                                            r"http://127.0.0.1:\d+/manifest.json: HTTP 404 Not Found$"):
         ShardStream(url, batch_size=1)
 
 
