@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,14 +26,18 @@ def test_demo_tells_the_whole_story(demo_run):
     out, output = demo_run
     stages = [line for line in output.splitlines() if line.startswith("== ")]
     assert stages == ["== synth", "== build-shards", "== verify", "== train", "== evaluate", "== timings"]
-    assert "8 receipts ({'train': 6, 'val': 2})" in output
+    assert "8 receipts (train 6, val 2), 51 words, 2 stored with an EXIF orientation tag" in output
+    assert "train: 6 written, 0 rejected; 1 shard (at most 8 samples or 1.1 GB each: shards.max_samples, " \
+           "shards.max_bytes), built" in output
+    assert re.search(r"train: 100%\S* *\| 1/1 \[", output)  # the train stage's step bar (stderr): 1 step of 4 of 6
     assert "train: 6 records, 6 bit-equal to the live pipeline: OK" in output
     assert "shards and live path agree: yes" in output
     assert (out / "run" / "last.pt").is_file() and (out / "shards" / "val" / "manifest.json").is_file()
     again = CliRunner().invoke(cli, ["demo", "--out", str(out), "--n", "8", "--workers", "1",
                                      "--set", "train.epochs=1", "--set", "postprocess.box_thresh=0.3"])
     assert again.exit_code == 0, again.output
-    assert "reusing" in again.output and "train: 6 written, 0 rejected (up to date)" in again.output
+    assert "reusing" in again.output and "train: 6 written, 0 rejected; 1 shard (at most 8 samples or 1.1 GB each: " \
+           "shards.max_samples, shards.max_bytes), up to date, reused" in again.output
 
 
 def test_evaluate_from_shards_and_source_agree_as_json(demo_run):
@@ -120,5 +125,5 @@ def test_train_refuses_settings_the_shards_were_not_built_with(demo_run, tmp_pat
     out, _ = demo_run
     result = CliRunner().invoke(cli, ["train", "--shards", str(out / "shards" / "train"), "--out", str(tmp_path),
                                       "--set", "transform.size=256"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a configuration these shards cannot serve
     assert "error:" in result.output and "transform.size" in result.output
