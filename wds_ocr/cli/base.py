@@ -73,19 +73,35 @@ def score_line(score) -> str:
             f"{score.images} images)")
 
 
+class _CounterBar:
+    """A tqdm bar driven by (done, total) callbacks, made at the first callback (so a command that
+    fails before its work starts prints its error alone)."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        self.total, self.desc = total, desc
+        self.disabled = quiet or not is_rank0()
+        self.bar = None
+
+    def __call__(self, done: int, count: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=count or self.total or None, unit="img", desc=self.desc, disable=self.disabled,
+                            file=sys.stderr)
+        if count and self.bar.total != count:
+            self.bar.total = count
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def counter_bar(total: int, desc: str, quiet: bool):
-    """A tqdm bar driven by (done, total) callbacks."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total or None, unit="img", desc=desc, disable=quiet or not is_rank0(), file=sys.stderr)
-
-    def update(done: int, count: int) -> None:
-        if count and bar.total != count:
-            bar.total = count
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
+    """(bar, update): update(done, total) drives the bar; bar.close() ends it."""
+    bar = _CounterBar(total, desc, quiet)
+    return bar, bar
 
 
 def load_with_base(base: dict, config_file: Path | None, overrides: tuple[str, ...]):
