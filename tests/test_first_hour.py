@@ -239,3 +239,20 @@ def test_train_run_record_names_its_shards(shards, tmp_path):
     assert record["train_shards"] == str(shards.resolve()) and record["val_shards"] == str(shards.resolve())
     assert record["resumed_from"] is None and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", record["started"])
     assert np.isfinite(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0]).get("loss", 0.0))
+
+
+def test_the_readme_loader_example_runs_as_written_on_this_machine(shards):
+    """The README's "loader in your own training code" block, run on CPU torch (the set-up's)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## The loader in your own training code", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'to_device(batch, device)' in code and 'torch.cuda.is_available()' in code
+    code = code.replace('"shards/train"', repr(str(shards))).replace("range(10)", "range(1)")
+    code = code.replace("batch_size=8", "batch_size=2")
+    code = code.replace("        ...\n", "        seen.append((images.shape, images.dtype, sorted(maps)))\n")
+    scope: dict = {"seen": []}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert len(scope["seen"]) == 4  # 9 samples in full batches of 2
+    shape, dtype, names = scope["seen"][0]
+    assert tuple(shape) == (2, 3, 64, 64) and dtype == torch.float32
+    assert names == ["gt", "mask", "thresh_map", "thresh_mask"]
