@@ -451,12 +451,14 @@ def test_a_failing_batch_does_not_wait_for_slow_reads_in_flight(uneven_shards, s
     with pytest.raises(RemoteError, match="HTTP 404"):
         for _ in make_loader(stream, 3, mode="threads"):
             pass
-    assert time.perf_counter() - started < 2.0
-    deadline = time.monotonic() + 5.0  # the reads in flight are cancelled, not left to their 30 s deadline
+    # The failure surfaces long before the 30 s the stalled reads would take (bounds loose enough
+    # for a loaded machine; what is checked is that nothing waits for a stalled read).
+    assert time.perf_counter() - started < 15.0
+    deadline = time.monotonic() + 10.0  # the reads in flight are cancelled, not left to their 30 s deadline
     while ours() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not ours()
-    assert time.perf_counter() - started < 10.0  # well inside the 30 s the stalled reads would have taken
+    assert time.perf_counter() - started < 25.0  # inside the 30 s the stalled reads would have taken
 
 
 def test_a_shard_the_server_reports_with_another_size_is_named(uneven_shards, serve):
