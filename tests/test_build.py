@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from wds_ocr.cli import cli
 from wds_ocr.config import load_config
-from wds_ocr.errors import BuildError
+from wds_ocr.errors import BuildError, UsageError
 from wds_ocr.shards import build as build_module
 from wds_ocr.shards.build import Partition, build_shards, record_key
 from wds_ocr.shards.inspect import read_record
@@ -135,7 +135,8 @@ def test_sigkilled_build_resumes_to_identical_bytes(synth_root, tmp_path, kill_r
     assert "samples in 9: written 9, rejected 0; words skipped 0" in result.output
     megabytes = sum(len(data) for name, data in kill_reference.items() if name.endswith(".tar")) / 1e6
     if journaled:
-        assert f"5 shards, {megabytes:.1f} MB, {journaled} reused from an earlier run;" in result.output
+        assert (f"5 shards (at most 2 samples or 1.1 GB each: shards.max_samples, shards.max_bytes), "
+                f"{megabytes:.1f} MB, {journaled} reused from an earlier run;") in result.output
     else:
         assert "reused" not in result.output
     assert snapshot(out) == kill_reference
@@ -396,10 +397,10 @@ def test_partition_argument_is_validated():
     assert [Partition(i, 3).bounds(10) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
     for text, message in [
         ("1-4", "--partition '1-4' must look like i/n, e.g. 0/4 (i counts from 0)"),
-        ("4/4", "--partition '4/4': need 0 <= i < n"),
-        ("0/0", "--partition '0/0': need 0 <= i < n"),
+        ("4/4", "--partition '4/4': part i of n counts from 0, so it needs 0 <= i < n (here 0/4 .. 3/4)"),
+        ("0/0", "--partition '0/0': n is the number of parts, at least 1"),
     ]:
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(UsageError) as caught:
             Partition.parse(text)
         assert str(caught.value) == message
 

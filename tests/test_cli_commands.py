@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -26,14 +27,18 @@ def test_demo_tells_the_whole_story(demo_run):
     out, output = demo_run
     stages = [line for line in output.splitlines() if line.startswith("== ")]
     assert stages == ["== synth", "== build-shards", "== verify", "== train", "== evaluate", "== timings"]
-    assert "8 receipts ({'train': 6, 'val': 2})" in output
+    assert "8 receipts (train 6, val 2), 51 words, 2 stored with an EXIF orientation tag" in output
+    assert "train: 6 written, 0 rejected; 1 shard (at most 8 samples or 1.1 GB each: shards.max_samples, " \
+           "shards.max_bytes), built" in output
+    assert re.search(r"train: 100%\S* *\| 1/1 \[", output)  # the train stage's step bar (stderr): 1 step of 4 of 6
     assert "train: 6 records, 6 bit-equal to the live pipeline: OK" in output
     assert "shards and live path agree: yes" in output
     assert (out / "run" / "last.pt").is_file() and (out / "shards" / "val" / "manifest.json").is_file()
     again = CliRunner().invoke(cli, ["demo", "--out", str(out), "--n", "8", "--workers", "1",
                                      "--set", "train.epochs=1", "--set", "postprocess.box_thresh=0.3"])
     assert again.exit_code == 0, again.output
-    assert "reusing" in again.output and "train: 6 written, 0 rejected (up to date)" in again.output
+    assert "reusing" in again.output and "train: 6 written, 0 rejected; 1 shard (at most 8 samples or 1.1 GB each: " \
+           "shards.max_samples, shards.max_bytes), up to date, reused" in again.output
 
 
 def test_evaluate_from_shards_and_source_agree_as_json(demo_run):
@@ -121,7 +126,7 @@ def test_train_refuses_settings_the_shards_were_not_built_with(demo_run, tmp_pat
     out, _ = demo_run
     result = CliRunner().invoke(cli, ["train", "--shards", str(out / "shards" / "train"), "--out", str(tmp_path),
                                       "--set", "transform.size=256"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a configuration these shards cannot serve
     assert "error:" in result.output and "transform.size" in result.output
 
 
@@ -135,12 +140,6 @@ def test_shards_of_an_older_format_are_refused_with_the_rebuild_command(demo_run
         manifest.write_text(manifest.read_text().replace('"schema_version": 4', '"schema_version": 3'))
     train = old / "shards" / "train"
     runner = CliRunner()
-    demo = runner.invoke(cli, ["demo", "--out", str(old), "--n", "8", "--workers", "1", "--set", "train.epochs=1"])
-    assert demo.exit_code == 1 and "Traceback" not in demo.output
-    assert demo.output.splitlines()[-1] == (
-        f"error: {train} holds shards written by an older wds-ocr (manifest.json has schema_version 3; this one "
-        f"reads 4, compact records): pass --overwrite (overwrite=True) to rebuild them there, remove {train}, or "
-        "build into another --out")
     rebuild = (f"{train / 'manifest.json'} has schema_version 3, written by an older wds-ocr (this one reads version "
                f"4: compact records with per-member checksums); rebuild the shards: wds-ocr build-shards SOURCE "
                f"--split train --out {train} --overwrite")
@@ -151,6 +150,13 @@ def test_shards_of_an_older_format_are_refused_with_the_rebuild_command(demo_run
     rebuilt = runner.invoke(cli, ["build-shards", str(old / "data"), "--split", "train", "--out", str(train),
                                   "--overwrite", "--set", "transform.size=128"])
     assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads((train / "manifest.json").read_text())["schema_version"] == 4
+    for split in ("train", "val"):  # old again: the demo rebuilds the shards in its own folder
+        manifest = old / "shards" / split / "manifest.json"
+        manifest.write_text(manifest.read_text().replace('"schema_version": 4', '"schema_version": 3'))
+    demo = runner.invoke(cli, ["demo", "--out", str(old), "--n", "8", "--workers", "1", "--set", "train.epochs=1"])
+    assert demo.exit_code == 0 and "Traceback" not in demo.output, demo.output
+    assert "train: 6 written, 0 rejected; 1 shard" in demo.output and ", built" in demo.output
     assert json.loads((train / "manifest.json").read_text())["schema_version"] == 4
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from wds_ocr.config import SourceConfig
 from wds_ocr.data.sources import Skip, SourceListing, list_source, parse_icdar_line, parse_points
-from wds_ocr.errors import SourceError
+from wds_ocr.errors import SourceError, UsageError
 
 JSON = SourceConfig(format="json")
 ICDAR = SourceConfig(format="icdar")
@@ -241,10 +241,16 @@ def test_missing_folders_and_files_are_errors(tmp_path: Path) -> None:
     with pytest.raises(SourceError) as info:
         list_source(tmp_path / "nope", "train", JSON)
     assert str(info.value) == f"source folder {tmp_path / 'nope'} does not exist"
+    with pytest.raises(UsageError) as info:  # no split at all: bad usage (exit 2), naming the layout
+        list_source(tmp_path, "train", JSON)
+    assert str(info.value) == (f"{tmp_path} has no split 'train' (source.format json); it has none "
+                               "(ROOT/jsons/<split>.json and ROOT/images/<split>/ expected)")
+    (tmp_path / "images" / "train").mkdir(parents=True)  # the images there: the annotations are named
     with pytest.raises(SourceError) as info:
         list_source(tmp_path, "train", JSON)
     ann = tmp_path / "jsons" / "train.json"
     assert str(info.value) == f"{ann} does not exist: expected annotations in ROOT/jsons/train.json"
+    (tmp_path / "images" / "train").rmdir()
     ann.parent.mkdir()
     ann.write_text('{"images": {}}')
     with pytest.raises(SourceError) as info:
@@ -254,7 +260,7 @@ def test_missing_folders_and_files_are_errors(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("split", ["", "..", ".", "a/b", "a\\b"])
 def test_split_must_be_a_plain_folder_name(tmp_path: Path, split: str) -> None:
-    with pytest.raises(SourceError) as info:
+    with pytest.raises(UsageError) as info:
         list_source(tmp_path, split, JSON)
     assert str(info.value) == f"split {split!r} must be a plain folder name such as train or val"
 

@@ -170,7 +170,7 @@ def test_flipped_byte_in_record_data(folder, synth_root):
     assert result.exit_code == 1
     assert result.output.splitlines() == [
         f"{SHARD} {member.key}: member bytes differ from the manifest digest (corrupt member)",
-        f"{SHARD} -: {sha_line(folder, sha)[2]}",
+        f"{SHARD}: {sha_line(folder, sha)[2]}",
         load_manifest(folder).coverage.summary(),
         "3 shards, 9 records checked: 2 problem(s)",
     ]
@@ -328,7 +328,7 @@ def test_missing_shard(folder):
     result = run_cli(folder)
     assert result.exit_code == 1
     seen = verify_shards(folder).coverage  # the 6 records still there
-    assert result.output == (f"shard-000002.tar -: shard missing ({folder / 'shard-000002.tar'})\n"
+    assert result.output == (f"shard-000002.tar: shard missing ({folder / 'shard-000002.tar'})\n"
                              f"{Coverage(**seen).summary()}\n2 shards, 6 records checked: 1 problem(s)\n")
 
 
@@ -339,7 +339,7 @@ def test_changed_config_is_reported_as_stale(clean):
     result = run_cli(clean, "--set", "transform.size=160")
     assert result.exit_code == 1
     coverage = load_manifest(clean).coverage.summary()
-    assert result.output == f"- -: {stale}\n{coverage}\n3 shards, 9 records checked: 1 problem(s) (stale)\n"
+    assert result.output == f"{stale}\n{coverage}\n3 shards, 9 records checked: 1 problem(s) (stale)\n"
     assert verify_shards(clean, load_config(None, ["transform.size=128", "shards.max_samples=7"])).ok
 
 

@@ -146,7 +146,7 @@ class AugmentConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    neck_channels: int = Field(default=256, ge=8, le=1024)
+    neck_channels: int = Field(default=256, ge=8, le=1024, multiple_of=4)  # the FPN concatenates 4 quarters
     k: float = Field(default=50.0, gt=0.0, le=1000.0)
     backbone_weights: str | None = None
 
@@ -457,3 +457,4 @@ def load_config(
     for override in overrides:
         _apply_override(data, override)
     return build_config(data)
+

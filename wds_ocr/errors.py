@@ -22,6 +22,13 @@ class ConfigError(WdsOcrError):
     exit_code = 2
 
 
+class UsageError(WdsOcrError):
+    """A command used wrongly: an option value that cannot work (a split the source does not
+    have, a partition that does not exist, two overrides of one setting that disagree)."""
+
+    exit_code = 2
+
+
 class SourceError(WdsOcrError):
     """A dataset that cannot be read as a whole (missing folder, unreadable annotation file)."""
 
@@ -86,8 +93,18 @@ class OlderManifestError(ManifestError):
         self.version = version
 
 
+class NotAShardFolderError(ManifestError):
+    """A file given where a shard folder (or its manifest) was expected: bad usage."""
+
+    exit_code = 2
+
+
 class StaleShardsError(WdsOcrError):
-    """Shards built with a different configuration or pipeline version than the current one."""
+    """Shards built with other record settings than the configuration a command was given (its
+    --config/--set change them, or another split's shards were built differently): a
+    configuration that cannot work with these shards, so exit code 2."""
+
+    exit_code = 2
 
 
 class BuildError(WdsOcrError):

@@ -73,22 +73,89 @@ def score_line(score) -> str:
             f"{score.images} images)")
 
 
+class _CounterBar:
+    """A tqdm bar driven by (done, total) callbacks, made at the first callback (so a command that
+    fails before its work starts prints its error alone)."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        self.total, self.desc = total, desc
+        self.disabled = quiet or not is_rank0()
+        self.bar = None
+
+    def __call__(self, done: int, count: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=count or self.total or None, unit="img", desc=self.desc, disable=self.disabled,
+                            file=sys.stderr)
+        if count and self.bar.total != count:
+            self.bar.total = count
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def counter_bar(total: int, desc: str, quiet: bool):
-    """A tqdm bar driven by (done, total) callbacks."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total or None, unit="img", desc=desc, disable=quiet or not is_rank0(), file=sys.stderr)
-
-    def update(done: int, count: int) -> None:
-        if count and bar.total != count:
-            bar.total = count
-        bar.n = done
-        bar.refresh()
-
-    return bar, update
+    """(bar, update): update(done, total) drives the bar; bar.close() ends it."""
+    bar = _CounterBar(total, desc, quiet)
+    return bar, bar
 
 
 def load_with_base(base: dict, config_file: Path | None, overrides: tuple[str, ...]):
     from wds_ocr.config import load_config
 
     return load_config(config_file, overrides, base=base)
+
+
+def shards_phrase(manifest) -> str:
+    """'3 shards (at most 8 samples or 1.1 GB each: shards.max_samples, shards.max_bytes)'."""
+    settings = manifest.shard_settings or {}
+    count = len(manifest.shards)
+    limits = ""
+    if "max_samples" in settings and "max_bytes" in settings:
+        limits = (f" (at most {settings['max_samples']} samples or {settings['max_bytes'] / 1e9:.1f} GB each: "
+                  "shards.max_samples, shards.max_bytes)")
+    return plural(count, "shard") + limits
+
+
+class _TrainBar:
+    """A tqdm bar of optimizer steps, made at training's "start" event (when the run's length is
+    known: no "0step" bar while the model is built), fed by its progress events."""
+
+    def __init__(self, quiet: bool):
+        self.disabled = quiet or not is_rank0()
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def __call__(self, p) -> None:
+        from tqdm import tqdm
+
+        if p.event in ("start", "step"):
+            if self.bar is None:
+                self.bar = tqdm(total=p.total_steps, initial=p.step, unit="step", desc="train",
+                                disable=self.disabled, file=sys.stderr)
+            self.bar.total = p.total_steps
+            self.bar.n = p.step
+            self.bar.refresh()
+        elif p.event == "train" and self.bar is not None:
+            self.bar.set_postfix(epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
+                                 samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}", refresh=True)
+        elif p.score is not None and not self.disabled:
+            line = f"epoch {p.epoch} validation: {score_line(p.score)}"
+            if self.bar is not None:
+                self.bar.write(line, file=sys.stderr)
+            else:
+                click.echo(line, err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_bar(quiet: bool):
+    """(bar, callback) for training's progress events; call bar.close() when training ends."""
+    bar = _TrainBar(quiet)
+    return bar, bar

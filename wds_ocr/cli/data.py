@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from wds_ocr.cli.base import cli, config_options, fail, handle_errors, load_settings
+from wds_ocr.cli.base import cli, config_options, fail, handle_errors, load_settings, load_with_base, plural, shards_phrase
 
 
 @cli.command()
@@ -82,19 +82,15 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
     click.echo(
         f"samples in {counts.samples_in}: written {counts.written}, rejected {counts.rejected}; "
         f"words skipped {counts.words_skipped}\n"
-        f"{len(result.manifest.shards)} shards, {nbytes / 1e6:.1f} MB"
+        f"{shards_phrase(result.manifest)}, {nbytes / 1e6:.1f} MB"
         f"{f', {result.reused_shards} reused from an earlier run' if result.reused_shards else ''}; "
         f"{elapsed:.1f} s ({counts.written / max(elapsed, 1e-9):.1f} samples/s)\n"
         f"manifest: {result.manifest_path}"
     )
     _echo_coverage(result.manifest)
     if counts.rejected or counts.words_skipped:
-        reasons: dict[str, int] = {}
-        for item in result.rejects:
-            group = f"{item.kind}: {_reason_group(item.reason)}"
-            reasons[group] = reasons.get(group, 0) + 1
-        for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:10]:
-            click.echo(f"  {n:5d} x {reason}")
+        for line in reject_summary(result.rejects):
+            click.echo(line)
         click.echo(f"details: {result.rejects_path}")
 
 
@@ -109,11 +105,34 @@ def _echo_coverage(manifest) -> None:
         click.echo(warning, err=True)
 
 
+def _reason_head(reason: str) -> str:
+    """A reason without its file/line prefix and details (what follows ':' or ' (')."""
+    return re.sub(r"^\S+ line \d+: ", "", reason).split(":")[0].split(" (")[0]
+
+
 def _reason_group(reason: str) -> str:
-    """A reason without its file/line prefix, numbers and details, for counting similar ones."""
-    reason = re.sub(r"^\S+ line \d+: ", "", reason)
-    reason = re.sub(r"-?\d+(\.\d+)?", "#", reason)
-    return reason.split(":")[0].split(" (")[0]
+    """The key similar reasons share: the head with its numbers blanked (never shown to users)."""
+    return re.sub(r"-?\d+(\.\d+)?", "#", _reason_head(reason))
+
+
+def reject_summary(rejects, limit: int = 10, width: int = 160) -> list[str]:
+    """The build's rejects counted by kind of reason, most frequent first; each group shows its
+    first reason as written (a group of different reasons says how many are like it)."""
+    groups: dict[tuple[str, str], list] = {}
+    for item in rejects:
+        shown = re.sub(r"^\S+ line \d+: ", "", item.reason)
+        group = groups.setdefault((item.kind, _reason_group(item.reason)), [0, shown, True])
+        group[0] += 1
+        group[2] = group[2] and shown == group[1]
+    lines = []
+    ordered = sorted(groups.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    for (kind, _), (n, first, same) in ordered[:limit]:
+        first = first if len(first) <= width else first[: width - 3] + "..."
+        lines.append(f"  {n:5d} x {kind}: {first}" + ("" if same or n == 1 else f"  (and {n - 1} like it)"))
+    if len(ordered) > limit:
+        rest = sum(n for _, (n, *_) in ordered[limit:])
+        lines.append(f"  {rest:5d} x other reasons ({len(ordered) - limit} kinds)")
+    return lines
 
 
 @cli.command()
@@ -127,6 +146,31 @@ def merge(folder: Path) -> None:
     click.echo(f"merged {manifest.counts.written} samples in {len(manifest.shards)} shards into {path}")
 
 
+VERIFY_SHOWN = 20  # problems printed one by one; more are summarized
+VERIFY_EXAMPLES = 3
+_LINE_WIDTH = 240
+
+
+def problem_lines(problems, show_all: bool) -> list[str]:
+    """verify's problems: every one when few or with --all, else counted by kind with examples."""
+    if show_all or len(problems) <= VERIFY_SHOWN:
+        return [problem.line() for problem in problems]
+    groups: dict[str, list] = {}
+    for problem in problems:
+        groups.setdefault(_reason_group(problem.what), []).append(problem)
+    lines = [f"{len(problems)} problems of {plural(len(groups), 'kind')} (--all prints every one):"]
+    for members in sorted(groups.values(), key=len, reverse=True):
+        heads = {_reason_head(problem.what) for problem in members}
+        label = _reason_head(members[0].what) + ("" if len(heads) == 1 else " (and the like)")
+        lines.append(f"  {len(members)} x {label}")
+        for problem in members[:VERIFY_EXAMPLES]:
+            line = problem.line()
+            lines.append(f"      {line if len(line) <= _LINE_WIDTH else line[: _LINE_WIDTH - 3] + '...'}")
+        if len(members) > VERIFY_EXAMPLES:
+            lines.append(f"      ... and {len(members) - VERIFY_EXAMPLES} more")
+    return lines
+
+
 @cli.command()
 @click.argument("shards", type=click.Path(exists=True, path_type=Path))
 @click.option("--against-source", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -134,25 +178,38 @@ def merge(folder: Path) -> None:
 @click.option("--sample", type=click.IntRange(1), help="With --against-source: compare K random records only.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for --sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--all", "show_all", is_flag=True,
+              help=f"Print every problem (default: all of them up to {VERIFY_SHOWN}, else counts by kind and "
+                   f"the first {VERIFY_EXAMPLES} of each).")
 @config_options
 @handle_errors
-def verify(shards: Path, against_source: Path | None, sample: int | None, seed: int, as_json: bool,
+def verify(shards: Path, against_source: Path | None, sample: int | None, seed: int, as_json: bool, show_all: bool,
            config_file: Path | None, overrides: tuple[str, ...]) -> None:
     """Check SHARDS (folder or manifest): hashes, tar structure, records, staleness.
 
     Staleness is checked against the code's pipeline version, and against --config/--set
-    when given. Exit 1 on any problem.
+    when given; these start from the settings the shards were built with (as train's do), so
+    --set transform.size=512 asks "are these shards current if transform.size were 512?".
+    Exit 1 on any problem.
     """
     from wds_ocr.data.coverage import Coverage
-    from wds_ocr.shards.verify import verify_shards
+    from wds_ocr.errors import ManifestError
+    from wds_ocr.shards.manifest import load_manifest
+    from wds_ocr.shards.verify import config_from_manifest, verify_shards
 
-    config = load_settings(config_file, overrides) if (config_file or overrides) else None
+    config = None
+    if config_file or overrides:
+        try:
+            base = config_from_manifest(load_manifest(shards)).model_dump(mode="json")
+        except ManifestError:
+            base = {}  # verify reports what is wrong with the manifest; the settings start from the defaults
+        config = load_with_base(base, config_file, overrides)
     report = verify_shards(shards, config, against_source, sample, seed)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=1, sort_keys=True))
     else:
-        for problem in report.problems:
-            click.echo(problem.line())
+        for line in problem_lines(report.problems, show_all):
+            click.echo(line)
         if report.samples_checked:
             click.echo(Coverage.from_dict(report.coverage).summary())
         compared = f", {report.compared_with_source} equal-checked against the source" if against_source else ""
@@ -164,7 +221,7 @@ def verify(shards: Path, against_source: Path | None, sample: int | None, seed: 
 @cli.command()
 @click.argument("shards", type=click.Path(exists=True, path_type=Path))
 @click.option("--key", help="Show this record (default: the first).")
-@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write image | polygons | gt | thresh_map.")
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write a labelled picture: image + polygons (legend) | gt | mask | thresh_map (colour bar).")
 @handle_errors
 def inspect(shards: Path, key: str | None, png: Path | None) -> None:
     """Counts, sizes, dtypes and bytes per sample of SHARDS; optionally a PNG of one record."""
@@ -210,7 +267,7 @@ def bench(source: Path, shards: Path, split: str | None, workers: int, batch_siz
     from wds_ocr.shards.verify import config_from_manifest
 
     manifest = load_manifest(shards)
-    config = load_settings(config_file, overrides) if (config_file or overrides) else config_from_manifest(manifest)
+    config = load_with_base(config_from_manifest(manifest).model_dump(mode="json"), config_file, overrides)
     if config.fingerprint() != manifest.fingerprint:
         fail("the live path would not produce these shards (settings differ); pass the config they were built "
               "with, or omit --config/--set to take it from the manifest", 2)
@@ -219,6 +276,9 @@ def bench(source: Path, shards: Path, split: str | None, workers: int, batch_siz
     if unknown:
         fail(f"--peers: unknown {', '.join(unknown)}; choose from {', '.join(PEERS)} or none", 2)
     split = split or manifest.source["split"]
+    from wds_ocr.data.sources import list_source
+
+    list_source(source, split, config.source)  # a split the source lacks is bad usage (exit 2), before any path runs
     result = run_bench(source, split, shards, config, workers, batch_size, min_seconds, chosen,
                        progress=None if as_json else lambda text: click.echo(f"... {text}", err=True),
                        integrity=integrity, live=not no_live, http=None if http == "off" else http, rounds=rounds)

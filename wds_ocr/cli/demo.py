@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from wds_ocr.cli.base import cli, fail, handle_errors, score_line
+from wds_ocr.cli.base import cli, fail, handle_errors, load_with_base, plural, score_line, shards_phrase, train_bar
 
 # The demo's settings: small receipts at 128 px so a CPU trains a useful model in about a minute.
 # Its synthetic receipts are annotated by word, as scene text is, so they keep MhLiao/DB's target
@@ -51,7 +51,7 @@ def demo(out: Path, count: int, workers: int, device: str, overrides: tuple[str,
     from wds_ocr.shards.verify import verify_shards
     from wds_ocr.train.loop import train as run_training
 
-    config = load_config(None, DEMO_SETTINGS + overrides)
+    config = load_with_base(load_config(None, DEMO_SETTINGS).model_dump(mode="json"), None, overrides)
     data, shards, run = out / "data", out / "shards", out / "run"
     timings: list[tuple[str, float]] = []
 
@@ -67,14 +67,17 @@ def demo(out: Path, count: int, workers: int, device: str, overrides: tuple[str,
             summary = synthesize(data, count, seed=0, min_side=160, max_side=256)
         except ValueError as exc:
             fail(str(exc), 2)
-        click.echo(f"{sum(summary.counts.values())} receipts ({summary.counts}), {summary.words} words, "
-                   f"{summary.exif_tagged} with EXIF orientation tags")
+        splits = ", ".join(f"{name} {n}" for name, n in summary.counts.items())
+        click.echo(f"{sum(summary.counts.values())} receipts ({splits}), {summary.words} words, "
+                   f"{summary.exif_tagged} stored with an EXIF orientation tag")
     stage("build-shards")
     for split in ("train", "val"):
-        result = build_shards(data, split, shards / split, config, workers=workers)
+        # The demo's own folder: shards an older wds-ocr or other --set values built are rebuilt.
+        result = build_shards(data, split, shards / split, config, workers=workers, overwrite=True)
         counts = result.manifest.counts
-        state = "up to date" if result.up_to_date else f"{len(result.manifest.shards)} shards"
-        click.echo(f"{split}: {counts.written} written, {counts.rejected} rejected ({state})")
+        state = "up to date, reused" if result.up_to_date else "built"
+        click.echo(f"{split}: {counts.written} written, {counts.rejected} rejected; "
+                   f"{shards_phrase(result.manifest)}, {state}")
     stage("verify")
     for split in ("train", "val"):
         report = verify_shards(shards / split, config, against_source=data)
@@ -85,7 +88,11 @@ def demo(out: Path, count: int, workers: int, device: str, overrides: tuple[str,
         if not report.ok:
             sys.exit(1)
     stage("train")
-    trained = run_training(config, shards / "train", None, run, device)
+    bar, progress = train_bar(quiet=False)
+    try:
+        trained = run_training(config, shards / "train", None, run, device, progress=progress)
+    finally:
+        bar.close()
     click.echo(f"{trained.steps} steps, {trained.samples_per_s:.1f} samples/s, "
                f"{trained.data_wait:.0%} waiting for data, final loss {trained.final_loss:.4f}")
     stage("evaluate")

@@ -13,6 +13,7 @@ from wds_ocr.cli.base import (
     config_options,
     counter_bar,
     fail,
+    train_bar,
     handle_errors,
     is_rank0,
     load_with_base,
@@ -45,8 +46,6 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
     --config/--set go on top. Run several processes with: torchrun --nproc-per-node N -m wds_ocr
     train ...
     """
-    from tqdm import tqdm
-
     from wds_ocr.loader.remote import open_location
     from wds_ocr.shards.verify import config_from_manifest
     from wds_ocr.run.checkpoint import load_checkpoint
@@ -60,19 +59,9 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
         manifest, _ = open_location(train_shards)
         base = config_from_manifest(manifest).model_dump(mode="json")
     config = load_with_base(base, config_file, overrides)
-    bar = tqdm(unit="step", desc="train", disable=quiet or not is_rank0(), file=sys.stderr)
-
-    def progress(p) -> None:
-        if p.event in ("start", "step"):
-            bar.total = p.total_steps
-            bar.n = p.step
-            bar.refresh()
-        elif p.event == "train":
-            bar.set_postfix(epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
-                            samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}", refresh=True)
-        elif p.score is not None:
-            bar.write(f"epoch {p.epoch} validation: {score_line(p.score)}", file=sys.stderr)
-
+    if is_rank0():
+        _write_run_record(out, train_shards, val_shards, resume)
+    bar, progress = train_bar(quiet)
     try:
         result = run_training(config, train_shards, val_shards, out, device, resume, progress, stop_after)
     finally:
@@ -88,6 +77,25 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
                f"{result.data_wait:.0%} of the time waiting for data){loss}\n"
                f"checkpoint: {result.last_checkpoint}{best}\nmetrics: {out / 'metrics.jsonl'}"
                + (f"\ncurves: {curves}" if curves.is_file() else ""))
+
+
+RUN_RECORD = "run.json"
+
+
+def _write_run_record(out: Path, train_shards: str, val_shards: str | None, resume: Path | None) -> None:
+    """RUN_DIR/run.json: where the run's data came from (``wds-ocr report`` finds the val shards there)."""
+    import datetime
+
+    def where(location: str | None) -> str | None:
+        if location is None or "://" in location:
+            return location
+        return str(Path(location).resolve())
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"train_shards": where(train_shards), "val_shards": where(val_shards),
+              "resumed_from": None if resume is None else str(resume.resolve()),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
 
 @cli.command()
@@ -226,7 +234,8 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--device", default="auto", show_default=True)
 @click.option("--no-overlay", is_flag=True, help="JSON only, no overlay PNGs.")
-@click.option("--skip-bad", is_flag=True, help="Report unreadable images and go on instead of stopping.")
+@click.option("--skip-bad", is_flag=True,
+              help="Report unreadable images and go on instead of stopping (exit 0 if any image was predicted).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
 @handle_errors
@@ -243,7 +252,8 @@ def predict(checkpoint: Path, images: tuple[Path, ...], out: Path, precision: st
     for item in result.failed:
         click.echo(f"skipped {item}", err=True)
     regions = sum(p.polygons for p in result.predictions)
-    click.echo(f"{len(result.predictions)} images predicted into {out}, {regions} text regions "
+    where = f"into {out}" if result.predictions else f"(nothing written to {out})"
+    click.echo(f"{len(result.predictions)} images predicted {where}, {regions} text regions "
                f"({result.images_per_s:.1f} images/s); {len(result.failed)} skipped")
-    if result.failed:
-        sys.exit(1)
+    if not result.predictions:
+        sys.exit(1)  # with --skip-bad, skips that were reported are not failures, but an empty result is

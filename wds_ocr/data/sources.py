@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from wds_ocr.config import SourceConfig
-from wds_ocr.errors import SourceError
+from wds_ocr.errors import SourceError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -363,13 +363,37 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
     return listing
 
 
+def available_splits(root: Path, format: str) -> list[str]:
+    """The splits a source folder names: an image folder or annotations for it (json:
+    images/<split>/ or jsons/<split>.json; icdar: images/<split>/ or gts/<split>/). A split with
+    only one of the two is listed, and its listing says which part is missing."""
+    images = root / "images"
+    try:
+        folders = {p.name for p in images.iterdir() if p.is_dir()} if images.is_dir() else set()
+        if format == "json":
+            jsons = root / "jsons"
+            named = {p.stem for p in jsons.iterdir() if p.suffix == ".json" and p.is_file()} if jsons.is_dir() else set()
+        else:
+            gts = root / "gts"
+            named = {p.name for p in gts.iterdir() if p.is_dir()} if gts.is_dir() else set()
+    except OSError:
+        return []
+    return sorted(folders | named)
+
+
 def list_source(root: str | Path, split: str, config: SourceConfig) -> SourceListing:
     """List every sample of a split, sorted by file name, with reading problems recorded."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"source folder {root} does not exist")
     if not split or "/" in split or "\\" in split or "\x00" in split or split in (".", ".."):
-        raise SourceError(f"split {split!r} must be a plain folder name such as train or val")
+        raise UsageError(f"split {split!r} must be a plain folder name such as train or val")
+    splits = available_splits(root, config.format)
+    if split not in splits:
+        layout = "ROOT/jsons/<split>.json and ROOT/images/<split>/" if config.format == "json" else \
+            "ROOT/images/<split>/ and ROOT/gts/<split>/"
+        have = f"the splits it has: {', '.join(splits)}" if splits else f"it has none ({layout} expected)"
+        raise UsageError(f"{root} has no split {split!r} (source.format {config.format}); {have}")
     if config.format == "json":
         return _list_json(root, split, config)
     return _list_icdar(root, split, config)

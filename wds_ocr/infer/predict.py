@@ -136,8 +136,7 @@ def predict(checkpoint: str | Path | Checkpoint, images: list[Path], out_dir: st
     _check_stems(images)
     checkpoint = open_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # made when the first result is written: a run that predicts nothing leaves none
     model = checkpoint.model(torch_device)
     config = config or checkpoint.config
     predictions: list[Prediction] = []
@@ -145,6 +144,7 @@ def predict(checkpoint: str | Path | Checkpoint, images: list[Path], out_dir: st
     started = time.perf_counter()
     for batch in _batches(images, config, batch_size, on_error, failed):
         prob = probability_maps(model, torch.from_numpy(np.stack([p.image for p in batch])), torch_device, precision)
+        out_dir.mkdir(parents=True, exist_ok=True)
         for sample_prob, prepared in zip(prob, batch):
             height, width = prepared.pixels.shape[:2]
             detections = detect(sample_prob, prepared.inverse_matrix, (width, height), config.postprocess)

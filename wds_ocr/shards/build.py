@@ -39,7 +39,7 @@ from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.images import read_image_bytes
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import Skip, SourceListing, SourceSample, list_source
-from wds_ocr.errors import BuildError, ManifestError, OlderManifestError, SampleError
+from wds_ocr.errors import BuildError, ManifestError, OlderManifestError, SampleError, UsageError
 from wds_ocr.shards.codec import encode_record
 from wds_ocr.shards.journal import BuildLock, Journal, file_sha256, remove_strays, reusable_entries
 from wds_ocr.shards.manifest import (SCHEMA_VERSION, Counts, Manifest, PartRange, ShardEntry, load_manifest,
@@ -63,12 +63,15 @@ class Partition:
     def parse(cls, text: str) -> "Partition":
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if not match:
-            raise BuildError(f"--partition {text!r} must look like i/n, e.g. 0/4 (i counts from 0)")
+            raise UsageError(f"--partition {text!r} must look like i/n, e.g. 0/4 (i counts from 0)")
         index, count = int(match.group(1)), int(match.group(2))
-        if count < 1 or not 0 <= index < count:
-            raise BuildError(f"--partition {text!r}: need 0 <= i < n")
+        if count < 1:
+            raise UsageError(f"--partition {text!r}: n is the number of parts, at least 1")
+        if not 0 <= index < count:
+            raise UsageError(f"--partition {text!r}: part i of n counts from 0, so it needs 0 <= i < n "
+                             f"(here 0/{count} .. {count - 1}/{count})")
         if count > 999:
-            raise BuildError(f"--partition {text!r}: at most 999 parts")
+            raise UsageError(f"--partition {text!r}: at most 999 parts")
         return cls(index, count)
 
     def bounds(self, total: int) -> tuple[int, int]:

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wds_ocr.data.coverage import Coverage
-from wds_ocr.errors import ManifestError, ShardFormatError
+from wds_ocr.errors import ManifestError, ShardFormatError, UsageError
 from wds_ocr.shards import compact
 from wds_ocr.shards.codec import Record, decode_record
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
+from wds_ocr.shards.naming import record_key
 from wds_ocr.shards.tario import iter_members, read_span
 
 
@@ -59,6 +60,26 @@ class InspectSummary:
         return out
 
 
+def resolve_key(manifest: Manifest, wanted: str, where: str) -> str:
+    """The record key ``wanted`` names: a key (0000007_sroie_010), the source file's name or stem
+    (sroie_010.jpg, sroie_010), or a prefix of exactly one key or stem. Raises UsageError
+    naming the candidates when it names none or several."""
+    keys = [key for entry in manifest.shards for key in entry.keys]
+    if wanted in keys:
+        return wanted
+    stem = record_key(0, wanted).split("_", 1)[1]  # the file name as keys hold it (no extension, safe chars)
+    for candidates in ([k for k in keys if k.split("_", 1)[1] == stem],
+                       sorted({k for k in keys if k.startswith(wanted) or k.split("_", 1)[1].startswith(stem)})):
+        if len(candidates) == 1:
+            return candidates[0]
+        if len(candidates) > 1:
+            shown = ", ".join(candidates[:5]) + (f" and {len(candidates) - 5} more" if len(candidates) > 5 else "")
+            raise UsageError(f"{where}: --key {wanted!r} names {len(candidates)} records ({shown}); give more of the key")
+    examples = ", ".join(keys[:3])
+    raise UsageError(f"{where}: no record has the key, file name or key prefix {wanted!r} (keys look like "
+                     f"{examples}; --key takes a key, a source file name or a unique prefix of either)")
+
+
 def read_record(folder: Path, manifest: Manifest, key: str | None) -> tuple[Record, str]:
     """One record by key (default: the first), read with a single seek from the manifest offsets."""
     for entry in manifest.shards:
@@ -80,15 +101,15 @@ def inspect_shards(location: str | Path, key: str | None = None, png: Path | Non
     manifest = load_manifest(path)
     if not manifest.shards:
         raise ManifestError(f"{path} lists no shards")
-    record, shard = read_record(path.parent, manifest, key)
+    record, shard = read_record(path.parent, manifest, None if key is None else resolve_key(manifest, key, str(path.parent)))
     arrays = [(n, a.dtype.str.lstrip("<|"), a.shape, a.nbytes) for n, a in record.arrays.items()]
     if png is not None:
         from wds_ocr.viz import record_panel, write_png
 
         full = record.expand()
         panel = record_panel(
-            full["image"], record.polygons(), record.arrays["left_out"] != 0,
-            full["gt"], full["thresh_map"], manifest.thresh_range,
+            full["image"], record.polygons(), record.arrays["left_out"], full["gt"], full["mask"],
+            full["thresh_map"], manifest.thresh_range,
         )
         write_png(png, panel)
     return InspectSummary(manifest, record, shard, png, arrays)

@@ -27,7 +27,7 @@ from typing import Any
 from wds_ocr.config import PIPELINE_VERSION, Config, ShardConfig, build_config
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
-from wds_ocr.errors import ConfigError, ManifestError, OlderManifestError
+from wds_ocr.errors import ConfigError, ManifestError, NotAShardFolderError, OlderManifestError
 from wds_ocr.shards.naming import MANIFEST_NAME, MAX_INDEX, SHARD_PATTERN, key_index, temporary_name
 
 SCHEMA = "wds-ocr/manifest"
@@ -421,8 +421,16 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
 
 
 def manifest_path(location: str | Path) -> Path:
+    """The manifest of a shard folder (or the manifest file itself). A file that is not JSON, such
+    as one shard, is refused with the location to give instead."""
     path = Path(location)
-    return path if path.suffix == ".json" else path / MANIFEST_NAME
+    if path.suffix == ".json":
+        return path
+    if path.is_file():
+        what = "one shard" if path.suffix == ".tar" else "a file"
+        raise NotAShardFolderError(f"{path} is {what}, not a shard folder: give the folder that holds the shards and "
+                            f"{MANIFEST_NAME} (here {path.parent}) or the {MANIFEST_NAME} itself")
+    return path / MANIFEST_NAME
 
 
 def read_manifest_bytes(path: Path) -> bytes:

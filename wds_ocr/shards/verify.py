@@ -47,7 +47,9 @@ class Problem:
     what: str
 
     def line(self) -> str:
-        return f"{self.shard or '-'} {self.key or '-'}: {self.what}"
+        """'shard key: what', 'shard: what', or just what for a problem of the whole folder."""
+        where = " ".join(part for part in (self.shard, self.key) if part)
+        return f"{where}: {self.what}" if where else self.what
 
 
 @dataclass

@@ -169,7 +169,8 @@ def _check_shards(stream: ShardStream, config: Config, location: str | Path) -> 
     if stream.manifest.fingerprint != config.fingerprint():
         changes = "; ".join(_differences(stream.manifest.record_settings, config.record_settings()))
         raise StaleShardsError(f"{location} was built with other settings ({changes or 'settings differ'}); "
-                               "train with the settings the shards were built with, or rebuild them")
+                               "train with the settings the shards were built with (drop the --set/--config "
+                               "values that change them), or rebuild the shards with those settings")
 
 
 def _validate(model: DBNet, loader: Iterable[Batch], config: Config, precision: str,
