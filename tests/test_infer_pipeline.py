@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,7 @@ SETTINGS = ["transform.size=128", "model.neck_channels=32", "postprocess.thresh=
             "loader.workers=0"]
 CONFIG = load_config(None, SETTINGS)
 TIME_KEYS = ["data_wait_s", "device_s", "device_wait_s", "postprocess_s", "matching_s", "result_wait_s",
-             "worker_start_s", "total_s", "images", "images_per_s", "device_busy", "post_workers", "device_timing"]
+             "worker_start_s", "inline_images", "total_s", "images", "images_per_s", "device_busy", "post_workers", "device_timing"]
 
 
 def with_settings(*overrides: str) -> Config:
@@ -51,7 +53,7 @@ def with_settings(*overrides: str) -> Config:
 
 @pytest.fixture(scope="module")
 def receipts(tmp_path_factory) -> Path:
-    """9 synthetic receipts in train (61 words), 1 in val."""
+    """9 synthetic receipts in train (about 60 care words, see ``care_words``), 1 in val."""
     root = tmp_path_factory.mktemp("receipts")
     synthesize(root, 10, seed=7, val_fraction=0.0, min_side=200, max_side=320)
     return root
@@ -62,6 +64,17 @@ def shards(receipts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     build_shards(receipts, "train", out, CONFIG)
     return out
+
+
+@pytest.fixture(scope="module")
+def care_words(shards) -> int:
+    """The care words of the 9 train receipts, counted from the shards themselves: which words the
+    synthesizer smudges into don't-care depends on an OpenCV float blur whose last bits differ
+    between CPUs (61 words on one machine, 60 on another), so no test pins the number."""
+    count = sum(int((~info.dont_care).sum()) for batch in make_loader(ShardStream(shards, 9), 0, mode="threads")
+                for info in batch.info)
+    assert 50 <= count <= 70
+    return count
 
 
 @pytest.fixture(scope="module")
@@ -76,28 +89,35 @@ _SERIAL: dict[tuple, object] = {}
 
 
 def run(checkpoint: Path, shards: Path, post_workers: int, batch_size: int, *overrides: str,
-        precision: str = "32", metric: str = "iou"):
-    """evaluate_shards on the CPU; serial runs (post_workers=0) are computed once per module."""
+        precision: str = "32", metric: str = "iou", inline_start: bool = True):
+    """evaluate_shards on the CPU; serial runs (post_workers=0) are computed once per module.
+    ``inline_start=False``: every image goes through the workers (none is scored in the main
+    process while they start)."""
     key = (checkpoint, shards, batch_size, overrides, precision, metric)
     if post_workers == 0 and key in _SERIAL:
         return _SERIAL[key]
     config = with_settings(f"evaluation.post_workers={post_workers}", *overrides)
-    result = evaluate_shards(checkpoint, shards, config, precision, batch_size, 0, "cpu", metric=metric)
+    result = evaluate_shards(checkpoint, shards, config, precision, batch_size, 0, "cpu", metric=metric,
+                             pool_options={"inline_start": inline_start})
     if post_workers == 0:
         _SERIAL[key] = result
     return result
 
 
 @pytest.mark.parametrize(("batch_size", "workers"), [(1, (2,)), (4, (1, 3)), (8, (2,))])
-def test_pipelined_counts_equal_serial_for_any_worker_count(checkpoint, shards, batch_size, workers):
+def test_pipelined_counts_equal_serial_for_any_worker_count(checkpoint, shards, care_words, batch_size, workers):
     serial = run(checkpoint, shards, 0, batch_size)
-    assert (serial.images, serial.score.matched, serial.score.gt_care) == (9, 2, 61) and serial.score.det_care > 1000
+    assert (serial.images, serial.score.matched, serial.score.gt_care) == (9, 2, care_words)
+    assert serial.score.det_care > 1000
     assert serial.times.post_workers == 0 and serial.times.result_wait_s == serial.times.worker_start_s == 0.0
     for count in workers:
-        pipelined = run(checkpoint, shards, count, batch_size)
-        assert pipelined.score == serial.score
-        assert pipelined.per_image == serial.per_image
-        assert pipelined.coverage == serial.coverage
+        for inline_start in (False, True):
+            pipelined = run(checkpoint, shards, count, batch_size, inline_start=inline_start)
+            assert pipelined.score == serial.score
+            assert pipelined.per_image == serial.per_image
+            assert pipelined.coverage == serial.coverage
+            if not inline_start:
+                assert pipelined.times.inline_images == 0  # all 9 went through the workers
         assert pipelined.times.post_workers == count and pipelined.times.images == 9
 
 
@@ -142,13 +162,13 @@ def _batches(shards: Path, batch_size: int):
         yield batch.images, [truth_from_info(info) for info in batch.info]
 
 
-def test_results_do_not_depend_on_the_batch_size_when_the_maps_do_not(shards):
+def test_results_do_not_depend_on_the_batch_size_when_the_maps_do_not(shards, care_words):
     config = PostprocessConfig(box_thresh=0.3)
     runs = {(size, workers): run_detection(PixelModel(), _batches(shards, size), config, "32", torch.device("cpu"),
                                            post_workers=workers, capacity=size)
             for size, workers in [(1, 0), (4, 0), (10, 0), (1, 2), (4, 3), (10, 1)]}
     reference = runs[(1, 0)]
-    assert (reference.metric.images, reference.metric.matched, reference.metric.gt_care) == (9, 9, 61)
+    assert (reference.metric.images, reference.metric.matched, reference.metric.gt_care) == (9, 9, care_words)
     for outcome in runs.values():
         assert outcome.metric == reference.metric and outcome.per_image == reference.per_image
 
@@ -163,9 +183,10 @@ def test_time_breakdown_adds_up(checkpoint, shards):
     assert times["images_per_s"] == pytest.approx(9 / times["total_s"])
     assert times["device_busy"] == pytest.approx(times["device_s"] / times["total_s"])
     # the main process's own waits and device time fit in the wall time
-    assert times["data_wait_s"] + times["device_s"] + times["device_wait_s"] + times["result_wait_s"] + \
-        times["worker_start_s"] <= times["total_s"] + 1e-6
-    assert times["worker_start_s"] > 0
+    assert times["data_wait_s"] + times["device_s"] + times["device_wait_s"] + times["result_wait_s"] \
+        <= times["total_s"] + 1e-6
+    assert 0 < times["worker_start_s"] <= times["total_s"]
+    assert 0 <= times["inline_images"] <= 9
     assert result.seconds == times["total_s"]
     assert EvalTimes().as_dict()["images_per_s"] == 0.0
 
@@ -205,6 +226,7 @@ def test_pool_outcomes_equal_inline_scoring_and_maps_never_go_through_a_pipe():
     expected = [score_image(maps[i], MapForm(), _truth(i), settings) for i in range(10)]
     with PostPool(2, settings) as pool:
         pool.open_ring(MapForm(), S, 4)
+        pool.wait_until_up()
         assert pool.ring.layout.nbytes == 3 * 4 * S * S * 4  # bounded: 3 batches of 4 maps in flight at most
         for start in range(0, 10, 4):
             group, buffer = pool.acquire(min(4, 10 - start))
@@ -240,6 +262,7 @@ def test_a_worker_that_raises_names_the_image():
                                                      r"CLEval needs the ground truth's transcriptions"):
         with PostPool(1, settings) as pool:
             pool.open_ring(MapForm(), S, 2)
+            pool.wait_until_up()
             group, buffer = pool.acquire(1)
             buffer[:] = _maps(1)
             pool.submit(group, [_truth(0)])  # no texts
@@ -249,6 +272,7 @@ def test_a_worker_that_raises_names_the_image():
 def test_a_stopped_worker_hits_the_deadline_and_the_ring_stays_bounded():
     with PostPool(1, ScoringSettings(PostprocessConfig()), result_timeout=1.0) as pool:
         pool.open_ring(MapForm(), S, 1)
+        pool.wait_until_up()
         os.kill(pool.workers[0].process.pid, signal.SIGSTOP)
         for index in range(3):  # three groups: all filled, none comes back
             group, buffer = pool.acquire(1)
@@ -262,10 +286,37 @@ def test_a_stopped_worker_hits_the_deadline_and_the_ring_stays_bounded():
         assert time.monotonic() - started < 5
 
 
-def test_workers_that_cannot_start_in_time_are_an_error():
-    with pytest.raises(PostprocessWorkerError, match=r"waited 0 s for the post-processing workers to start"):
-        with PostPool(1, ScoringSettings(PostprocessConfig()), start_timeout=0.0) as pool:
+@pytest.mark.parametrize(("inline_start", "who"), [(True, "worker 0"), (False, "the post-processing workers")])
+def test_workers_that_cannot_start_in_time_are_an_error(inline_start, who):
+    with pytest.raises(PostprocessWorkerError, match=rf"waited 0 s for the post-processing workers to start without "
+                                                     rf"any answer from {who}; they were stopped"):
+        with PostPool(1, ScoringSettings(PostprocessConfig()), start_timeout=0.0, inline_start=inline_start) as pool:
             pool.open_ring(MapForm(), S, 1)
+            group, buffer = pool.acquire(1)
+            buffer[:] = _maps(1)
+            pool.submit(group, [_truth(0)])
+
+
+def test_until_a_worker_is_up_the_pool_scores_in_this_process_with_the_same_result():
+    settings = ScoringSettings(PostprocessConfig())
+    maps = _maps(2)
+    expected = [score_image(maps[i], MapForm(), _truth(i), settings) for i in range(2)]
+    strip = lambda o: (o.detections, o.matched, o.gt_care, o.det_care)  # noqa: E731 (times differ)
+    with PostPool(1, settings) as pool:
+        pool.open_ring(MapForm(), S, 1)
+        group, buffer = pool.acquire(1)
+        buffer[:] = maps[:1]
+        pool.submit(group, [_truth(0)])  # a Python process with numpy and OpenCV is not up this fast
+        assert pool.inline_images == 1 and pool.workers[0].tasks == deque()
+        assert strip(pool.outcomes[0]) == strip(expected[0])
+        pool.wait_until_up()
+        assert pool.up_s > 0
+        group, buffer = pool.acquire(1)
+        buffer[:] = maps[1:]
+        pool.submit(group, [_truth(1)])
+        assert [task for task, _ in pool.workers[0].tasks] == [1]  # this one went to the worker
+        pool.finish()
+        assert pool.inline_images == 1 and strip(pool.outcomes[1]) == strip(expected[1])
 
 
 def test_pool_arguments_are_checked():
@@ -314,7 +365,9 @@ def test_cli_evaluate_prints_the_breakdown_and_checks_post_workers(checkpoint, s
     lines = result.output.splitlines()
     assert lines[0].startswith("precision ") and lines[0].endswith(" detections, 9 images)")
     assert lines[1].startswith("9 images in ") and lines[1].endswith("32, post-processing mode db)")
-    assert lines[2].startswith("time: data wait ") and lines[2].endswith("; 1 post-processing worker")
+    assert lines[2].startswith("time: data wait ")
+    assert re.search(r"; 1 post-processing worker \(up after \d+\.\d\d s; \d+ images? scored in the main process "
+                     r"meanwhile\)$", lines[2]), lines[2]
     bad = runner.invoke(cli, [*common, "--post-workers", "many"])
     assert bad.exit_code == 2 and "Invalid value for '--post-workers': 'many' is neither 'auto' nor a whole number" \
         in bad.output

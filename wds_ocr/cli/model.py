@@ -136,8 +136,9 @@ def _time_line(times) -> str:
     return (f"time: data wait {times.data_wait_s:.2f} s, device {times.device_s:.2f} s ({device}; busy "
             f"{times.device_busy:.0%}), device wait {times.device_wait_s:.2f} s, post-processing "
             f"{times.postprocess_s:.2f} s, matching {times.matching_s:.2f} s{summed}, result wait "
-            f"{times.result_wait_s:.2f} s, worker start {times.worker_start_s:.2f} s, total {times.total_s:.2f} s; "
-            f"{workers}")
+            f"{times.result_wait_s:.2f} s, total {times.total_s:.2f} s; {workers}"
+            + (f" (up after {times.worker_start_s:.2f} s; {plural(times.inline_images, 'image')} scored in the main "
+               f"process meanwhile)" if times.post_workers else ""))
 
 
 def _cleval_line(cleval) -> str:

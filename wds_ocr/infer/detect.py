@@ -18,8 +18,9 @@ Time breakdown (``EvalTimes``, this rank): data wait (blocked on the loader), de
 forward (CUDA events on CUDA, wall time elsewhere), device wait (blocked copying maps off the
 device, which on CUDA includes waiting for the forward to finish), post-processing and matching
 (summed over images, wherever they ran), result wait (blocked on the workers: no free ring
-buffer, or the last results), worker start (blocked until the workers had started: they import
-while the first batch loads and runs), total wall time and images/s.
+buffer, or the last results), worker start (seconds until every worker was up: they import while
+the first batches load and run, and until one is up the main process scores the batches itself,
+``inline_images``), total wall time and images/s.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from wds_ocr.eval.metric import DetectionMetric
 from wds_ocr.infer.postpool import PostPool
 from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings, detect, score_image
 from wds_ocr.loader.device import normalize
-from wds_ocr.run.runtime import Runtime, autocast, autocast_dtype, usable_cores
+from wds_ocr.run.runtime import Runtime, autocast, autocast_dtype, cpu_threads_beside, usable_cores
 
 EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
 # Batches whose maps may be in the ring at once (one being filled, the others in work).
@@ -74,7 +75,8 @@ class EvalTimes:
     postprocess_s: float = 0.0
     matching_s: float = 0.0
     result_wait_s: float = 0.0
-    worker_start_s: float = 0.0
+    worker_start_s: float = 0.0  # until every worker was up (not a wait: see inline_images)
+    inline_images: int = 0  # scored in the main process while no worker was up yet
     total_s: float = 0.0
     images: int = 0
     post_workers: int = 0
@@ -93,6 +95,7 @@ class EvalTimes:
         return {"data_wait_s": self.data_wait_s, "device_s": self.device_s, "device_wait_s": self.device_wait_s,
                 "postprocess_s": self.postprocess_s, "matching_s": self.matching_s,
                 "result_wait_s": self.result_wait_s, "worker_start_s": self.worker_start_s,
+                "inline_images": self.inline_images,
                 "total_s": self.total_s, "images": self.images,
                 "images_per_s": self.images_per_s, "device_busy": self.device_busy,
                 "post_workers": self.post_workers, "device_timing": self.device_timing}
@@ -125,16 +128,18 @@ def resolve_post_workers(setting: int | None, loader_workers: int, runtime: Runt
     return max(0, usable_cores() // local_ranks - loader_workers)
 
 
-def device_maps(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> torch.Tensor:
+def device_maps(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str,
+                sigmoid: bool = True) -> torch.Tensor:
     """(N, S, S) maps on the device in their transfer form: float32 probabilities, or the 16-bit
-    logits' bits (as int16) under bf16/fp16 autocast (see ``scoring.MapForm``)."""
+    logits' bits (as int16) under bf16/fp16 autocast (see ``scoring.MapForm``). ``sigmoid=False``
+    leaves float32 logits as they are (the caller applies the sigmoid where the maps go)."""
     with torch.inference_mode():
         pixels = normalize(images.to(device, non_blocking=True))
         with autocast(device, precision):
             logits = model(pixels)["prob_logits"][:, 0]
         if logits.dtype in _LOGIT_DTYPES:
             return logits.contiguous().view(torch.int16)
-        return torch.sigmoid(logits.float())
+        return torch.sigmoid(logits.float()) if sigmoid else logits.float()
 
 
 def map_form(maps: torch.Tensor, logits_dtype: torch.dtype | None, device: torch.device) -> MapForm:
@@ -166,6 +171,8 @@ class _InlineScorer:
         self.outcomes: dict[int, ImageOutcome] = {}
         self.waited_s = 0.0
         self.start_wait_s = 0.0
+        self.up_s = 0.0
+        self.inline_images = 0
         self._buffer: np.ndarray | None = None
         self._form: MapForm | None = None
 
@@ -198,11 +205,12 @@ class _InlineScorer:
 def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, Sequence[ImageTruth]]],
                   config: PostprocessConfig, precision: str, device: torch.device, *, post_workers: int = 0,
                   metric: str = "iou", capacity: int | None = None, progress: EvalProgress | None = None,
-                  total: int = 0, pool_options: dict[str, float] | None = None) -> DetectionRun:
+                  total: int = 0, pool_options: dict[str, Any] | None = None) -> DetectionRun:
     """Run the model over (uint8 images, truths) batches and score every image (this rank's counts).
 
-    ``capacity``: the largest batch (default: the first batch's size); ``pool_options``: deadlines
-    for the worker pool (``start_timeout``, ``result_timeout``).
+    ``capacity``: the largest batch (default: the first batch's size); ``pool_options``: the worker
+    pool's deadlines (``start_timeout``, ``result_timeout``) and ``inline_start`` (False: wait for
+    the workers instead of scoring in this process until one is up).
     """
     settings = ScoringSettings(config, metric)
     if metric == "cleval":
@@ -215,7 +223,7 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     scorer = PostPool(post_workers, settings, RING_GROUPS, **(pool_options or {})) if post_workers else \
         _InlineScorer(settings)
     started = time.perf_counter()
-    with scorer:
+    with scorer, cpu_threads_beside(post_workers, device):
         iterator = iter(batches)
         opened = False
         while True:
@@ -231,12 +239,15 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
             if on_cuda:
                 begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 begin.record()
-            maps = device_maps(model, images, device, precision)
+            # On a CPU device the float32 sigmoid is written straight into the ring (below): the
+            # same kernel on the same logits, one pass over the maps instead of two.
+            maps = device_maps(model, images, device, precision, sigmoid=device.type != "cpu")
             if on_cuda:
                 end.record()
                 events.append((begin, end))
             else:
                 device_s += time.perf_counter() - forward
+            logits_out = device.type == "cpu" and maps.dtype == torch.float32
             if not opened:
                 form = map_form(maps, autocast_dtype(device, precision), device)
                 scorer.open_ring(form, int(maps.shape[-1]), max(capacity or 0, len(truths)))
@@ -244,7 +255,11 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
             group, host = scorer.acquire(len(truths))
             copying = time.perf_counter()
             # Synchronization point: the copy waits for the device to finish this batch's forward.
-            torch.from_numpy(host.view(np.int16) if maps.dtype == torch.int16 else host).copy_(maps)
+            target = torch.from_numpy(host.view(np.int16) if maps.dtype == torch.int16 else host)
+            if logits_out:
+                torch.sigmoid(maps, out=target)
+            else:
+                target.copy_(maps)
             device_wait += time.perf_counter() - copying
             scorer.submit(group, list(truths))
             truths_in_order.extend(truths)
@@ -253,7 +268,8 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
                 progress(len(scorer.outcomes), total)
         scorer.finish()
         outcomes = [scorer.outcomes[index] for index in range(len(truths_in_order))]
-        result_wait, worker_start = scorer.waited_s, scorer.start_wait_s
+        result_wait = scorer.waited_s + scorer.start_wait_s
+        worker_start, inline = scorer.up_s, scorer.inline_images
     seconds = time.perf_counter() - started
     if on_cuda and events:
         torch.cuda.synchronize(device)
@@ -274,7 +290,7 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
         per_image.append(ImageEval(truth.name, outcome.detections, outcome.matched, outcome.gt_care,
                                    outcome.det_care, Coverage.from_codes(truth.left_out), outcome.cleval))
     times = EvalTimes(data_wait, device_s, device_wait, sum(o.postprocess_s for o in outcomes),
-                      sum(o.matching_s for o in outcomes), result_wait, worker_start, seconds, len(outcomes),
+                      sum(o.matching_s for o in outcomes), result_wait, worker_start, inline, seconds, len(outcomes),
                       post_workers,
                       "cuda-events" if on_cuda else "wall")
     return DetectionRun(accumulator, cleval, per_image, times)

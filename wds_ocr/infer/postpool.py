@@ -10,7 +10,10 @@ script (which ``spawn`` and ``forkserver`` do). They import no torch.
 Maps travel through the ring and everything else as msgpack frames (``infer.handoff``). The
 parent's pipe ends are non-blocking and pumped with ``select``, so a busy worker never blocks the
 parent; a parent that dies closes the pipes, which ends its workers. At most ``groups`` batches
-are in flight: the next batch waits for the oldest group to come back.
+are in flight: the next batch waits for the oldest group to come back. Until a worker is up (a
+Python start and its imports, about 0.3 s each, longer on a busy machine) the parent scores the
+batches it submits itself, with the same function on the same maps, so nothing waits for the start
+and the results do not depend on when the workers came up.
 
 Failure is never a hang: every wait has a deadline (``start_timeout`` for the workers to come up,
 ``result_timeout`` without any result while work is outstanding); a worker that exits, is killed
@@ -37,7 +40,7 @@ import numpy as np
 from wds_ocr.infer.handoff import (FrameBuffer, MapRing, PostprocessWorkerError, RingLayout, anonymous_file,
                                    outcome_from_message, pack_frame, truth_message)
 from wds_ocr.infer.postworker import WORKER_MODULE
-from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings
+from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings, score_image
 
 __all__ = ["PostPool", "PostprocessWorkerError"]
 
@@ -75,7 +78,8 @@ class PostPool:
     """
 
     def __init__(self, workers: int, settings: ScoringSettings, groups: int = 3,
-                 start_timeout: float = START_TIMEOUT, result_timeout: float = RESULT_TIMEOUT):
+                 start_timeout: float = START_TIMEOUT, result_timeout: float = RESULT_TIMEOUT,
+                 inline_start: bool = True):
         if workers < 1:
             raise ValueError(f"a post-processing pool needs at least 1 worker, got {workers}")
         if groups < 2:
@@ -88,12 +92,17 @@ class PostPool:
         self.groups = groups
         self.start_timeout = start_timeout
         self.result_timeout = result_timeout
+        self.inline_start = inline_start  # False: submit() waits for a worker instead of scoring here
         self.workers: list[_Worker] = []
         self.ring: MapRing | None = None
         self._fd: int | None = None  # the ring's file, created before the workers so they inherit it
         self.outcomes: dict[int, ImageOutcome] = {}
         self.waited_s = 0.0  # time blocked waiting for a free group or the last results
-        self.start_wait_s = 0.0  # time blocked waiting for the workers to come up
+        self.start_wait_s = 0.0  # time blocked in wait_until_up() (none with inline_start: see submit)
+        self.up_s = 0.0  # seconds from start() until every worker was up (or until finish(), if later)
+        self.inline_images = 0  # maps scored in this process while no worker was up yet
+        self._form: MapForm | None = None
+        self._started_at = 0.0
         self.task_bytes = 0  # bytes of task messages sent (the maps themselves never go through a pipe)
         self._next_task = 0
         self._next_group = 0
@@ -115,6 +124,7 @@ class PostPool:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
             [package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
         self._fd = anonymous_file()
+        self._started_at = time.perf_counter()
         for index in range(self.count):
             stderr = tempfile.TemporaryFile()
             process = subprocess.Popen([sys.executable, "-m", WORKER_MODULE, str(self._fd)], stdin=subprocess.PIPE,
@@ -128,7 +138,7 @@ class PostPool:
 
     def open_ring(self, form: MapForm, map_size: int, capacity: int) -> None:
         """Create the ring for maps of ``map_size`` in ``form``, ``capacity`` per batch, and hand it
-        to every worker (they map it and report ready)."""
+        to every worker (they map it and report ready; nothing waits for that here)."""
         if self.ring is not None:
             raise RuntimeError("the ring is already open")
         layout = RingLayout(self.groups, capacity, map_size, form.dtype.itemsize)
@@ -137,12 +147,10 @@ class PostPool:
                  "map_size": layout.map_size, "form": form.kind,
                  "table": None if form.table is None else form.table.astype("<f4").tobytes(),
                  "postprocess": self.settings.postprocess.model_dump(mode="json"), "metric": self.settings.metric}
+        self._form = form
         for worker in self.workers:
             worker.outbox += pack_frame(hello)
-        started = time.perf_counter()
-        self._wait(lambda: all(w.ready for w in self.workers), self.start_timeout,
-                   "for the post-processing workers to start")
-        self.start_wait_s = time.perf_counter() - started
+        self._pump(0.0)
 
     def close(self, kill: bool = False) -> None:
         """End the workers: close their input and let them exit, or kill them when ``kill``, after a
@@ -195,12 +203,30 @@ class PostPool:
         return group, self.ring.group(group, count)
 
     def submit(self, group: int, truths: list[ImageTruth]) -> list[int]:
-        """Hand out one task per map of ``group`` (row i <-> truths[i]); their task ids, in order."""
+        """Hand out one task per map of ``group`` (row i <-> truths[i]) to the workers that are up;
+        their task ids, in order. While none is up, score them here (``inline_images``)."""
+        self._pump(0.0)
+        self._check_alive()
+        ready = [w for w in self.workers if w.ready]
+        if not ready and not self.inline_start:
+            self.wait_until_up()
+            ready = list(self.workers)
+        if not ready:
+            self._check_start_deadline()
+            maps = self.ring.group(group, len(truths))
+            ids = []
+            for row, truth in enumerate(truths):
+                task = self._next_task
+                self._next_task += 1
+                self.outcomes[task] = score_image(maps[row], self._form, truth, self.settings)
+                ids.append(task)
+            self.inline_images += len(truths)
+            return ids
         ids = []
         for row, truth in enumerate(truths):
             task = self._next_task
             self._next_task += 1
-            worker = min(self.workers, key=lambda w: (len(w.tasks), w.index))
+            worker = min(ready, key=lambda w: (len(w.tasks), w.index))
             frame = pack_frame(truth_message(task, group, row, truth))
             worker.outbox += frame
             self.task_bytes += len(frame)
@@ -215,12 +241,32 @@ class PostPool:
         """Take whatever results have arrived, without waiting."""
         self._pump(0.0)
         self._check_alive()
+        self._check_start_deadline()
 
     def finish(self) -> None:
         """Wait until every submitted task has its outcome."""
         started = time.perf_counter()
         self._wait(lambda: len(self.outcomes) == self._next_task, self.result_timeout, "for post-processing results")
         self.waited_s += time.perf_counter() - started
+        if not self.up_s:
+            self.up_s = time.perf_counter() - self._started_at
+
+    def wait_until_up(self) -> None:
+        """Block until every worker is up (``start_timeout`` from start(); counted in start_wait_s)."""
+        started = time.perf_counter()
+        self._wait(lambda: all(w.ready for w in self.workers), self.start_timeout,
+                   "for the post-processing workers to start")
+        self.start_wait_s += time.perf_counter() - started
+
+    def _check_start_deadline(self) -> None:
+        """A worker still not up ``start_timeout`` seconds after start() is an error."""
+        if all(w.ready for w in self.workers) or time.perf_counter() - self._started_at <= self.start_timeout:
+            return
+        self._failed = True
+        late = [f"worker {w.index}" for w in self.workers if not w.ready]
+        raise PostprocessWorkerError(
+            f"waited {self.start_timeout:.0f} s for the post-processing workers to start without any answer from "
+            f"{', '.join(late)}; they were stopped")
 
     # -- plumbing
 
@@ -271,6 +317,8 @@ class PostPool:
         op = message.get("op")
         if op == "ready":
             worker.ready = True
+            if all(w.ready for w in self.workers):
+                self.up_s = time.perf_counter() - self._started_at
             return
         if op == "done" and worker.tasks and message.get("id") == worker.tasks[0][0]:
             task, _ = worker.tasks.popleft()
