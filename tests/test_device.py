@@ -220,3 +220,14 @@ def test_device_expansion_equals_the_live_pipeline_on_real_receipts(sroie_root, 
     assert seen == 5
     sizes = [entry.span(i)[1] - entry.span(i)[0] for entry in result.manifest.shards for i in range(entry.samples)]
     assert max(sizes) < 1_320_000  # a 640 px receipt was 3.29 MB as full arrays
+
+
+def test_normalize_cpu_table_path_gives_the_elementwise_bits():
+    # uint8 on the CPU goes through the per-channel table, float input through the elementwise ops
+    images = torch.arange(256, dtype=torch.uint8).repeat(3 * 4 * 5 * 7).view(4, 5 * 16, 7 * 16, 3)
+    table = normalize(images)
+    elementwise = normalize(images.float())
+    assert table.dtype == torch.float32 and table.shape == (4, 3, 80, 112)
+    assert table.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(table, elementwise)
+    assert set(images.unique().tolist()) == set(range(256))  # every level of every channel checked

@@ -17,6 +17,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,12 +57,45 @@ def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:
     return DeviceBatch(images, **expand_maps(payload, packed.layouts, packed.size, packed.fill))
 
 
+def _normalize_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=torch.float32) * 255.0
+    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device, dtype=torch.float32) * 255.0)
+    return mean, inv_std
+
+
+_CPU_TABLE: list[np.ndarray] = []
+
+
+def _cpu_table() -> np.ndarray:
+    """(1, 256, 3) float32: the normalized value of every uint8 level per channel, computed by the
+    same two float32 ops as the elementwise path, so a lookup gives the same bits."""
+    if not _CPU_TABLE:
+        mean, inv_std = _normalize_constants(torch.device("cpu"))
+        levels = torch.arange(256, dtype=torch.float32)[:, None]
+        table = (levels - mean) * inv_std
+        _CPU_TABLE.append(np.ascontiguousarray(table.numpy(), dtype=np.float32).reshape(1, 256, 3))
+    return _CPU_TABLE[0]
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 (or float 0..255) -> (N, 3, H, W) float32 channels_last, ImageNet-normalized."""
-    x = images.permute(0, 3, 1, 2).float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=x.device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-    return ((x - mean) * inv_std).contiguous(memory_format=torch.channels_last)
+    """(N, H, W, 3) uint8 (or float 0..255) -> (N, 3, H, W) float32 channels_last, ImageNet-normalized.
+
+    Elementwise over a contiguous NHWC float32 copy (the channel is the last dim, so the per-channel
+    constants broadcast along memory order), in place after the one conversion; the NCHW permute
+    of a contiguous NHWC tensor is channels_last as it stands. On a CPU, uint8 images go through
+    a 256-level table per channel instead (OpenCV's LUT: one pass over memory, 3x faster on one
+    core than three elementwise passes) with the same bits: each entry is the elementwise result.
+    """
+    if images.device.type == "cpu" and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[-1] == 3 \
+            and images.numel() > 0 and images.shape[0] * images.shape[1] < 2**31:
+        n, h, w, _ = images.shape
+        source = images.contiguous().numpy().reshape(n * h, w, 3)
+        out = cv2.LUT(source, _cpu_table()).reshape(n, h, w, 3)
+        return torch.from_numpy(out).permute(0, 3, 1, 2)
+    x = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    mean, inv_std = _normalize_constants(x.device)
+    x.sub_(mean).mul_(inv_std)
+    return x.permute(0, 3, 1, 2)
 
 
 class Augmenter:
