@@ -54,13 +54,16 @@ from wds_ocr.loader.plan import BatchPlan, plan_batches
 from wds_ocr.loader.policy import SkipPolicy, Skipped
 from wds_ocr.loader.remote import Deadline, LocalReader, RangeReader, RemoteSettings, open_shards
 from wds_ocr.loader.ring import BufferRing, Lease, ReleaseBoard, WorkerRing, allocate
-from wds_ocr.shards.codec import Record, decode_record
+from wds_ocr.shards.codec import CompactPlace, Record, decode_record, recheck_compact
 from wds_ocr.shards.compact import fill_value
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest
 from wds_ocr.shards.naming import MEMBER_EXTENSION
 from wds_ocr.shards.tario import BLOCK, parse_header, span_checksum
 
 MAX_SPAN = 1 << 31
+# Bytes of decoded metadata a stream keeps per process (``DecodeCache``): about 6 kB a receipt,
+# so some 40,000 records; a larger dataset decodes the rest every epoch.
+DECODE_CACHE_BYTES = 256 << 20
 _VERIFY = {True: "checksum", False: "off", "checksum": "checksum", "sha256": "sha256", "off": "off"}
 
 
@@ -109,6 +112,7 @@ class ShardStream(wds.DataPipeline):
         self.fill = fill_value(manifest.thresh_range[0])
         self.board: ReleaseBoard | None = None  # set by make_loader before DataLoader workers start
         self._rings: tuple[int, Any] | None = None  # (pid, ring) of the process iterating
+        self.decoded = DecodeCache(DECODE_CACHE_BYTES if self.verify != "off" else 0)
         super().__init__(self._plans, wds.split_by_worker, self._read_batches)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -274,13 +278,25 @@ class ShardStream(wds.DataPipeline):
                     key, data = self._check_member(ref.shard, ref.position, start, span)
                 else:
                     key, data = self._read_member(ref.shard, ref.position, start, stop, span, deadline)
-                record = decode_record(data, entry.name, key)
-                self._check_record(record, entry.name, key)
+                known = self.decoded.get(ref.shard, ref.position)
+                if known is not None:
+                    fill = recheck_compact(data, known.place, entry.name, key)
+                    if fill != self.fill.view("<u2")[0]:
+                        raise ShardFormatError(entry.name, key, "record thresh_fill differs from the manifest's "
+                                                                "targets.thresh_min")
+                    layout, sample = known.layout._replace(**_shifted(known.layout, offset + BLOCK)), known.sample()
+                else:
+                    record = decode_record(data, entry.name, key)
+                    self._check_record(record, entry.name, key)
+                    layout, sample = _layout(record, offset + BLOCK), _sample_info(key, record)
+                    known = self.decoded.put(ref.shard, ref.position, record, len(data), _layout(record, 0), sample)
+                    if known is not None:
+                        sample = known.sample()  # the kept one is never handed out
             except ShardFormatError as exc:
                 self.policy.handle(self._failed(exc), skipped)
                 continue
-            layouts.append(_layout(record, offset + BLOCK))
-            info.append(_sample_info(key, record))
+            layouts.append(layout)
+            info.append(sample)
         del view, buffer
         packed = Packed(lease.tensor[:total], tuple(layouts), self.size, float(self.fill[0]))
         return Batch(info=info, index=plan.index, skipped=skipped, packed=packed, lease=lease)
@@ -325,6 +341,67 @@ def _runs(plan: BatchPlan, slots: list) -> Iterator[tuple[int, int]]:
             first = index
     if first is not None:
         yield first, len(slots) - 1
+
+
+def _shifted(layout: SampleLayout, start: int) -> dict[str, int]:
+    """The byte offsets of a record-relative layout for the record starting at ``start``."""
+    return {"image": layout.image + start, "bits": layout.bits + start, "values": layout.values + start}
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A member decoded and validated before: its layout (from byte 0 of its record), where its
+    compact maps lie, and its sample information (read-only arrays, shared by every later read)."""
+
+    place: CompactPlace
+    layout: SampleLayout
+    info: SampleInfo
+
+    def sample(self) -> SampleInfo:
+        info = self.info
+        return SampleInfo(info.key, info.name, info.original_size, info.inverse_matrix, list(info.polygons),
+                          info.dont_care, info.left_out)
+
+
+class DecodeCache:
+    """Decoded members of verified reads, per process, up to ``limit`` bytes (estimated).
+
+    A member read again (next epoch) whose bytes pass the manifest's checksum (or sha256) are the
+    bytes that were decoded and validated: the loader then takes the layout and sample information
+    from here and only re-checks the compact maps' content (``codec.recheck_compact``). With
+    verification off nothing is kept: unverified bytes are always decoded. A pickled stream (a
+    DataLoader worker's copy) starts with an empty cache of its own."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._known: dict[tuple[int, int], _Known] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"limit": self.limit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["limit"])
+
+    def get(self, shard: int, position: int) -> _Known | None:
+        return self._known.get((shard, position))
+
+    def put(self, shard: int, position: int, record: Record, length: int, layout: SampleLayout,
+            info: SampleInfo) -> _Known | None:
+        """Keep a decoded member (its arrays become read-only); the entry, or None when full."""
+        cost = 1024 + sum(p.nbytes for p in info.polygons) + 96 * len(info.polygons)
+        with self._lock:
+            if self.used + cost > self.limit or (shard, position) in self._known:
+                return None
+            for array in (info.inverse_matrix, info.dont_care, info.left_out, *info.polygons):
+                array.setflags(write=False)
+            known = self._known[(shard, position)] = _Known(CompactPlace.of(record, length), layout, info)
+            self.used += cost
+            return known
 
 
 def _layout(record: Record, start: int) -> SampleLayout:

@@ -460,16 +460,64 @@ def _validate_compact(typed: RecordMeta, arrays: dict[str, np.ndarray]) -> None:
     if bits.shape != (len(compact.PLANES), wh, row_bytes):
         raise _Invalid(f"map_bits shape {list(bits.shape)}, expected [{len(compact.PLANES)}, {wh}, {row_bytes}] "
                        "from map_window")
-    if ww % 8 and bits.size and int((bits[:, :, -1] >> (ww % 8)).max()):
-        raise _Invalid("map_bits sets bits beyond the window's width")
     fill, values = arrays["thresh_fill"], arrays["thresh_values"]
     if fill.shape != (1,):
         raise _Invalid(f"thresh_fill shape {list(fill.shape)}, expected [1]")
+    _check_compact_content(bits, ww, fill, values)
+
+
+def _check_compact_content(bits: np.ndarray, window_width: int, fill: np.ndarray, values: np.ndarray) -> None:
+    """What the compact maps' bytes (not their shapes) must satisfy: no bit set beyond the window's
+    width, threshold values finite and in [0, 1], one value per band pixel."""
+    if window_width % 8 and bits.size and int((bits[:, :, -1] >> (window_width % 8)).max()):
+        raise _Invalid("map_bits sets bits beyond the window's width")
     if int(fill.view("<u2")[0]) > _F16_ONE or (values.size and int(values.view("<u2").max()) > _F16_ONE):
         raise _Invalid("thresh_map holds values outside [0, 1] or not finite")
     band = _popcount(bits[3]) if bits.size else 0
     if band != values.shape[0]:
         raise _Invalid(f"thresh_values holds {values.shape[0]} values for {band} band pixels")
+
+
+@dataclass(frozen=True)
+class CompactPlace:
+    """Where a validated record's compact maps lie in its bytes, and their shapes: what
+    ``recheck_compact`` needs to check the same member's bytes again without decoding them."""
+
+    length: int  # bytes of the record
+    bits: int  # offset of map_bits, (4, window_height, row_bytes) uint8
+    window_width: int
+    window_height: int
+    fill: int  # offset of thresh_fill, (1,) float16
+    values: int  # offset of thresh_values, (count,) float16
+    count: int
+
+    @classmethod
+    def of(cls, record: "Record", length: int) -> "CompactPlace":
+        a, at = record.arrays, record.offsets
+        _, wh, _ = a["map_bits"].shape
+        return cls(length, at["map_bits"], int(a["map_window"][2]), wh, at["thresh_fill"], at["thresh_values"],
+                   a["thresh_values"].shape[0])
+
+
+def recheck_compact(data: bytes | memoryview, place: CompactPlace, shard: str = "<record>",
+                    key: str | None = None) -> int:
+    """Check a record's bytes that a validated decode of the same member (``place``) did not fix:
+    the compact maps' content (``_check_compact_content``). Returns thresh_fill as a float16 bit
+    pattern (int). The loader calls this instead of ``decode_record`` when it has decoded the
+    member before and its checksum still matches: the shapes, offsets and metadata come from that
+    decode, so even bytes crafted to collide with the checksum cannot change what is allocated or
+    where anything is written, and the content checks keep the expansion exact."""
+    if len(data) != place.length:
+        raise _fail(shard, key, f"record is {len(data)} bytes, {place.length} when it was decoded")
+    row_bytes = (place.window_width + 7) // 8
+    bits = np.ndarray((len(compact.PLANES), place.window_height, row_bytes), np.uint8, data, place.bits)
+    fill = np.ndarray((1,), _DTYPES["thresh_fill"], data, place.fill)
+    values = np.ndarray((place.count,), _DTYPES["thresh_values"], data, place.values)
+    try:
+        _check_compact_content(bits, place.window_width, fill, values)
+    except _Invalid as exc:
+        raise _fail(shard, key, f"record {exc}") from None
+    return int(fill.view("<u2")[0])
 
 
 def _popcount(bits: np.ndarray) -> int:
