@@ -3,9 +3,12 @@ taken from its earlier validated decode, and only its compact maps' content is c
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from wds_ocr.errors import IntegrityError, ShardFormatError
@@ -139,3 +142,24 @@ def test_bytes_that_collide_with_the_checksum_are_still_checked(shards_128, tmp_
     skipping.decoded = stream.decoded  # the same process's kept decodes
     batch = next(iter(make_loader(skipping, 0, mode="threads")))
     assert len(batch) == 8 and [s.key for s in batch.skipped] == [key]
+
+
+def test_sample_information_crosses_processes_as_one_vertex_array(shards_128):
+    stream = ShardStream(shards_128, batch_size=9)
+    info = stream.read_batch(stream.plans()[0], ring=BufferRing()).info
+    many = max(info, key=lambda i: len(i.polygons))
+    assert len(many.polygons) >= 5
+    _, parts = many.__reduce__()
+    arrays = [part for part in parts if isinstance(part, np.ndarray)]
+    assert not any(isinstance(part, list) for part in parts)  # no list of per-polygon arrays
+    assert len(arrays) == 5 and arrays[1].shape == (sum(len(p) for p in many.polygons), 2)
+    data = pickle.dumps(many, protocol=pickle.HIGHEST_PROTOCOL)
+    back = pickle.loads(data)
+    assert (back.key, back.name, back.original_size) == (many.key, many.name, many.original_size)
+    assert [p.tolist() for p in back.polygons] == [p.tolist() for p in many.polygons]
+    assert all(p.dtype == np.float64 and p.shape[1] == 2 for p in back.polygons)
+    assert back.inverse_matrix.tolist() == many.inverse_matrix.tolist()
+    assert back.dont_care.tolist() == many.dont_care.tolist() and back.left_out.tolist() == many.left_out.tolist()
+    empty = pickle.loads(pickle.dumps(dataclasses.replace(many, polygons=[], dont_care=many.dont_care[:0],
+                                                          left_out=many.left_out[:0])))
+    assert empty.polygons == []

@@ -48,6 +48,23 @@ class SampleInfo:
     dont_care: np.ndarray  # (P,) bool, from the annotations
     left_out: np.ndarray  # (P,) uint8 LeftOut codes: why a polygon is not in the training targets (0: it is)
 
+    def __reduce__(self) -> tuple[Any, tuple]:
+        # To another process (DataLoader workers): the polygons as one vertex array and their
+        # sizes, not one pickled array each (a receipt has ~60: pickling them one by one cost
+        # 0.3 ms a sample, more than reading it).
+        sizes = np.array([len(p) for p in self.polygons], dtype=np.int64)
+        points = np.concatenate(self.polygons) if self.polygons else np.zeros((0, 2), dtype=np.float64)
+        return _unpickle_sample_info, (self.key, self.name, self.original_size, self.inverse_matrix, points, sizes,
+                                       self.dont_care, self.left_out)
+
+
+def _unpickle_sample_info(key: str, name: str, original_size: tuple[int, int], inverse_matrix: np.ndarray,
+                          points: np.ndarray, sizes: np.ndarray, dont_care: np.ndarray,
+                          left_out: np.ndarray) -> SampleInfo:
+    ends = np.cumsum(sizes).tolist()
+    polygons = [points[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+    return SampleInfo(key, name, original_size, inverse_matrix, polygons, dont_care, left_out)
+
 
 class SampleLayout(NamedTuple):
     """Where one record's compact arrays lie in its batch's payload (byte offsets) and where
