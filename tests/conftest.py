@@ -28,6 +28,20 @@ def synth_root(tmp_path_factory) -> Path:
     return root
 
 
+def random_checkpoint(folder: Path, config) -> Path:
+    """A checkpoint of a DBNet with seeded random weights for ``config`` (tests that need a model,
+    not a trained one), saved as ``folder/random.pt``."""
+    import torch
+
+    from wds_ocr.model.dbnet import DBNet
+    from wds_ocr.run.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = folder / "random.pt"
+    save_checkpoint(path, {"config": config.model_dump(mode="json"), "model": DBNet(config.model).state_dict()})
+    return path
+
+
 def build_small_shards(source: Path, out: Path, split: str = "train", size: int = 64, max_samples: int = 4,
                        extra: tuple[str, ...] = ()) -> Path:
     """Shards at a small transform size (fast tests); ``max_samples`` sets how uneven they are."""

@@ -14,11 +14,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import build_small_shards
+from conftest import build_small_shards, random_checkpoint
 from wds_ocr.cli import cli
 from wds_ocr.config import load_config
-from wds_ocr.model.dbnet import DBNet
-from wds_ocr.run.checkpoint import save_checkpoint
 
 CONFIG = load_config(None, ["transform.size=64", "model.neck_channels=32"])
 
@@ -37,10 +35,7 @@ def shards(synth_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    save_checkpoint(path, {"config": CONFIG.model_dump(mode="json"), "model": DBNet(CONFIG.model).state_dict()})
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("model"), CONFIG)
 
 
 @pytest.fixture

@@ -30,11 +30,11 @@ from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
 from wds_ocr.infer.postpool import PostPool, PostprocessWorkerError
 from wds_ocr.infer.scoring import ImageTruth, MapForm, ScoringSettings, score_image
 from wds_ocr.loader.stream import ShardStream, make_loader
-from wds_ocr.model.dbnet import DBNet
-from wds_ocr.run.checkpoint import save_checkpoint
 from wds_ocr.shards.build import build_shards
 from wds_ocr.train.log import read_metrics
 from wds_ocr.train.loop import train
+
+from conftest import random_checkpoint
 
 torch.set_num_threads(2)
 
@@ -79,10 +79,7 @@ def care_words(shards) -> int:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    save_checkpoint(path, {"config": CONFIG.model_dump(mode="json"), "model": DBNet(CONFIG.model).state_dict()})
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("model"), CONFIG)
 
 
 _SERIAL: dict[tuple, object] = {}

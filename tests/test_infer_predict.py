@@ -18,8 +18,9 @@ from wds_ocr.data.synth import synthesize
 from wds_ocr.errors import ConfigError, SampleError
 from wds_ocr.infer.detect import detect, probability_maps
 from wds_ocr.infer.predict import predict
-from wds_ocr.model.dbnet import DBNet
-from wds_ocr.run.checkpoint import load_model, save_checkpoint
+from wds_ocr.run.checkpoint import load_model
+
+from conftest import random_checkpoint
 
 torch.set_num_threads(2)
 
@@ -36,10 +37,7 @@ def receipts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "random.pt"
-    save_checkpoint(path, {"config": CONFIG.model_dump(mode="json"), "model": DBNet(CONFIG.model).state_dict()})
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("model"), CONFIG)
 
 
 def _image(receipts: Path, name: str) -> Path:
