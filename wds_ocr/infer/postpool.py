@@ -252,7 +252,8 @@ class PostPool:
             self.up_s = time.perf_counter() - self._started_at
 
     def wait_until_up(self) -> None:
-        """Block until every worker is up (``start_timeout`` from start(); counted in start_wait_s)."""
+        """Block until every worker is up, at most ``start_timeout`` seconds without an answer
+        (the time blocked counts in ``start_wait_s``)."""
         started = time.perf_counter()
         self._wait(lambda: all(w.ready for w in self.workers), self.start_timeout,
                    "for the post-processing workers to start")
