@@ -4,7 +4,7 @@
 #   tools/recipes/sroie.sh [cpu|gpu] [SOURCE] [OUT]
 #
 # cpu (default): tools/recipes/sroie-cpu.toml, 2000 steps, about 45 minutes on 2 idle Intel Xeon cores
-#                (1.24 s a step; 2.0-2.2 s on a 2-vCPU AMD EPYC box, some 75 minutes).
+#                (1.24 s a step; 2.0 s on a 2-vCPU AMD EPYC box: 68 minutes there).
 # gpu:           tools/recipes/sroie-gpu.toml, DB's 1200-epoch poly schedule on one GPU.
 # SOURCE: a dataset in the receipt layout with train and val splits [../shared/data/sroie-dev].
 # OUT:    the run folder [runs/sroie-<recipe>]; shards go to shards/sroie/{train,val}.
