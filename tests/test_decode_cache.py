@@ -15,7 +15,7 @@ from wds_ocr.errors import IntegrityError, ShardFormatError
 from wds_ocr.loader import stream as stream_module
 from wds_ocr.loader.ring import BufferRing
 from wds_ocr.loader.stream import ShardStream, make_loader
-from wds_ocr.shards.codec import CompactPlace, decode_record
+from wds_ocr.shards.codec import CompactPlace, decode_record, recheck_compact
 from wds_ocr.shards.manifest import load_manifest
 from wds_ocr.shards.tario import BLOCK
 
@@ -163,3 +163,17 @@ def test_sample_information_crosses_processes_as_one_vertex_array(shards_128):
     empty = pickle.loads(pickle.dumps(dataclasses.replace(many, polygons=[], dont_care=many.dont_care[:0],
                                                           left_out=many.left_out[:0])))
     assert empty.polygons == []
+
+
+def test_a_member_whose_size_changed_since_its_decode_is_refused_by_name(shards_128):
+    entry = load_manifest(shards_128).shards[0]
+    data = (shards_128 / entry.name).read_bytes()
+    start, stop = entry.span(0)
+    member = data[start:stop]
+    size = int(member[124:136].rstrip(b"\x00 "), 8)
+    record = decode_record(member[BLOCK : BLOCK + size], entry.name, entry.keys[0])
+    place = CompactPlace.of(record, size)
+    with pytest.raises(ShardFormatError) as caught:
+        recheck_compact(member[BLOCK : BLOCK + size - 2], place, entry.name, entry.keys[0])
+    assert (caught.value.shard, caught.value.key) == (entry.name, entry.keys[0])
+    assert f"record is {size - 2} bytes, {size} when it was decoded" in str(caught.value)
