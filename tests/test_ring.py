@@ -6,6 +6,7 @@ one (a ring that frees buffers on hand-out corrupts kept batches, and the check 
 from __future__ import annotations
 
 import gc
+import pickle
 
 import numpy as np
 import pytest
@@ -80,21 +81,60 @@ def test_the_ring_waits_for_a_device_copy_before_reusing_a_buffer():
 
 
 def test_the_worker_ring_reuses_only_what_the_board_shows_released():
-    board = ReleaseBoard(workers=2, slots=3)
+    board = ReleaseBoard(workers=2, slots=3, capacity=1000)
     worker = WorkerRing(board, worker=1)
     leases = [worker.acquire(100) for _ in range(3)]
     assert [lease.origin for lease in leases] == [(1, 0), (1, 1), (1, 2)]
     assert board.table[1, :3].tolist() == [1, 1, 1]
-    extra = worker.acquire(100)  # every buffer held: one of its own, outside the ring
+    extra = worker.acquire(100)  # every slot held: a buffer of its own, outside the ring
     assert extra.origin is None
     # the main process receives batch 1 and drops it: the board frees it, and only it is reused
-    received = board.receive(leases[1].tensor, leases[1].origin)
+    leases[1].tensor[:4] = torch.tensor([1, 2, 3, 4], dtype=torch.uint8)
+    received = board.receive(leases[1].origin, 100)
+    assert received.data_ptr() == leases[1].tensor.data_ptr() and received[:4].tolist() == [1, 2, 3, 4]
     del received
     gc.collect()
     assert board.table[1, :3].tolist() == [1, 0, 1]
     again = worker.acquire(50)
     assert again.origin == (1, 1) and again.tensor.data_ptr() == leases[1].tensor.data_ptr()
     assert board.stats() == {"allocations": 4, "reuses": 1, "held": 3}
+    too_big = worker.acquire(board.capacity + 1)  # larger than a slot: its own buffer
+    assert too_big.origin is None and too_big.tensor.numel() == board.capacity + 1
+
+
+def test_a_forked_worker_writes_into_the_slot_the_main_process_reads():
+    """The slots are mapped before the fork: bytes a worker writes are the bytes the main process
+    receives, with no shared-memory file passed per batch."""
+    import multiprocessing
+
+    board = ReleaseBoard(workers=1, slots=2, capacity=4096)
+
+    def fill(value):
+        lease = WorkerRing(board, worker=0).acquire(3000)
+        lease.tensor.fill_(value)
+
+    child = multiprocessing.get_context("fork").Process(target=fill, args=(7,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert board.table[0, :2].tolist() == [1, 0]  # the child's hold is on the shared table
+    received = board.receive((0, 0), 3000)
+    assert received.numel() == 3000 and bool((received == 7).all())
+    del received
+    gc.collect()
+    assert board.table[0, :2].tolist() == [0, 0]
+
+
+def test_a_board_without_room_for_its_slots_has_none():
+    from wds_ocr.loader.ring import MAX_SLOT
+
+    assert ReleaseBoard(workers=2, capacity=MAX_SLOT + 1).capacity == 0
+    assert ReleaseBoard(workers=2, capacity=0).capacity == 0
+    assert ReleaseBoard(workers=2, capacity=5).capacity == 1 << 20  # whole MiB
+    board = pickle.loads(pickle.dumps(ReleaseBoard(workers=1, capacity=4096)))
+    assert board.capacity == 0  # a pickled board cannot share the mapping: its worker allocates per batch
+    lease = WorkerRing(board, worker=0).acquire(100)
+    assert lease.origin is None and lease.tensor.numel() == 100
 
 
 # --- loaders --------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ full-array batches); a ``Batch`` can also be made from full tensors directly (a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -44,7 +45,7 @@ class SampleInfo:
     name: str
     original_size: tuple[int, int]
     inverse_matrix: np.ndarray
-    polygons: list[np.ndarray]  # original-image frame
+    polygons: Sequence[np.ndarray]  # original-image frame: a list, or PackedPolygons from a worker
     dont_care: np.ndarray  # (P,) bool, from the annotations
     left_out: np.ndarray  # (P,) uint8 LeftOut codes: why a polygon is not in the training targets (0: it is)
 
@@ -52,8 +53,11 @@ class SampleInfo:
         # To another process (DataLoader workers): the polygons as one vertex array and their
         # sizes, not one pickled array each (a receipt has ~60: pickling them one by one cost
         # 0.3 ms a sample, more than reading it).
-        sizes = np.array([len(p) for p in self.polygons], dtype=np.int64)
-        points = np.concatenate(self.polygons) if self.polygons else np.zeros((0, 2), dtype=np.float64)
+        if isinstance(self.polygons, PackedPolygons):
+            points, sizes = self.polygons.points, self.polygons.sizes
+        else:
+            sizes = np.array([len(p) for p in self.polygons], dtype=np.int64)
+            points = np.concatenate(self.polygons) if len(self.polygons) else np.zeros((0, 2), dtype=np.float64)
         return _unpickle_sample_info, (self.key, self.name, self.original_size, self.inverse_matrix, points, sizes,
                                        self.dont_care, self.left_out)
 
@@ -61,9 +65,43 @@ class SampleInfo:
 def _unpickle_sample_info(key: str, name: str, original_size: tuple[int, int], inverse_matrix: np.ndarray,
                           points: np.ndarray, sizes: np.ndarray, dont_care: np.ndarray,
                           left_out: np.ndarray) -> SampleInfo:
-    ends = np.cumsum(sizes).tolist()
-    polygons = [points[start:end] for start, end in zip([0, *ends[:-1]], ends)]
-    return SampleInfo(key, name, original_size, inverse_matrix, polygons, dont_care, left_out)
+    return SampleInfo(key, name, original_size, inverse_matrix, PackedPolygons(points, sizes), dont_care, left_out)
+
+
+class PackedPolygons(Sequence):
+    """A sample's polygons as one (V, 2) vertex array and their sizes, split into (K, 2) views
+    only when first looked at (training never looks: only evaluation matches polygons)."""
+
+    __slots__ = ("points", "sizes", "_split")
+
+    def __init__(self, points: np.ndarray, sizes: np.ndarray):
+        self.points, self.sizes = points, sizes
+        self._split: list[np.ndarray] | None = None
+
+    def _polygons(self) -> list[np.ndarray]:
+        if self._split is None:
+            ends = np.cumsum(self.sizes).tolist()
+            self._split = [self.points[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+        return self._split
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index):
+        return self._polygons()[index]
+
+    def __iter__(self):
+        return iter(self._polygons())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(
+            np.array_equal(a, b) for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"PackedPolygons({len(self)} polygons, {len(self.points)} vertices)"
+
+    def __reduce__(self):
+        return PackedPolygons, (self.points, self.sizes)
 
 
 class SampleLayout(NamedTuple):
@@ -96,10 +134,11 @@ class SampleLayout(NamedTuple):
 class Packed:
     """A batch's records as read: one uint8 payload, and the layout of each record in it."""
 
-    payload: torch.Tensor  # (bytes,) uint8
+    payload: torch.Tensor  # (bytes,) uint8 (None only in transit from a worker's board slot)
     layouts: tuple[SampleLayout, ...]
     size: int  # records are size x size
     fill: float  # thresh_map outside the band (a float16 value)
+    nbytes: int = 0  # the payload's length, where it travels without it
 
 
 class Batch:
@@ -182,14 +221,20 @@ class Batch:
         return Batch(**full, info=self.info, index=self.index, skipped=self.skipped)
 
     def __getstate__(self) -> dict[str, Any]:
-        # To the main process: the packed payload (shared memory) or the full tensors, never CPU
-        # expansions made in a worker; a lease crosses only as its (worker, buffer) origin.
+        # To the main process: the packed payload or the full tensors, never CPU expansions made
+        # in a worker. A payload in a board slot (``ring.ReleaseBoard``) crosses as its (worker,
+        # slot) origin and length only: the main process maps that slot already. Any other
+        # payload goes as a shared tensor.
         full = self._full if self.packed is None else {}
         origin = self.lease.origin if self.lease is not None else None
-        return {"packed": self.packed, "info": self.info, "index": self.index, "skipped": self.skipped,
+        packed = self.packed
+        if packed is not None and origin is not None:
+            packed = Packed(None, packed.layouts, packed.size, packed.fill, packed.payload.numel())
+        return {"packed": packed, "info": self.info, "index": self.index, "skipped": self.skipped,
                 "full": full, "origin": origin}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        # A slot payload stays None until the receiving loader puts it in (``ProcessLoader``).
         self.packed, self.info, self.index = state["packed"], state["info"], state["index"]
         self.skipped, self._full = state["skipped"], dict(state["full"])
         self.lease = Lease(self.packed.payload, origin=state["origin"]) if state["origin"] is not None else None
@@ -246,4 +291,4 @@ def expand_maps(payload: torch.Tensor, layouts: tuple[SampleLayout, ...], size: 
     return {"gt": planes[0], "mask": planes[1], "thresh_map": thresh, "thresh_mask": planes[2]}
 
 
-__all__ = ["Batch", "FIELDS", "Packed", "SampleInfo", "SampleLayout", "expand_images", "expand_maps"]
+__all__ = ["Batch", "FIELDS", "Packed", "PackedPolygons", "SampleInfo", "SampleLayout", "expand_images", "expand_maps"]

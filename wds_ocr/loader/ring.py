@@ -12,9 +12,14 @@ buffers, and the ring allocates others; one that drops each batch gets the same 
 again and again. Nothing is handed out while something still refers to it.
 
 ``BufferRing`` serves one process (the thread loader, and the main process of the worker
-loader). ``WorkerRing`` serves a DataLoader worker: its buffers are shared memory that the worker
-sends to the main process, which notes on a shared ``ReleaseBoard`` when it is done with each one
-(``ReleaseBoard.receive``); the worker reuses only buffers the board shows free.
+loader). ``WorkerRing`` serves a DataLoader worker: its buffers are slots of a shared mapping that
+the main process made before the workers were forked (``ReleaseBoard``), so both sides already
+see every slot and a batch crosses to the main process as (worker, slot, bytes) plus its
+metadata: no shared-memory file is created, passed or mapped per batch. The main process notes
+on the board when it has dropped each batch (``ReleaseBoard.receive``), and the worker reuses
+only slots the board shows free. The mapping is anonymous shared memory, committed page by page
+as slots are first written (lowest free slot first, so a worker touches only as many as it has
+batches in flight), and it does not count against a small /dev/shm.
 
 A CUDA copy from a pinned buffer runs after the call that starts it returns; ``Lease.fence``
 records an event the ring waits for before the buffer is written again.
@@ -22,6 +27,8 @@ records an event the ring waits for before the buffer is written again.
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -31,6 +38,9 @@ import torch
 
 _GRANULE = 1 << 20  # buffers are sized in whole MiB, so a slightly larger batch does not regrow one
 MAX_RING = 16  # buffers a ring keeps; beyond that a batch gets a buffer of its own, not kept
+# The largest batch a worker slot holds. A bigger batch (or a platform without fork) gets a shared
+# buffer of its own per batch, sent the way torch sends any shared tensor.
+MAX_SLOT = 256 << 20
 
 
 def _rounded(nbytes: int) -> int:
@@ -61,7 +71,7 @@ class Lease:
 
     tensor: torch.Tensor
     buffer: _Buffer | None = field(default=None, repr=False)
-    origin: tuple[int, int] | None = None  # (worker, ring index) of a worker's shared buffer
+    origin: tuple[int, int] | None = None  # (worker, slot) of a worker's board slot
 
     def fence(self, event: Any) -> None:
         """Make the ring wait for ``event`` (a device copy from this buffer) before reusing it."""
@@ -139,26 +149,43 @@ class BufferRing:
 
 
 class ReleaseBoard:
-    """Which of each DataLoader worker's shared buffers the main process still holds.
+    """The main process's shared table of DataLoader worker buffers, made before the workers start.
 
-    A shared int32 table made before the workers start: cell (worker, i) is 1 from the moment the
-    worker hands buffer i out until the main process has dropped every reference to the batch it
-    carried, then 0. The last two columns count the worker's allocations and reuses (for tests
-    and benchmarks)."""
+    ``slots`` buffers of ``capacity`` bytes per worker, in one anonymous shared mapping per worker
+    (``capacity`` 0, or more than ``MAX_SLOT``, or no fork: none; workers then allocate a shared
+    buffer per batch). A shared int32 table says which are held: cell (worker, i) is 1 from the
+    moment the worker hands slot i out until the main process has dropped every reference to the
+    batch it carried, then 0. The last two columns count each worker's first uses of a slot
+    (allocations) and later uses (reuses), for tests and benchmarks."""
 
-    def __init__(self, workers: int, slots: int = MAX_RING):
+    def __init__(self, workers: int, slots: int = MAX_RING, capacity: int = 0):
         self.slots = slots
         self.table = torch.zeros((max(1, workers), slots + 2), dtype=torch.int32).share_memory_()
         self._cells = self.table.numpy()
-        self._mapped: dict[tuple[int, int], torch.Tensor] = {}  # main process: keeps mappings cached
+        self.capacity = _rounded(capacity) if 0 < capacity <= MAX_SLOT and hasattr(os, "fork") else 0
+        self._regions: list[torch.Tensor] = []
+        if self.capacity:
+            try:
+                self._regions = [_shared_region(slots * self.capacity) for _ in range(max(1, workers))]
+            except OSError:  # no room to map them: fall back to a buffer per batch
+                self.capacity = 0
 
     def __getstate__(self) -> dict[str, Any]:
+        # A pickled board (a worker started without fork) cannot share the mappings: its workers
+        # allocate per batch.
         return {"slots": self.slots, "table": self.table}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.slots, self.table = state["slots"], state["table"]
         self._cells = self.table.numpy()
-        self._mapped = {}
+        self.capacity, self._regions = 0, []
+
+    def slot(self, worker: int, index: int, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of a slot (both processes see the same bytes)."""
+        if not 0 <= nbytes <= self.capacity or not 0 <= index < self.slots:
+            raise ValueError(f"no slot {index} of {nbytes} bytes (slots {self.slots} of {self.capacity} bytes)")
+        start = index * self.capacity
+        return self._regions[worker][start : start + nbytes]
 
     def is_free(self, worker: int, index: int) -> bool:
         return int(self._cells[worker, index]) == 0
@@ -174,46 +201,42 @@ class ReleaseBoard:
         return {"allocations": int(cells[:, self.slots].sum()), "reuses": int(cells[:, self.slots + 1].sum()),
                 "held": int(cells[:, : self.slots].sum())}
 
-    def receive(self, payload: torch.Tensor, origin: tuple[int, int] | None) -> torch.Tensor:
-        """Main process: the payload a worker sent, as a tensor whose release frees its buffer."""
-        if origin is None:
-            return payload
+    def receive(self, origin: tuple[int, int], nbytes: int) -> torch.Tensor:
+        """Main process: a worker's batch bytes, as a tensor whose release frees its slot."""
         worker, index = origin
-        # Keeping the mapping means the next batch in this buffer maps no memory again (torch's
-        # shared-storage cache finds it); it never makes the buffer look held.
-        self._mapped[origin] = payload
-        return _leased_view(payload, payload.numel(), lambda: self.mark(worker, index, False))
+        return _leased_view(self.slot(worker, index, nbytes), nbytes, lambda: self.mark(worker, index, False))
+
+
+def _shared_region(nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over anonymous shared memory that processes forked later also map."""
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_ANONYMOUS", 0x20))
+    return torch.frombuffer(region, dtype=torch.uint8)
 
 
 class WorkerRing:
-    """A DataLoader worker's shared buffers, reused once the main process released them."""
+    """A DataLoader worker's buffers: the board's slots for it, reused once the main process
+    released them (the lowest free slot first)."""
 
     def __init__(self, board: ReleaseBoard | None, worker: int):
         self.board = board
         self.worker = worker
-        self._buffers: list[torch.Tensor] = []
+        self._used: set[int] = set()
 
     def acquire(self, nbytes: int) -> Lease:
         board = self.board
-        if board is None:  # a DataLoader made without make_loader: no board, allocate per batch
+        if board is None:
             return Lease(allocate(nbytes, "shared"))
-        candidates = [i for i, t in enumerate(self._buffers) if board.is_free(self.worker, i)]
-        fitting = [i for i in candidates if self._buffers[i].numel() >= nbytes]
-        if fitting:
-            index = min(fitting, key=lambda i: self._buffers[i].numel())
-            board.count(self.worker, "reuse")
-        else:
-            board.count(self.worker, "allocation")
-            if candidates:
-                index = candidates[0]
-                self._buffers[index] = allocate(_rounded(nbytes), "shared")
-            elif len(self._buffers) < board.slots:
-                index = len(self._buffers)
-                self._buffers.append(allocate(_rounded(nbytes), "shared"))
-            else:
-                return Lease(allocate(nbytes, "shared"))
-        board.mark(self.worker, index, True)
-        return Lease(self._buffers[index][:nbytes], origin=(self.worker, index))
+        if nbytes <= board.capacity:
+            for index in range(board.slots):
+                if board.is_free(self.worker, index):
+                    board.count(self.worker, "reuse" if index in self._used else "allocation")
+                    self._used.add(index)
+                    board.mark(self.worker, index, True)
+                    return Lease(board.slot(self.worker, index, nbytes), origin=(self.worker, index))
+        # No slots, too small ones, or every slot held (a consumer keeping batches): a buffer of
+        # its own, sent as any shared tensor is.
+        board.count(self.worker, "allocation")
+        return Lease(allocate(nbytes, "shared"))
 
 
 def device_fence() -> Any:

@@ -516,9 +516,9 @@ class ProcessLoader:
 
     def _receive(self, batch: Batch) -> None:
         """Make ``batch`` hold its worker buffer by a lease that frees it on the board."""
-        if batch.packed is None or batch.lease is None or self.board is None:
+        if batch.packed is None or batch.lease is None or batch.lease.origin is None:
             return
-        payload = self.board.receive(batch.packed.payload, batch.lease.origin)
+        payload = self.board.receive(batch.lease.origin, batch.packed.nbytes)
         lease = Lease(payload)
         if self.pinned is not None:
             lease = self.pinned.acquire(payload.numel())
@@ -526,6 +526,16 @@ class ProcessLoader:
             payload = lease.tensor
         batch.packed.payload = payload
         batch.lease = lease
+
+
+def largest_batch(stream: ShardStream) -> int:
+    """Bytes of the largest batch ``stream`` can read: its batch size's largest manifest members."""
+    sizes = [np.diff(np.array([*entry.offsets[: entry.samples], entry.members_end], dtype=np.int64))
+             for entry in stream.manifest.shards if entry.samples]
+    if not sizes:
+        return 0
+    sizes = np.sort(np.concatenate(sizes))
+    return int(sizes[-stream.batch_size:].sum())
 
 
 def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str = "processes"):
@@ -546,7 +556,7 @@ def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str 
     board = None
     if workers > 0:
         kwargs.update(prefetch_factor=prefetch, multiprocessing_context="fork" if os.name == "posix" else None)
-        board = ReleaseBoard(workers)
+        board = ReleaseBoard(workers, capacity=largest_batch(stream))
     return ProcessLoader(stream, torch.utils.data.DataLoader(
         stream, batch_size=None, num_workers=workers, pin_memory=False, persistent_workers=workers > 0, **kwargs,
     ), board)
