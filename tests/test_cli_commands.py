@@ -180,5 +180,9 @@ def test_bench_reports_every_path_side_by_side(demo_run):
     threads = report["median"]["shards (threads)"]["samples_per_second"]
     assert ratios["processes_over_threads"] == report["median"]["shards (processes)"]["samples_per_second"] / threads
     assert ratios["threads_over_live"] is None and ratios["threads_expanded_fraction_of_raw_read"] > 0
+    bare = report["rounds"][0]["bare_read_mb_per_second"]
+    assert bare > 0 and report["bare_read_mb_per_second"] == bare
+    assert ratios["threads_fraction_of_bare_reads"] == report["median"]["shards (threads)"]["mb_per_second"] / bare
+    assert ratios["bare_reads_fraction_of_raw_read"] == bare / report["rounds"][0]["raw_read_mb_per_second"]
     bad = CliRunner().invoke(cli, ["bench", str(out / "data"), "--shards", str(shards), "--peers", "tfds"])
     assert bad.exit_code == 2 and "--peers: unknown tfds; choose from webdataset, litdata, mosaic or none" in bad.output

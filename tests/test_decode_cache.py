@@ -177,3 +177,31 @@ def test_a_member_whose_size_changed_since_its_decode_is_refused_by_name(shards_
         recheck_compact(member[BLOCK : BLOCK + size - 2], place, entry.name, entry.keys[0])
     assert (caught.value.shard, caught.value.key) == (entry.name, entry.keys[0])
     assert f"record is {size - 2} bytes, {size} when it was decoded" in str(caught.value)
+
+
+def test_a_member_whose_header_block_changed_is_parsed_and_decoded_again(shards_128, tmp_path, monkeypatch):
+    # The kept decode is used only for the header block it was made from: a colliding member with
+    # another header (here: another size field and header checksum) goes through the full checks.
+    folder = Path(shutil.copytree(shards_128, tmp_path / "s"))
+    stream = ShardStream(folder, batch_size=9)
+    first = epoch(stream)
+    entry = load_manifest(folder).shards[0]
+    shard = folder / entry.name
+    data = bytearray(shard.read_bytes())
+    start, stop = entry.span(1)
+    original = bytes(data[start:stop])
+    size = int(original[124:136].rstrip(b"\x00 "), 8)
+    data[start + 124 : start + 136] = b"%011o\x00" % (size - 1)  # one byte shorter; header checksum now wrong
+    shard.write_bytes(bytes(data))
+    real = stream_module.span_checksum
+    replaced = bytes(data[start:stop])
+    monkeypatch.setattr(stream_module, "span_checksum",
+                        lambda span: real(original) if bytes(span) == replaced else real(span))
+    calls = counted_decodes(monkeypatch)
+    with pytest.raises(ShardFormatError) as caught:
+        epoch(stream)
+    assert (caught.value.shard, caught.value.key) == (entry.name, entry.keys[1])
+    assert "header checksum mismatch (corrupt shard)" in str(caught.value)
+    assert calls == []  # refused by the header's own checks, before any decode
+    shard.write_bytes(bytes(data[:start]) + original + bytes(data[stop:]))
+    assert epoch(stream) == first and calls == []  # the original header: the kept decodes again

@@ -2,6 +2,11 @@
 
 (a) raw: the sequential read rate of the shard files from page cache (one thread, 8 MiB reads):
     the ceiling for reading them;
+(a') bare reads: the loader's reads and nothing else — each member of each batch with one
+    positioned read into batch-sized buffers reused in turn (as many as a loader keeps in flight),
+    by the same number of threads, no checks, no parsing: what the loader could reach if all its
+    other work were free. On a machine whose memory is slow to write, this is well below (a): a
+    read into one reused 8 MiB buffer writes to cache, a batch buffer to memory;
 (b) shards: ShardStream delivering batches of compact records, read straight into recycled
     buffers by threads in the main process, by DataLoader worker processes, and by threads from a
     local HTTP server (nginx if installed, else a Python server with sendfile) serving the same
@@ -98,6 +103,7 @@ class Round:
     raw_read_mb_per_second: float
     paths: dict[str, PathResult]
     full_record_bytes: int = 0  # what a record's image and maps take once expanded
+    bare_read_mb_per_second: float | None = None
 
 
     def ratios(self) -> dict[str, float | None]:
@@ -113,6 +119,10 @@ class Round:
         return {
             "threads_fraction_of_raw_read": threads_mb / self.raw_read_mb_per_second if threads_mb else None,
             "threads_expanded_fraction_of_raw_read": expanded_mb / self.raw_read_mb_per_second if expanded_mb else None,
+            "threads_fraction_of_bare_reads": (threads_mb / self.bare_read_mb_per_second
+                                               if threads_mb and self.bare_read_mb_per_second else None),
+            "bare_reads_fraction_of_raw_read": (self.bare_read_mb_per_second / self.raw_read_mb_per_second
+                                                if self.bare_read_mb_per_second else None),
             "threads_over_best_peer": threads / best_peer if threads and best_peer else None,
             "processes_over_threads": processes / threads if processes and threads else None,
             "http_over_local": http / threads if http and threads else None,
@@ -120,7 +130,7 @@ class Round:
         }
 
     def as_dict(self) -> dict[str, Any]:
-        return {"raw_read_mb_per_second": self.raw_read_mb_per_second,
+        return {"raw_read_mb_per_second": self.raw_read_mb_per_second, "bare_read_mb_per_second": self.bare_read_mb_per_second,
                 "paths": {name: row.as_dict() for name, row in self.paths.items()}, "ratios": self.ratios()}
 
 
@@ -153,6 +163,11 @@ class BenchResult:
     def raw_read_mb_per_second(self) -> float:
         return statistics.median(r.raw_read_mb_per_second for r in self.rounds)
 
+    @property
+    def bare_read_mb_per_second(self) -> float | None:
+        rates = [r.bare_read_mb_per_second for r in self.rounds if r.bare_read_mb_per_second]
+        return statistics.median(rates) if rates else None
+
     def ratio_rounds(self) -> dict[str, list[float | None]]:
         per_round = [r.ratios() for r in self.rounds]
         return {name: [ratios[name] for ratios in per_round] for name in per_round[0]}
@@ -165,6 +180,7 @@ class BenchResult:
             "peer_bytes": self.peer_bytes, "skipped": self.skipped,
             "median": {name: self.median_path(name).as_dict() for name in self.path_names},
             "raw_read_mb_per_second": self.raw_read_mb_per_second,
+            "bare_read_mb_per_second": self.bare_read_mb_per_second,
             "ratios_median": {k: statistics.median(v) if all(x is not None for x in v) else None
                               for k, v in ratios.items()},
             "rounds": [r.as_dict() for r in self.rounds],
@@ -269,6 +285,49 @@ def raw_read_rate(folder: Path, manifest: Manifest, repeats: int = 3) -> float:
     return best
 
 
+def bare_read_rate(folder: Path, manifest: Manifest, threads: int, batch_size: int, min_seconds: float = 1.0,
+                   prefetch: int = 2) -> float:
+    """MB/s of the loader's reads alone (see (a') in the module docstring): whole passes over every
+    shard's members in batches of ``batch_size``, batch k read by thread k mod ``threads``, each
+    member with one ``os.preadv`` into its place in a batch-sized buffer; ``threads * prefetch + 1``
+    buffers are reused in turn. Passes repeat until ``min_seconds`` have passed (after a warming one)."""
+    threads = max(1, threads)
+    batches = [(entry.name, [entry.span(i) for i in range(first, min(first + batch_size, entry.samples))])
+               for entry in manifest.shards for first in range(0, entry.samples, batch_size)]
+    largest = max((sum(stop - start for start, stop in spans) for _, spans in batches), default=0)
+    buffers = [memoryview(bytearray(largest)) for _ in range(threads * prefetch + 1)]
+    fds = {entry.name: os.open(folder / entry.name, os.O_RDONLY) for entry in manifest.shards}
+    nbytes = sum(stop - start for _, spans in batches for start, stop in spans)
+
+    def one_pass(thread: int) -> None:
+        for number in range(thread, len(batches), threads):
+            name, spans = batches[number]
+            buffer, at = buffers[number % len(buffers)], 0
+            for start, stop in spans:
+                os.preadv(fds[name], [buffer[at : at + stop - start]], start)
+                at += stop - start
+
+    def passes() -> None:
+        workers = [threading.Thread(target=one_pass, args=(k,)) for k in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+
+    try:
+        passes()
+        count, started = 0, time.perf_counter()
+        while True:
+            passes()
+            count += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_seconds:
+                return count * nbytes / elapsed / 1e6
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 INTEGRITY_MODES = (("off", False), ("xxh3", True), ("sha256", "sha256"))
 
 
@@ -332,10 +391,12 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
         for number in range(rounds):
             note(f"round {number + 1} of {rounds}: raw sequential read of the shard files")
             raw = raw_read_rate(folder, manifest)
+            note(f"round {number + 1} of {rounds}: bare reads of the members into batch buffers")
+            bare = bare_read_rate(folder, manifest, workers, batch_size, min(min_seconds, 2.0))
             rows = {}
             for name, (make_epoch, count, nbytes) in epochs.items():
                 note(f"round {number + 1} of {rounds}: {name}")
                 rows[name] = _run_epochs(name, make_epoch, count, nbytes, min_seconds,
                                          max_epochs=3 if name == "live" else 100_000)
-            result.rounds.append(Round(raw, rows, result.sizes.full_arrays))
+            result.rounds.append(Round(raw, rows, result.sizes.full_arrays, bare))
     return result

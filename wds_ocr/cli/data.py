@@ -308,8 +308,13 @@ def bench_lines(result) -> list[str]:
         lines.append(f"{name:24s} {row.samples_per_second:10.1f} {row.mb_per_second:9.1f} "
                      f"{row.first_batch_seconds:11.3f} {row.peak_rss_mb:11.0f} {row.epochs:6d}")
     lines.append(f"raw sequential read of the shard files: {result.raw_read_mb_per_second:.0f} MB/s (median round)")
+    if result.bare_read_mb_per_second:
+        lines.append(f"bare reads of the members into batch buffers, {result.workers} thread(s), no checks: "
+                     f"{result.bare_read_mb_per_second:.0f} MB/s (median round)")
     labels = {"threads_fraction_of_raw_read": "threads MB/s / raw read (stored bytes)",
               "threads_expanded_fraction_of_raw_read": "threads MB/s / raw read (expanded bytes)",
+              "threads_fraction_of_bare_reads": "threads MB/s / bare reads (stored bytes)",
+              "bare_reads_fraction_of_raw_read": "bare reads / raw read",
               "threads_over_best_peer":
               "threads / best peer (samples/s)", "processes_over_threads": "processes / threads",
               "http_over_local": "HTTP / local (threads)", "threads_over_live": "threads / live"}

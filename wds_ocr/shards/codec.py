@@ -469,9 +469,10 @@ def _validate_compact(typed: RecordMeta, arrays: dict[str, np.ndarray]) -> None:
 def _check_compact_content(bits: np.ndarray, window_width: int, fill: np.ndarray, values: np.ndarray) -> None:
     """What the compact maps' bytes (not their shapes) must satisfy: no bit set beyond the window's
     width, threshold values finite and in [0, 1], one value per band pixel."""
-    if window_width % 8 and bits.size and int((bits[:, :, -1] >> (window_width % 8)).max()):
+    # ufunc.reduce rather than .max(): the loader runs this for every member it reads again
+    if window_width % 8 and bits.size and int(np.maximum.reduce(bits[:, :, -1], axis=None)) >> (window_width % 8):
         raise _Invalid("map_bits sets bits beyond the window's width")
-    if int(fill.view("<u2")[0]) > _F16_ONE or (values.size and int(values.view("<u2").max()) > _F16_ONE):
+    if int(fill.view("<u2")[0]) > _F16_ONE or (values.size and int(np.maximum.reduce(values.view("<u2"))) > _F16_ONE):
         raise _Invalid("thresh_map holds values outside [0, 1] or not finite")
     band = _popcount(bits[3]) if bits.size else 0
     if band != values.shape[0]:
@@ -527,8 +528,8 @@ def _popcount(bits: np.ndarray) -> int:
         return int(np.unpackbits(bits).sum(dtype=np.int64))
     flat = bits.reshape(-1)
     whole = flat.size - flat.size % 8
-    count = int(counter(flat[:whole].view("<u8")).sum(dtype=np.int64)) if whole else 0
-    return count + (int(counter(flat[whole:]).sum(dtype=np.int64)) if whole < flat.size else 0)
+    count = int(np.add.reduce(counter(flat[:whole].view("<u8")), dtype=np.int64)) if whole else 0
+    return count + (int(np.add.reduce(counter(flat[whole:]), dtype=np.int64)) if whole < flat.size else 0)
 
 
 def _validate(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> RecordMeta:
