@@ -75,11 +75,12 @@ def test_sample_information_from_the_cache_is_read_only_and_each_read_has_its_ow
     stream = ShardStream(shards_128, batch_size=9)
     plan = stream.plans()[0]
     first = stream.read_batch(plan, ring=BufferRing())
-    first.info[0].polygons.clear()  # a consumer's own list: the next read is not affected
+    first.info[0].polygons = []  # a consumer's own SampleInfo: the next read is not affected
     again = stream.read_batch(plan, ring=BufferRing())
-    assert len(again.info[0].polygons) > 0
+    assert len(again.info[0].polygons) > 0 and again.info[0] is not first.info[0]
+    assert not hasattr(again.info[0].polygons, "clear")  # one shared, read-only sequence
     info = again.info[1]
-    for array in (info.inverse_matrix, info.dont_care, info.left_out, info.polygons[0]):
+    for array in (info.inverse_matrix, info.dont_care, info.left_out, info.polygons[0], info.polygons.points):
         assert not array.flags.writeable
         with pytest.raises(ValueError, match="read-only"):
             array[...] = 0

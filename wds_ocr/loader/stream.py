@@ -49,7 +49,7 @@ import torch
 import webdataset as wds
 
 from wds_ocr.errors import IntegrityError, ShardFormatError, ShardsChangedError, WdsOcrError
-from wds_ocr.loader.batch import Batch, Packed, SampleInfo, SampleLayout
+from wds_ocr.loader.batch import Batch, Packed, PackedPolygons, SampleInfo, SampleLayout
 from wds_ocr.loader.plan import BatchPlan, plan_batches
 from wds_ocr.loader.policy import SkipPolicy, Skipped
 from wds_ocr.loader.remote import Deadline, LocalReader, RangeReader, RemoteSettings, open_shards
@@ -386,7 +386,7 @@ class _Known:
 
     def sample(self) -> SampleInfo:
         info = self.info
-        return SampleInfo(info.key, info.name, info.original_size, info.inverse_matrix, list(info.polygons),
+        return SampleInfo(info.key, info.name, info.original_size, info.inverse_matrix, info.polygons,
                           info.dont_care, info.left_out)
 
 
@@ -420,11 +420,12 @@ class DecodeCache:
     def put(self, shard: int, position: int, record: Record, length: int, header: bytes, layout: SampleLayout,
             info: SampleInfo) -> _Known | None:
         """Keep a decoded member (its arrays become read-only); the entry, or None when full."""
-        cost = 1024 + sum(p.nbytes for p in info.polygons) + 96 * len(info.polygons)
+        cost = 1024 + info.polygons.points.nbytes + 104 * len(info.polygons)
         with self._lock:
             if self.used + cost > self.limit or (shard, position) in self._known:
                 return None
-            for array in (info.inverse_matrix, info.dont_care, info.left_out, *info.polygons):
+            for array in (info.inverse_matrix, info.dont_care, info.left_out, info.polygons.points,
+                          info.polygons.sizes):
                 array.setflags(write=False)
             known = self._known[(shard, position)] = _Known(CompactPlace.of(record, length), header, layout, info)
             self.used += cost
@@ -449,7 +450,8 @@ def _sample_info(key: str, record: Record) -> SampleInfo:
         name=meta.name,
         original_size=meta.original_size,
         inverse_matrix=np.array(record.arrays["inverse_matrix"]),
-        polygons=record.polygons("polygons_original", copy=True),
+        polygons=PackedPolygons(np.array(record.arrays["polygons_original"]),
+                                record.arrays["polygon_sizes"].astype(np.int64)),
         dont_care=record.arrays["dont_care"].astype(bool),
         left_out=np.array(record.arrays["left_out"]),
     )
