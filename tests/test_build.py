@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -84,6 +85,36 @@ def test_one_and_two_workers_give_identical_bytes(faulty_root, tmp_path):
     build(faulty_root, tmp_path / "one", settings(), workers=1)
     build(faulty_root, tmp_path / "two", settings(), workers=2)
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")
+
+
+def test_the_pool_gives_the_outcomes_made_in_process(faulty_root):
+    """The pool is waited for, so every position goes through a worker (a small build usually
+    ends inline before the pool is up): records, their member bytes and hashes, rejects, skips."""
+    from wds_ocr.data.sources import list_source
+
+    config = load_config(None, settings())
+    samples = list_source(faulty_root, "train", config.source).samples
+    positions = range(len(samples))
+    starting = build_module._Workers(2, config)
+    try:
+        deadline = time.monotonic() + 120
+        while not starting.ready():
+            assert time.monotonic() < deadline, "the build's worker pool did not come up within 120 s"
+            time.sleep(0.02)
+        pooled = list(build_module._outcomes(samples, config, positions, starting))
+    finally:
+        starting.close()
+    inline = list(build_module._outcomes(samples, config, positions, None))
+    assert [o.position for o in pooled] == list(positions)
+    assert pooled == inline
+    written = [o for o in pooled if o.record is not None]
+    assert written and any(o.reject is not None for o in pooled)
+    for outcome in written:
+        span = outcome.record.span
+        member, = iter_members(io.BytesIO(span), "member", stop=len(span))
+        assert member.key == outcome.key and len(span) == member_span(len(member.data))
+        assert outcome.record.digest == member.span_bytes_digest()
+        assert outcome.record.checksum == member.span_checksum()
 
 
 # --- crash safety ------------------------------------------------------------------------------

@@ -58,6 +58,18 @@ def test_writer_is_reproducible_with_fixed_metadata():
     assert digests == [hashlib.sha256(span).hexdigest() for span in spans]
 
 
+def test_writer_bytes_are_what_tarfile_writes_for_the_same_members():
+    ours, _, _ = write_shard()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in PAYLOADS:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+    assert ours == out.getvalue()
+
+
 def test_member_span():
     assert [member_span(n) for n in (0, 1, 512, 513)] == [512, 1024, 1024, 1536]
 

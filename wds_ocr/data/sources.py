@@ -134,6 +134,9 @@ def _is_coordinate(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+_JSON_NUMBERS = (int, float)  # exact types: bool, a subclass of int, is not a coordinate
+
+
 def _shown(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -150,6 +153,14 @@ def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
         pts = raw.astype(np.float64)
         if pts.ndim != 2 or pts.shape[1] != 2:
             return None, f"points must be a list of [x, y] pairs, got shape {list(pts.shape)}"
+    elif type(raw) is list and all(type(point) is list and len(point) == 2 and type(point[0]) in _JSON_NUMBERS
+                                   and type(point[1]) in _JSON_NUMBERS for point in raw):
+        # What JSON gives for a good polygon, checked in one pass (listing a large dataset spends
+        # its time here); anything else takes the checks below, which say what is wrong.
+        try:
+            pts = np.array(raw, dtype=np.float64).reshape(-1, 2)
+        except OverflowError:
+            return None, "points contain numbers too large for float64"
     else:
         if not isinstance(raw, (list, tuple)) or not all(isinstance(point, (list, tuple)) for point in raw):
             return None, f"points must be a list of [x, y] pairs, got {_shown(raw)}"

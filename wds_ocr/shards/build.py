@@ -22,16 +22,25 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import platform
 import re
 import threading
+import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import cv2
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: workers start with spawn, and pipes keep their default size
+    fcntl = None  # type: ignore[assignment]
 
 from wds_ocr import __version__
 from wds_ocr.config import Config
@@ -44,9 +53,10 @@ from wds_ocr.shards.codec import encode_record
 from wds_ocr.shards.journal import BuildLock, Journal, file_sha256, remove_strays, reusable_entries
 from wds_ocr.shards.manifest import (SCHEMA_VERSION, Counts, Manifest, PartRange, ShardEntry, load_manifest,
                                      write_manifest)
-from wds_ocr.shards.naming import (PART_MANIFEST_PATTERN, MANIFEST_NAME, lock_name, manifest_name, record_key,
-                                   rejects_name, shard_name, shard_prefix, stray_pattern)
+from wds_ocr.shards.naming import (PART_MANIFEST_PATTERN, MANIFEST_NAME, lock_name, manifest_name, member_name,
+                                   record_key, rejects_name, shard_name, shard_prefix, stray_pattern)
 from wds_ocr.shards.rejects import Reject, write_rejects
+from wds_ocr.shards.tario import member_bytes
 from wds_ocr.shards.writer import Outcome, ShardSink
 
 __all__ = ["BuildResult", "Partition", "Progress", "build_shards", "image_digest", "record_key", "write_rejects"]
@@ -118,9 +128,8 @@ def image_digest(sample: SourceSample, max_bytes: int) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(samples: list[SourceSample], config: Config) -> None:
+def _init_worker(config: Config) -> None:
     cv2.setNumThreads(1)  # one core per worker: N workers use N cores, not N x all cores
-    _WORKER["samples"] = samples
     _WORKER["config"] = config
 
 
@@ -133,8 +142,9 @@ def _rejected(position: int, sample: SourceSample, digest: str, reason: str) -> 
                    skips=_word_skips(sample, sample.skips))
 
 
-def _process_one(position: int) -> Outcome:
-    sample: SourceSample = _WORKER["samples"][position]
+def _process_one(position: int, sample: SourceSample) -> Outcome:
+    """The outcome of one listing position: its record as the finished tar member (header,
+    padding, sha256 and xxh3 made here, in the worker), or the reason it was rejected."""
     config: Config = _WORKER["config"]
     try:
         data = read_image_bytes(sample.image_path, sample.name, config.source.max_file_bytes)
@@ -146,13 +156,42 @@ def _process_one(position: int) -> Outcome:
     except SampleError as exc:
         return _rejected(position, sample, digest, exc.reason)
     key = record_key(sample.index, sample.name)
-    record = encode_record(processed, key, config.targets.thresh_min)
+    record = member_bytes(member_name(key), encode_record(processed, key, config.targets.thresh_min))
     return Outcome(position, digest, record, key, skips=_word_skips(sample, processed.skips),
                    coverage=Coverage.from_codes(processed.meta.left_out))
 
 
-def _ready() -> bool:
-    return True
+def _serve(tasks: Connection, results: Connection, config: Config) -> None:
+    """A build worker: answer "ready", then one outcome per (position, sample) task, in order,
+    until told to stop (None) or its parent goes away (end of file on ``tasks``)."""
+    _init_worker(config)
+    results.send(_READY)
+    while True:
+        try:
+            task = tasks.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        if task is None:
+            return
+        position, sample = task
+        try:
+            outcome = _process_one(position, sample)
+        except BaseException:  # a bug, not bad input (that is a reject): the parent stops the build
+            results.send((_FAILED, position, traceback.format_exc()))
+            return
+        results.send(outcome)
+
+
+_READY = "ready"
+_FAILED = "failed"
+# Seconds a worker may spend on one sample before the build stops (a receipt takes ~0.1 s; a
+# worker that is neither answering nor dead is stuck).
+SAMPLE_TIMEOUT = 600.0
+# Seconds a worker has to exit once told to stop, before it is killed.
+EXIT_TIMEOUT = 10.0
+# Samples in flight per worker: enough to keep it busy while the parent writes.
+IN_FLIGHT = 4
+_F_SETPIPE_SZ = 1031  # fcntl: a result pipe that holds a whole record takes it in one read
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -167,84 +206,182 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-def _outcomes(samples: list[SourceSample], config: Config, positions: range, workers: int) -> Iterator[Outcome]:
-    """Outcomes in position order; at most ``4 * workers`` samples in flight.
+def _outcomes(samples: list[SourceSample], config: Config, positions: range,
+              starting: "_Workers | None") -> Iterator[Outcome]:
+    """Outcomes in position order; at most ``IN_FLIGHT`` samples in flight per worker.
 
-    With several workers the pool starts in the background and, until one of its workers is up,
-    the parent processes the next positions itself, so start-up costs no idle time; a build
-    that ends before the pool is up never uses it."""
+    With workers (``starting``, begun before the listing so their start overlaps it) the parent
+    processes the next positions itself until one of them is up, so start-up costs no idle time;
+    a build that ends before any worker is up never uses them."""
     if not positions:
         return
     todo = iter(positions)
-    if workers <= 1:
+    if starting is None:
         yield from _in_process(samples, config, todo)
         return
-    starting = _PoolStart(workers, samples, config)
-    try:
-        local = _in_process(samples, config, todo)
-        while not starting.ready():
-            outcome = next(local, None)
-            if outcome is None:
-                return
-            yield outcome
-        local.close()
-        pool = starting.pool
-        pending: deque = deque()
-        for position in todo:
-            pending.append(pool.apply_async(_process_one, (position,)))
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            outcome = pending.popleft().get()
-            following = next(todo, None)
-            if following is not None:
-                pending.append(pool.apply_async(_process_one, (following,)))
-            yield outcome
-    finally:
-        starting.close()
+    local = _in_process(samples, config, todo)
+    while not starting.ready():
+        outcome = next(local, None)
+        if outcome is None:
+            return
+        yield outcome
+    local.close()
+    for position in todo:
+        starting.submit(position, samples[position])
+        if starting.in_flight >= IN_FLIGHT * starting.count:
+            break
+    while starting.in_flight:
+        outcome = starting.next_outcome()
+        following = next(todo, None)
+        if following is not None:
+            starting.submit(following, samples[following])
+        yield outcome
 
 
-class _PoolStart:
-    """A worker pool started in a thread (starting the processes blocks until the fork server has
-    imported the pipeline); ``ready()`` once it is up and a worker has answered."""
+@dataclass
+class _Worker:
+    process: Any
+    tasks: Connection  # the parent's end: (position, sample) tuples, then None
+    results: Connection  # the parent's end: "ready", then one outcome per task
+    up: bool = False
+    in_flight: int = 0
 
-    def __init__(self, workers: int, samples: list[SourceSample], config: Config):
-        self.pool: Any = None
-        self._answer: Any = None
+
+class _Workers:
+    """``count`` build worker processes, each with its own task and result pipe.
+
+    Why not ``multiprocessing.Pool``: its worker-handler thread wakes on every readable result
+    and spins until the result thread has read it, so a 0.8 MB record cost the parent tens of
+    milliseconds of contended CPU (150 records: 7-10 s of parent CPU with forkserver workers,
+    against 0.4 s over plain pipes), and a worker killed mid-task left the build waiting forever.
+    Here a worker's results come back over its own pipe in the order of its tasks, the parent
+    waits on that pipe and the process together (a dead worker is an error naming the sample; a
+    silent one is one after ``SAMPLE_TIMEOUT``), and samples travel with their tasks, so the
+    processes can start (in a thread: starting blocks on the fork server's import) before the
+    source is listed."""
+
+    def __init__(self, count: int, config: Config, sample_timeout: float = SAMPLE_TIMEOUT):
+        self.count = count
+        self.sample_timeout = sample_timeout
+        self.workers: list[_Worker] = []
+        self._order: deque = deque()  # (worker, position, sample name) in submission order
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._start, args=(workers, samples, config), daemon=True,
-                                        name="wds-ocr-pool-start")
+        self._closing = False
+        self._thread = threading.Thread(target=self._start, args=(count, config), daemon=True,
+                                        name="wds-ocr-build-workers")
         self._thread.start()
 
-    def _start(self, workers: int, samples: list[SourceSample], config: Config) -> None:
+    def _start(self, count: int, config: Config) -> None:
         try:
-            self.pool = _worker_context().Pool(workers, initializer=_init_worker, initargs=(samples, config))
-            self._answer = self.pool.apply_async(_ready)
+            context = _worker_context()
+            for _ in range(count):
+                if self._closing:
+                    return
+                task_reader, task_writer = context.Pipe(duplex=False)
+                result_reader, result_writer = context.Pipe(duplex=False)
+                try:
+                    if fcntl is not None:
+                        fcntl.fcntl(result_writer.fileno(), _F_SETPIPE_SZ, 1 << 20)
+                except OSError:  # an older kernel or a lower pipe-max-size: smaller reads, same bytes
+                    pass
+                process = context.Process(target=_serve, args=(task_reader, result_writer, config),
+                                          name="wds-ocr-build-worker", daemon=True)
+                process.start()
+                task_reader.close()  # the worker holds these ends now: end of file when it exits
+                result_writer.close()
+                self.workers.append(_Worker(process, task_writer, result_reader))
         except BaseException as exc:  # surfaced by ready()
             self._error = exc
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._order)
+
     def ready(self) -> bool:
+        """True once every worker has started and one has said it is up."""
         if self._thread.is_alive():
             return False
         if self._error is not None:
             raise self._error
-        return self._answer.ready()
+        for worker in self.workers:
+            if not worker.up and worker.results.poll():
+                self._expect_ready(worker)
+        return any(worker.up for worker in self.workers)
+
+    def _expect_ready(self, worker: _Worker) -> None:
+        message = self._receive(worker, "start-up")
+        if message != _READY:
+            raise BuildError(f"build worker {worker.process.name} sent {message!r} instead of saying it was up")
+        worker.up = True
+
+    def submit(self, position: int, sample: SourceSample) -> None:
+        worker = min(self.workers, key=lambda w: (not w.up, w.in_flight))
+        worker.tasks.send((position, sample))
+        worker.in_flight += 1
+        self._order.append((worker, position, sample.name))
+
+    def next_outcome(self) -> Outcome:
+        """The outcome of the oldest submitted position (waits for it)."""
+        worker, position, name = self._order[0]
+        if not worker.up:
+            self._expect_ready(worker)
+        message = self._receive(worker, f"sample {name!r} (listing position {position})")
+        if isinstance(message, tuple) and message[:1] == (_FAILED,):
+            raise BuildError(f"build worker failed on sample {name!r} (listing position {position}); "
+                             f"this is a bug in wds-ocr, please report it with this output:\n{message[2]}")
+        if not isinstance(message, Outcome) or message.position != position:
+            raise BuildError(f"build worker answered {type(message).__name__} for sample {name!r} "
+                             f"(listing position {position}); expected its outcome")
+        self._order.popleft()
+        worker.in_flight -= 1
+        return message
+
+    def _receive(self, worker: _Worker, what: str) -> Any:
+        deadline = time.monotonic() + self.sample_timeout
+        while True:
+            ready = multiprocessing.connection.wait([worker.results, worker.process.sentinel],
+                                                    timeout=max(0.0, deadline - time.monotonic()))
+            if worker.results in ready:
+                try:
+                    return worker.results.recv()
+                except EOFError:
+                    pass  # it exited: reported below with its exit code
+            if ready:
+                worker.process.join(EXIT_TIMEOUT)
+                raise BuildError(f"build worker {worker.process.name} exited (code {worker.process.exitcode}) "
+                                 f"while working on {what}; the build stops here and a rerun resumes after "
+                                 "the last finished shard (if it was killed for memory, try fewer --workers)")
+            if time.monotonic() >= deadline:
+                raise BuildError(f"build worker {worker.process.name} gave no answer for {self.sample_timeout:.0f} s "
+                                 f"on {what}; the build stops here and a rerun resumes after the last finished shard")
 
     def close(self) -> None:
+        """Stop the workers: ask (None), then wait ``EXIT_TIMEOUT``, then kill."""
+        self._closing = True
         self._thread.join()
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+        for worker in self.workers:
+            try:
+                worker.tasks.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        for worker in self.workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.tasks.close()
+            worker.results.close()
 
 
 def _in_process(samples: list[SourceSample], config: Config, todo: Iterator[int]) -> Iterator[Outcome]:
     """Outcomes of the positions taken from ``todo``, computed in this process (one at a time, as
     they are asked for: a position is taken only when its outcome is wanted)."""
     threads = cv2.getNumThreads()
-    _init_worker(samples, config)
+    _init_worker(config)
     try:
         for position in todo:
-            yield _process_one(position)
+            yield _process_one(position, samples[position])
     finally:
         _WORKER.clear()
         cv2.setNumThreads(threads)
@@ -444,8 +581,19 @@ def build_shards(
     """Build (or resume, or confirm up to date) the shards of one split.
 
     Refuses (BuildError) a folder holding shards built with other settings unless ``overwrite``.
+    With ``workers`` > 1 the worker processes start first, in the background, so that its start
+    (a fork server importing the pipeline) overlaps the listing and the folder checks.
     """
-    out_dir = Path(out_dir)
+    starting = _Workers(workers, config) if workers > 1 else None
+    try:
+        return _build(source, split, Path(out_dir), config, starting, partition, progress, overwrite)
+    finally:
+        if starting is not None:
+            starting.close()
+
+
+def _build(source: str | Path, split: str, out_dir: Path, config: Config, starting: _Workers | None,
+           partition: Partition | None, progress: Callable[[Progress], None] | None, overwrite: bool) -> BuildResult:
     listing = list_source(source, split, config.source)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix, manifest_name, rejects_name = _names(partition)
@@ -482,7 +630,7 @@ def build_shards(
         written = sum(entry.samples for entry in reused)
         counts = Progress(resume_at - lo, hi - lo, written, sum(len(e.rejects) for e in kept), written)
         try:
-            for outcome in _outcomes(listing.samples, config, range(resume_at, hi), workers):
+            for outcome in _outcomes(listing.samples, config, range(resume_at, hi), starting):
                 sink.consume(outcome)
                 counts.done += 1
                 if outcome.record is not None:

@@ -11,7 +11,6 @@ manifest's per-sample offsets).
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import stat
 import tarfile
@@ -62,57 +61,81 @@ def member_span(size: int) -> int:
     return BLOCK + (size + BLOCK - 1) // BLOCK * BLOCK
 
 
-class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what passes through."""
+# tarfile pads an archive to a multiple of its record size (20 blocks).
+RECORD_SIZE = 20 * BLOCK
 
-    def __init__(self, raw: BinaryIO):
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.member = hashlib.sha256()
-        self.member_checksum = xxhash.xxh3_64()
-        self.count = 0
 
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.member.update(data)
-        self.member_checksum.update(data)
-        self.count += len(data)
-        return self.raw.write(data)
+@dataclass(frozen=True)
+class MemberBytes:
+    """One member exactly as it will be stored (header + data + padding), with its hashes.
 
-    def tell(self) -> int:
-        return self.count
+    Made where the record is made (a build's worker process), so the parent that writes the
+    shard in order only copies the bytes and hashes the whole file once."""
+
+    span: bytes
+    digest: str  # sha256 hex of the span
+    checksum: str  # xxh3-64 hex of the span: the manifest's per-member checksum
+
+    @property
+    def size(self) -> int:
+        return len(self.span)
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The 512-byte ustar header of a member with the fixed metadata every shard uses."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info.tobuf(tarfile.USTAR_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+def member_bytes(name: str, data: bytes) -> MemberBytes:
+    """``data`` as the member ``name``: the same bytes ``tarfile`` writes for it, and their hashes."""
+    padding = b"\0" * (-len(data) % BLOCK)
+    span = b"".join((member_header(name, len(data)), data, padding))
+    return MemberBytes(span, hashlib.sha256(span).hexdigest(), xxhash.xxh3_64_hexdigest(span))
 
 
 class TarWriter:
-    """Append members with fixed metadata; track offsets, bytes and sha256."""
+    """Append members with fixed metadata; track offsets, bytes and the file's sha256.
+
+    The output is what ``tarfile`` writes for the same members in ustar format (end-of-archive
+    blocks and record padding included), written without it: one write per member."""
 
     def __init__(self, raw: BinaryIO):
-        self._out = _HashingWriter(raw)
-        self._tar = tarfile.open(fileobj=self._out, mode="w", format=tarfile.USTAR_FORMAT)
+        self._raw = raw
+        self._sha256 = hashlib.sha256()
+        self._count = 0
         self.offsets: list[int] = []
         self.members_end = 0
 
+    def _write(self, data: bytes) -> None:
+        self._sha256.update(data)
+        self._raw.write(data)
+        self._count += len(data)
+
     def add(self, name: str, data: bytes) -> tuple[int, str, str]:
         """Append a member; return its header offset and the sha256 and xxh3-64 hex of its span."""
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o644
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.type = tarfile.REGTYPE
-        offset = self._out.count
-        self._out.member = hashlib.sha256()
-        self._out.member_checksum = xxhash.xxh3_64()
-        self._tar.addfile(info, io.BytesIO(data))
+        member = member_bytes(name, data)
+        return self.add_member(member), member.digest, member.checksum
+
+    def add_member(self, member: MemberBytes) -> int:
+        """Append a member made by ``member_bytes``; return its header offset."""
+        offset = self._count
+        self._write(member.span)
         self.offsets.append(offset)
-        self.members_end = self._out.count
-        return offset, self._out.member.hexdigest(), self._out.member_checksum.hexdigest()
+        self.members_end = self._count
+        return offset
 
     def close(self) -> tuple[int, str]:
         """Write the end-of-archive blocks; return (total bytes, sha256 hex)."""
-        self._tar.close()
-        return self._out.count, self._out.sha256.hexdigest()
+        end = self._count + 2 * BLOCK
+        self._write(b"\0" * (2 * BLOCK + -end % RECORD_SIZE))
+        return self._count, self._sha256.hexdigest()
 
 
 def _octal(field: bytes) -> int | None:

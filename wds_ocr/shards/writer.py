@@ -18,12 +18,9 @@ from typing import BinaryIO, Protocol
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.shards.journal import JournalEntry, Pending
 from wds_ocr.shards.manifest import DIGEST_HEX, ShardEntry
-from wds_ocr.shards.naming import member_name, shard_name, temporary_name
+from wds_ocr.shards.naming import shard_name, temporary_name
 from wds_ocr.shards.rejects import Reject
-from wds_ocr.shards.tario import BLOCK, TarWriter, member_span
-
-# tarfile pads the archive to a multiple of its record size (20 blocks).
-RECORD_SIZE = 20 * BLOCK
+from wds_ocr.shards.tario import BLOCK, RECORD_SIZE, MemberBytes, TarWriter
 
 
 @dataclass
@@ -32,7 +29,7 @@ class Outcome:
 
     position: int
     digest: str  # sha256 hex of the image file, or "unreadable"
-    record: bytes | None = None
+    record: MemberBytes | None = None  # the record as its tar member, hashed where it was made
     key: str | None = None
     reject: Reject | None = None
     skips: list[Reject] = field(default_factory=list)
@@ -65,17 +62,17 @@ class ShardSink:
         """Outcomes noted since the last closed shard (rejects after the last written sample)."""
         return self._tail
 
-    def _would_overflow(self, size: int) -> bool:
+    def _would_overflow(self, span: int) -> bool:
         if self._open is None:
             return False
         writer = self._open[2]
-        end = writer.members_end + member_span(size) + 2 * BLOCK
+        end = writer.members_end + span + 2 * BLOCK
         projected = (end + RECORD_SIZE - 1) // RECORD_SIZE * RECORD_SIZE
         return projected > self.max_bytes
 
     def consume(self, outcome: Outcome) -> None:
         """Note an outcome; append its record, rolling over by bytes before and by count after."""
-        if outcome.record is not None and self._would_overflow(len(outcome.record)):
+        if outcome.record is not None and self._would_overflow(outcome.record.size):
             self.close(next_position=outcome.position)
         self._tail.note(outcome.digest, outcome.reject, outcome.skips, outcome.coverage)
         if outcome.record is None or outcome.key is None:
@@ -86,10 +83,10 @@ class ShardSink:
             handle = open(tmp, "wb")
             self._open = (tmp, handle, TarWriter(handle))
         writer = self._open[2]
-        _, digest, checksum = writer.add(member_name(outcome.key), outcome.record)
+        writer.add_member(outcome.record)
         self._keys.append(outcome.key)
-        self._digests.append(digest[:DIGEST_HEX])
-        self._checksums.append(checksum)
+        self._digests.append(outcome.record.digest[:DIGEST_HEX])
+        self._checksums.append(outcome.record.checksum)
         if len(self._keys) >= self.max_samples:
             self.close(next_position=outcome.position + 1)
 
