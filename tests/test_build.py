@@ -117,6 +117,86 @@ def test_the_pool_gives_the_outcomes_made_in_process(faulty_root):
         assert outcome.record.checksum == member.span_checksum()
 
 
+
+def test_background_flushes_leave_the_bytes_alone(faulty_root, tmp_path, monkeypatch):
+    from wds_ocr.shards import writer as writer_module
+
+    build(faulty_root, tmp_path / "plain", settings())
+    flushed: list[int] = []
+    real = writer_module._datasync
+    monkeypatch.setattr(writer_module, "FLUSH_EVERY", 1)  # a flush after every record
+    monkeypatch.setattr(writer_module, "_datasync", lambda fd: (flushed.append(fd), real(fd)))
+    build(faulty_root, tmp_path / "flushed", settings())
+    assert len(flushed) >= 3  # at least one per shard (a flush still running is not started again)
+    assert snapshot(tmp_path / "plain") == snapshot(tmp_path / "flushed")
+
+def _workers_up(config, **kwargs):
+    workers = build_module._Workers(2, config, **kwargs)
+    deadline = time.monotonic() + 120
+    while not workers.ready() or not all(w.up or w.results.poll() for w in workers.workers):
+        assert time.monotonic() < deadline, "the build's workers did not come up within 120 s"
+        time.sleep(0.02)
+    workers.ready()  # takes the last "ready" answers
+    return workers
+
+
+def test_tasks_and_results_larger_than_a_pipe_do_not_deadlock(faulty_root):
+    """Every task here (a sample carrying 3000 word skips) is several times a pipe's 64 KiB, and
+    so is every outcome: the parent must read results while tasks are still being sent."""
+    import dataclasses
+    import threading
+
+    from wds_ocr.data.sources import Skip, list_source
+
+    config = load_config(None, settings())
+    listed = [s for s in list_source(faulty_root, "train", config.source).samples if s.words][:2]
+    skips = tuple(Skip(listed[0].name, f"a long reason for leaving out word {i} " + "x" * 80, f"w{i}")
+                  for i in range(3000))
+    samples = [dataclasses.replace(listed[i % 2], skips=skips) for i in range(16)]
+    workers = _workers_up(config)
+    got: list = []
+    runner = threading.Thread(target=lambda: got.extend(build_module._outcomes(samples, config, range(16), workers)),
+                              daemon=True)
+    try:
+        runner.start()
+        runner.join(120)
+        assert not runner.is_alive(), "the build's parent and workers deadlocked on full pipes"
+    finally:
+        for worker in workers.workers:
+            worker.process.kill()
+        workers.close()
+    assert [o.position for o in got] == list(range(16))
+    assert all(len(o.skips) >= 3000 for o in got)
+
+@pytest.mark.parametrize("fate", ["killed", "silent"])
+def test_a_worker_that_dies_or_hangs_stops_the_build_naming_the_sample(faulty_root, fate):
+    from wds_ocr.data.sources import list_source
+
+    config = load_config(None, settings())
+    samples = list_source(faulty_root, "train", config.source).samples
+    workers = _workers_up(config, sample_timeout=1.0)
+    try:
+        for worker in workers.workers:
+            os.kill(worker.process.pid, signal.SIGSTOP)  # it cannot answer before its fate
+        workers.submit(0, samples[0])
+        if fate == "killed":
+            os.kill(workers.workers[0].process.pid, signal.SIGKILL)
+        with pytest.raises(BuildError) as caught:
+            workers.next_outcome()
+        where = f"sample {samples[0].name!r} (listing position 0)"
+        who = f"build worker 0 (pid {workers.workers[0].process.pid})"
+        if fate == "killed":
+            assert str(caught.value).startswith(f"{who} exited (code -9) while working on {where}; the build stops "
+                                                "here and a rerun resumes after the last finished shard")
+        else:
+            assert str(caught.value).startswith(f"{who} gave no answer for 1 s on {where}; the build stops here")
+    finally:
+        for worker in workers.workers:
+            if worker.process.is_alive():
+                os.kill(worker.process.pid, signal.SIGCONT)
+        workers.close()
+    assert not any(worker.process.is_alive() for worker in workers.workers)
+
 # --- crash safety ------------------------------------------------------------------------------
 
 KILL_SETTINGS = settings(640, 2)

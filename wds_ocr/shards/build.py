@@ -24,12 +24,13 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import platform
+import queue
 import re
 import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -163,23 +164,26 @@ def _process_one(position: int, sample: SourceSample) -> Outcome:
 
 def _serve(tasks: Connection, results: Connection, config: Config) -> None:
     """A build worker: answer "ready", then one outcome per (position, sample) task, in order,
-    until told to stop (None) or its parent goes away (end of file on ``tasks``)."""
-    _init_worker(config)
-    results.send(_READY)
-    while True:
-        try:
+    until told to stop (None), interrupted, or its parent goes away (end of file on ``tasks``, a
+    broken pipe on ``results``)."""
+    try:
+        _init_worker(config)
+        results.send(_READY)
+        while True:
             task = tasks.recv()
-        except (EOFError, OSError, KeyboardInterrupt):
-            return
-        if task is None:
-            return
-        position, sample = task
-        try:
-            outcome = _process_one(position, sample)
-        except BaseException:  # a bug, not bad input (that is a reject): the parent stops the build
-            results.send((_FAILED, position, traceback.format_exc()))
-            return
-        results.send(outcome)
+            if task is None:
+                return
+            position, sample = task
+            try:
+                outcome = _process_one(position, sample)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # a bug, not bad input (that is a reject): the parent stops the build
+                results.send((_FAILED, position, traceback.format_exc()))
+                return
+            results.send(outcome)
+    except (EOFError, OSError, KeyboardInterrupt):
+        return
 
 
 _READY = "ready"
@@ -243,8 +247,29 @@ class _Worker:
     process: Any
     tasks: Connection  # the parent's end: (position, sample) tuples, then None
     results: Connection  # the parent's end: "ready", then one outcome per task
+    outbox: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # tasks its feeder sends
+    feeder: threading.Thread | None = None
     up: bool = False
-    in_flight: int = 0
+    pending: deque = field(default_factory=deque)  # (position, sample name) sent, not yet answered
+    received: deque = field(default_factory=deque)  # answers read, not yet handed out
+
+    def feed(self) -> None:
+        """The feeder thread: send the queued tasks, then None. A task can be larger than the
+        pipe, so sending blocks until the worker reads it; it does so here, never in the parent's
+        main thread, which meanwhile reads the worker's results (a worker blocked on handing back
+        a record while the parent blocks on handing it a task would wait forever)."""
+        while True:
+            task = self.outbox.get()
+            try:
+                self.tasks.send(task)
+            except OSError:  # the worker is gone: the parent sees that from its process
+                return
+            if task is None:
+                return
+
+
+def _who(worker: _Worker) -> str:
+    return f"build worker {worker.process.name.rsplit('-', 1)[-1]} (pid {worker.process.pid})"
 
 
 class _Workers:
@@ -254,17 +279,18 @@ class _Workers:
     and spins until the result thread has read it, so a 0.8 MB record cost the parent tens of
     milliseconds of contended CPU (150 records: 7-10 s of parent CPU with forkserver workers,
     against 0.4 s over plain pipes), and a worker killed mid-task left the build waiting forever.
-    Here a worker's results come back over its own pipe in the order of its tasks, the parent
-    waits on that pipe and the process together (a dead worker is an error naming the sample; a
-    silent one is one after ``SAMPLE_TIMEOUT``), and samples travel with their tasks, so the
-    processes can start (in a thread: starting blocks on the fork server's import) before the
-    source is listed."""
+    Here each worker answers its tasks in order over its own pipe; the parent reads every answer
+    as soon as it arrives (a worker that finished ahead of the others never waits on a full pipe)
+    and hands them out in listing order; it waits on the pipes and the processes together (a dead
+    worker is an error naming its sample; a silent one is one after ``SAMPLE_TIMEOUT``). Samples
+    travel with their tasks, so the processes can start (in a thread: starting blocks on the fork
+    server's import) before the source is listed."""
 
     def __init__(self, count: int, config: Config, sample_timeout: float = SAMPLE_TIMEOUT):
         self.count = count
         self.sample_timeout = sample_timeout
         self.workers: list[_Worker] = []
-        self._order: deque = deque()  # (worker, position, sample name) in submission order
+        self._order: deque = deque()  # the worker of each submitted position, in submission order
         self._error: BaseException | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._start, args=(count, config), daemon=True,
@@ -285,11 +311,14 @@ class _Workers:
                 except OSError:  # an older kernel or a lower pipe-max-size: smaller reads, same bytes
                     pass
                 process = context.Process(target=_serve, args=(task_reader, result_writer, config),
-                                          name="wds-ocr-build-worker", daemon=True)
+                                          name=f"wds-ocr-build-worker-{len(self.workers)}", daemon=True)
                 process.start()
                 task_reader.close()  # the worker holds these ends now: end of file when it exits
                 result_writer.close()
-                self.workers.append(_Worker(process, task_writer, result_reader))
+                worker = _Worker(process, task_writer, result_reader)
+                worker.feeder = threading.Thread(target=worker.feed, name=f"{process.name}-feeder", daemon=True)
+                worker.feeder.start()
+                self.workers.append(worker)
         except BaseException as exc:  # surfaced by ready()
             self._error = exc
 
@@ -303,73 +332,88 @@ class _Workers:
             return False
         if self._error is not None:
             raise self._error
-        for worker in self.workers:
-            if not worker.up and worker.results.poll():
-                self._expect_ready(worker)
+        self._pump(0.0)
         return any(worker.up for worker in self.workers)
 
-    def _expect_ready(self, worker: _Worker) -> None:
-        message = self._receive(worker, "start-up")
-        if message != _READY:
-            raise BuildError(f"build worker {worker.process.name} sent {message!r} instead of saying it was up")
-        worker.up = True
-
     def submit(self, position: int, sample: SourceSample) -> None:
-        worker = min(self.workers, key=lambda w: (not w.up, w.in_flight))
-        worker.tasks.send((position, sample))
-        worker.in_flight += 1
-        self._order.append((worker, position, sample.name))
+        worker = min(self.workers, key=lambda w: (not w.up, len(w.pending)))
+        worker.pending.append((position, sample.name))
+        worker.outbox.put((position, sample))
+        self._order.append(worker)
 
     def next_outcome(self) -> Outcome:
         """The outcome of the oldest submitted position (waits for it)."""
-        worker, position, name = self._order[0]
-        if not worker.up:
-            self._expect_ready(worker)
-        message = self._receive(worker, f"sample {name!r} (listing position {position})")
+        worker = self._order[0]
+        position, name = worker.pending[0]
+        what = f"sample {name!r} (listing position {position})"
+        deadline = time.monotonic() + self.sample_timeout
+        while not worker.received:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BuildError(f"{_who(worker)} gave no answer for {self.sample_timeout:.0f} s on {what}; the "
+                                 "build stops here and a rerun resumes after the last finished shard")
+            self._pump(left)
+        message = worker.received.popleft()
         if isinstance(message, tuple) and message[:1] == (_FAILED,):
-            raise BuildError(f"build worker failed on sample {name!r} (listing position {position}); "
-                             f"this is a bug in wds-ocr, please report it with this output:\n{message[2]}")
+            raise BuildError(f"build worker failed on {what}; this is a bug in wds-ocr, please report it with this "
+                             f"output:\n{message[2]}")
         if not isinstance(message, Outcome) or message.position != position:
-            raise BuildError(f"build worker answered {type(message).__name__} for sample {name!r} "
-                             f"(listing position {position}); expected its outcome")
+            raise BuildError(f"{_who(worker)} answered {type(message).__name__} for {what}; expected its outcome")
+        worker.pending.popleft()
         self._order.popleft()
-        worker.in_flight -= 1
         return message
 
-    def _receive(self, worker: _Worker, what: str) -> Any:
-        deadline = time.monotonic() + self.sample_timeout
-        while True:
-            ready = multiprocessing.connection.wait([worker.results, worker.process.sentinel],
-                                                    timeout=max(0.0, deadline - time.monotonic()))
-            if worker.results in ready:
-                try:
-                    return worker.results.recv()
-                except EOFError:
-                    pass  # it exited: reported below with its exit code
-            if ready:
+    def _pump(self, timeout: float) -> None:
+        """Read every answer that has arrived (waiting up to ``timeout`` for the first); a worker
+        that exited with work outstanding, or before it was up, is an error."""
+        watched = [w for w in self.workers if w.pending or not w.up]
+        if not watched:
+            return
+        ready = set(multiprocessing.connection.wait([w.results for w in watched] +
+                                                    [w.process.sentinel for w in watched], timeout=timeout))
+        for worker in watched:
+            exited = worker.process.sentinel in ready
+            if worker.results in ready or exited:
+                self._drain(worker)
+            if exited and (len(worker.pending) > len(worker.received) or not worker.up):
                 worker.process.join(EXIT_TIMEOUT)
-                raise BuildError(f"build worker {worker.process.name} exited (code {worker.process.exitcode}) "
-                                 f"while working on {what}; the build stops here and a rerun resumes after "
-                                 "the last finished shard (if it was killed for memory, try fewer --workers)")
-            if time.monotonic() >= deadline:
-                raise BuildError(f"build worker {worker.process.name} gave no answer for {self.sample_timeout:.0f} s "
-                                 f"on {what}; the build stops here and a rerun resumes after the last finished shard")
+                if len(worker.pending) > len(worker.received):
+                    position, name = worker.pending[len(worker.received)]
+                    what = f"sample {name!r} (listing position {position})"
+                else:
+                    what = "its start"
+                raise BuildError(f"{_who(worker)} exited (code {worker.process.exitcode}) while working on {what}; "
+                                 "the build stops here and a rerun resumes after the last finished shard (if it "
+                                 "was killed for memory, try fewer --workers)")
+
+    def _drain(self, worker: _Worker) -> None:
+        """Read the answers waiting in ``worker``'s pipe (its first one says it is up)."""
+        while worker.results.poll():
+            try:
+                message = worker.results.recv()
+            except EOFError:
+                return  # it exited: the caller reports that
+            if worker.up:
+                worker.received.append(message)
+            elif message == _READY:
+                worker.up = True
+            else:
+                raise BuildError(f"{_who(worker)} sent {message!r} instead of saying it was up")
 
     def close(self) -> None:
         """Stop the workers: ask (None), then wait ``EXIT_TIMEOUT``, then kill."""
         self._closing = True
         self._thread.join()
         for worker in self.workers:
-            try:
-                worker.tasks.send(None)
-            except OSError:
-                pass
+            worker.outbox.put(None)
         deadline = time.monotonic() + EXIT_TIMEOUT
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()
+            if worker.feeder is not None:
+                worker.feeder.join(EXIT_TIMEOUT)  # its worker is gone: a blocked send has failed
             worker.tasks.close()
             worker.results.close()
 

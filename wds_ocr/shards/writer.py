@@ -11,6 +11,7 @@ past ``max_bytes`` (a single record larger than that gets a shard of its own) an
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -36,6 +37,40 @@ class Outcome:
     coverage: Coverage = Coverage()  # the record's words: in the targets or left out, by reason
 
 
+# Bytes written to a shard between two background flushes.
+FLUSH_EVERY = 16 << 20
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
+class _Flusher:
+    """Writes a growing shard's pages to disk in a thread, every ``FLUSH_EVERY`` bytes, so the
+    fsync that closes it (which makes it durable, before its rename) has little left to wait for
+    and the writing overlaps the processing. A failed background flush is left to the final fsync,
+    which raises."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def wrote(self, count: int) -> None:
+        self._pending += count
+        if self._pending >= FLUSH_EVERY and (self._thread is None or not self._thread.is_alive()):
+            self._pending = 0
+            self._thread = threading.Thread(target=self._flush, name="wds-ocr-shard-flush", daemon=True)
+            self._thread.start()
+
+    def _flush(self) -> None:
+        try:
+            _datasync(self._fd)
+        except OSError:
+            pass
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 class JournalLike(Protocol):
     def add(self, entry: JournalEntry) -> None: ...
 
@@ -52,6 +87,7 @@ class ShardSink:
         self.journal = journal
         self.entries = list(entries)  # closed shards, including those reused from an earlier run
         self._open: tuple[Path, BinaryIO, TarWriter] | None = None
+        self._flusher: _Flusher | None = None
         self._keys: list[str] = []
         self._digests: list[str] = []
         self._checksums: list[str] = []
@@ -82,8 +118,10 @@ class ShardSink:
             tmp = final.with_name(temporary_name(final.name))
             handle = open(tmp, "wb")
             self._open = (tmp, handle, TarWriter(handle))
+            self._flusher = _Flusher(handle.fileno())
         writer = self._open[2]
         writer.add_member(outcome.record)
+        self._flusher.wrote(outcome.record.size)
         self._keys.append(outcome.key)
         self._digests.append(outcome.record.digest[:DIGEST_HEX])
         self._checksums.append(outcome.record.checksum)
@@ -97,6 +135,7 @@ class ShardSink:
         tmp, handle, writer = self._open
         total, sha = writer.close()
         handle.flush()
+        self._stop_flusher()
         os.fsync(handle.fileno())
         handle.close()
         final = self.out_dir / shard_name(self.prefix, len(self.entries))
@@ -124,6 +163,12 @@ class ShardSink:
         """Drop the shard being written (its temporary file)."""
         if self._open is not None:
             tmp, handle, _ = self._open
+            self._stop_flusher()
             handle.close()
             tmp.unlink(missing_ok=True)
             self._open = None
+
+    def _stop_flusher(self) -> None:
+        if self._flusher is not None:
+            self._flusher.join()  # before the descriptor it flushes is closed
+            self._flusher = None
