@@ -175,7 +175,7 @@ def test_bench_reports_every_path_side_by_side(demo_run):
     threads_row, sizes = report["median"]["shards (threads)"], report["record_bytes"]
     assert threads_row["bytes_read"] == pytest.approx(threads_row["epochs"] * sizes["mean"] * sizes["count"])
     assert report["record_bytes"]["count"] == 2 and report["record_bytes"]["full_arrays"] == 128 * 128 * 8
-    assert report["http_server"] == "Python ThreadingHTTPServer with os.sendfile"
+    assert report["http_server"] == "Python ThreadingHTTPServer with os.sendfile, in its own process"
     ratios = report["rounds"][0]["ratios"]
     threads = report["median"]["shards (threads)"]["samples_per_second"]
     assert ratios["processes_over_threads"] == report["median"]["shards (processes)"]["samples_per_second"] / threads

@@ -1,7 +1,10 @@
 """A real HTTP server on 127.0.0.1 serving a shard folder with Range support, for the benchmark's
 HTTP row (and the tests): nginx when it is installed (``sendfile on``, one worker process, keep-alive),
 otherwise a threaded Python server that answers single ``Range: bytes=a-b`` requests with
-``os.sendfile`` (the body never passes through Python objects).
+``os.sendfile`` (the body never passes through Python objects). For the benchmark the Python
+server runs in a process of its own (``python -m wds_ocr.bench_http ROOT PORT``), as any real
+server would: in the benchmark's process its request handling would take the GIL from the
+loader's threads. The tests use it in-process (``python_server``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import http.server
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -70,8 +75,8 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 class RangeServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, root: Path):
-        super().__init__(("127.0.0.1", 0), RangeHandler)
+    def __init__(self, root: Path, port: int = 0):
+        super().__init__(("127.0.0.1", port), RangeHandler)
         self.root = Path(root)
 
     @property
@@ -97,16 +102,42 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for(port: int, process: subprocess.Popen, seconds: float = 10.0) -> None:
+def _wait_for(port: int, process: subprocess.Popen, seconds: float = 10.0, what: str = "nginx") -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"nginx exited with status {process.returncode}")
+            raise RuntimeError(f"{what} exited with status {process.returncode}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError("nginx did not start listening within 10 s")
+    raise RuntimeError(f"{what} did not start listening within {seconds:g} s")
+
+
+@contextlib.contextmanager
+def _stopping(process: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    try:
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def python_process_server(root: Path) -> Iterator[str]:
+    """The Python Range server in a process of its own, on a free port of 127.0.0.1."""
+    port = _free_port()
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
+    process = subprocess.Popen([sys.executable, "-m", "wds_ocr.bench_http", str(Path(root).resolve()), str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    with _stopping(process):
+        _wait_for(port, process, 30.0, "the Python HTTP server")
+        yield f"http://127.0.0.1:{port}/"
 
 
 @contextlib.contextmanager
@@ -141,16 +172,9 @@ http {{
 """)
         process = subprocess.Popen([nginx, "-c", str(config), "-p", prefix], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.PIPE)
-        try:
+        with _stopping(process):
             _wait_for(port, process)
             yield f"http://127.0.0.1:{port}/"
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 def find_nginx() -> str | None:
@@ -171,5 +195,20 @@ def local_server(root: Path, kind: str = "auto") -> Iterator[tuple[str, str]]:
         with nginx_server(root, nginx) as url:
             yield url, f"{version.replace('nginx version: ', '')} (sendfile, 1 worker)"
         return
-    with python_server(root) as url:
-        yield url, "Python ThreadingHTTPServer with os.sendfile"
+    with python_process_server(root) as url:
+        yield url, "Python ThreadingHTTPServer with os.sendfile, in its own process"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m wds_ocr.bench_http ROOT PORT``: serve ROOT on 127.0.0.1:PORT until terminated."""
+    root, port = (argv if argv is not None else sys.argv[1:])
+    server = RangeServer(Path(root), int(port))
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
