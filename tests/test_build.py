@@ -168,6 +168,27 @@ def test_tasks_and_results_larger_than_a_pipe_do_not_deadlock(faulty_root):
     assert [o.position for o in got] == list(range(16))
     assert all(len(o.skips) >= 3000 for o in got)
 
+def test_closing_with_records_unread_kills_the_workers_instead_of_waiting(faulty_root, monkeypatch):
+    """A failed or interrupted build closes its workers while they may be blocked handing back
+    records: they are killed, not given EXIT_TIMEOUT to exit on their own."""
+    from wds_ocr.data.sources import list_source
+
+    monkeypatch.setattr(build_module, "EXIT_TIMEOUT", 60.0)
+    config = load_config(None, settings(640))
+    samples = [s for s in list_source(faulty_root, "train", config.source).samples if s.words]
+    workers = _workers_up(config)
+    for position in range(8):
+        workers.submit(position, samples[position % len(samples)])
+    deadline = time.monotonic() + 60
+    while not all(w.results.poll() for w in workers.workers):  # records are waiting, unread
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    started = time.monotonic()
+    workers.close()
+    assert time.monotonic() - started < 30  # far below the 60 s a graceful exit would be given
+    assert [w.process.exitcode for w in workers.workers] == [-signal.SIGKILL] * 2
+    assert not any(w.feeder.is_alive() for w in workers.workers)
+
 @pytest.mark.parametrize("fate", ["killed", "silent"])
 def test_a_worker_that_dies_or_hangs_stops_the_build_naming_the_sample(faulty_root, fate):
     from wds_ocr.data.sources import list_source

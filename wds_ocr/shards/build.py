@@ -401,11 +401,15 @@ class _Workers:
                 raise BuildError(f"{_who(worker)} sent {message!r} instead of saying it was up")
 
     def close(self) -> None:
-        """Stop the workers: ask (None), then wait ``EXIT_TIMEOUT``, then kill."""
+        """Stop the workers: one with work outstanding (the build failed or was interrupted) is
+        killed at once, since it may be blocked handing back a record nobody will read; the
+        others are asked (None), given ``EXIT_TIMEOUT``, then killed."""
         self._closing = True
         self._thread.join()
         for worker in self.workers:
-            worker.outbox.put(None)
+            if len(worker.pending) > len(worker.received) and worker.process.is_alive():
+                worker.process.kill()
+            worker.outbox.put(None)  # ends its feeder too (a send to a killed worker fails)
         deadline = time.monotonic() + EXIT_TIMEOUT
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
