@@ -84,3 +84,21 @@ def test_malformed_config_file_exits_2(tmp_path: Path) -> None:
     result = _runner().invoke(cli, ["build-shards", str(tmp_path), "--split", "val", "--config", str(path)])
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: config file {path} is not valid YAML: ")
+
+
+@pytest.mark.parametrize("value", ["0", "513", "lots", "-1"])
+def test_build_workers_must_be_auto_or_a_count(tmp_path: Path, value: str) -> None:
+    result = _runner().invoke(cli, ["build-shards", str(tmp_path), "--split", "val", "--workers", value])
+    assert result.exit_code == 2
+    assert f"Invalid value for '--workers': {value!r} is not auto or a whole number from 1 to 512" in result.output
+
+
+def test_build_workers_auto_is_the_usable_cores_at_most_eight(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from wds_ocr.cli.data import BuildWorkers
+
+    for cores, expected in ((1, 1), (2, 2), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert BuildWorkers().convert("auto", None, None) == expected
+    assert BuildWorkers().convert("3", None, None) == 3

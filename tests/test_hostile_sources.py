@@ -215,7 +215,7 @@ def test_build_with_bombs_fifos_and_devices_rejects_them_and_finishes(synth_root
     started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-c", script, "build-shards", str(source), "--split", "train", "--out", str(out),
-         "--quiet", "--set", "transform.size=64"],
+         "--quiet", "--workers", "1", "--set", "transform.size=64"],  # decoded in this process, measured here
         capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(Path.cwd())},
     )
     seconds = time.perf_counter() - started

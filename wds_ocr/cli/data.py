@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import time
@@ -32,11 +33,35 @@ def synth(out: Path, count: int, seed: int, val_fraction: float) -> None:
                f"{summary.words} words, {summary.exif_tagged} stored with an EXIF orientation tag")
 
 
+# The default build worker count: the usable cores, at most this many (each worker holds a decoded
+# photo, a few hundred MB for a large one; more than 8 is a choice to make with the memory in view).
+AUTO_BUILD_WORKERS = 8
+
+
+class BuildWorkers(click.ParamType):
+    """``auto`` (the usable cores, at most AUTO_BUILD_WORKERS) or a count from 1 to 512."""
+
+    name = "auto|N"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text == "auto":
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            return max(1, min(cores, AUTO_BUILD_WORKERS))
+        if text.isdigit() and 1 <= int(text) <= 512:
+            return int(text)
+        self.fail(f"{value!r} is not auto or a whole number from 1 to 512", param, ctx)
+
+
 @cli.command("build-shards")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", required=True, help="Split folder to build, e.g. train or val.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [shards/<split>].")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 512), help="Worker processes.")
+@click.option("--workers", default="auto", show_default=True, type=BuildWorkers(),
+              help=f"Worker processes: auto = the usable cores, at most {AUTO_BUILD_WORKERS}. Any count gives the "
+                   "same bytes.")
 @click.option("--partition", help="Build only part i of n (i from 0), e.g. 0/4; join with wds-ocr merge.")
 @click.option("--overwrite", is_flag=True,
               help="Replace shards in --out that were built with other settings (refused without it).")
