@@ -359,3 +359,52 @@ def test_http_bodies_land_in_the_batch_buffer_as_they_arrive(one_shard_256, monk
     assert peak < smallest, (peak, smallest)  # as for local reads: no member-sized allocation
     local = ShardStream(one_shard_256, batch_size=4).read_batch(plan)
     assert batch.keys == local.keys and torch.equal(batch.thresh_map, local.thresh_map)
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_a_shuffled_batch_keeps_its_range_requests_in_flight_together(one_shard_256, parallel):
+    """Training order makes one request per member; they overlap up to remote.parallel_requests
+    (a server answering each after 0.2 s shows how many were open at once), and the batch is
+    the local one, byte for byte."""
+    import threading
+    import time
+
+    from wds_ocr.bench_http import RangeHandler, RangeServer
+    from wds_ocr.loader.remote import RemoteSettings
+
+    lock, state = threading.Lock(), {"open": 0, "most": 0, "requests": 0}
+
+    class Slow(RangeHandler):
+        def do_GET(self) -> None:
+            with lock:
+                state["open"] += 1
+                state["most"] = max(state["most"], state["open"])
+                state["requests"] += 1
+            try:
+                time.sleep(0.2)
+                super().do_GET()
+            finally:
+                with lock:
+                    state["open"] -= 1
+
+    server = RangeServer(one_shard_256)
+    server.RequestHandlerClass = Slow
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        remote = ShardStream(server.url, batch_size=8, train=True, seed=3,
+                             remote=RemoteSettings(parallel_requests=parallel))
+        plan = remote.plans()[0]
+        runs = sum(1 for i, ref in enumerate(plan.samples)
+                   if i == 0 or (ref.shard, ref.position) != (plan.samples[i - 1].shard, plan.samples[i - 1].position + 1))
+        assert runs >= 6  # shuffled: mostly one request per member
+        state.update(most=0, requests=0)
+        batch = remote.read_batch(plan)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert state["requests"] == runs
+    assert state["most"] == (1 if parallel == 1 else 4)
+    local = ShardStream(one_shard_256, batch_size=8, train=True, seed=3).read_batch(plan)
+    assert batch.keys == local.keys
+    assert batch.packed.payload.numpy().tobytes() == local.packed.payload.numpy().tobytes()

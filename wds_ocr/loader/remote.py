@@ -64,6 +64,9 @@ class RemoteSettings:
     tries: int = 3
     backoff: float = 0.5  # seconds before the second try, doubled for each further one
     max_manifest_bytes: int = MAX_MANIFEST_BYTES
+    # Range requests of one batch in flight at once (each on its own kept-alive connection): a
+    # shuffled batch is one request per member, and one at a time waits a round trip for each.
+    parallel_requests: int = 4
 
 
 class Deadline:

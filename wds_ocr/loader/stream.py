@@ -35,6 +35,7 @@ to the main process as the same exception type and message.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import itertools
 import os
@@ -323,25 +324,61 @@ class ShardStream(wds.DataPipeline):
         return Batch(info=info, index=plan.index, skipped=skipped, packed=packed, lease=lease)
 
     def _read_runs(self, plan: BatchPlan, slots: list, view: memoryview, deadline: Deadline) -> set[int]:
-        """Read every run of members adjacent in one shard (and in the buffer) with one request;
-        the plan positions whose bytes landed (a failed run's are read member by member later)."""
+        """Remote readers: every run of members adjacent in one shard (and in the buffer) is one
+        request, and up to ``remote.parallel_requests`` of a batch's requests are in flight at once,
+        each landing in its own part of the buffer; the plan positions whose bytes landed (a failed
+        run's are read member by member later, with its errors). Every request has ended, one way
+        or another, before this returns or raises: none writes into a buffer handed on."""
         landed: set[int] = set()
         if isinstance(self.reader, LocalReader):
             # Local files: one ``preadv`` per member, its checks right after while its bytes are still
             # in the CPU's cache (15-25% more samples/s than one read per run, measured on the bench).
             return landed
+        requests = []
         for first, last in _runs(plan, slots):
-            if last == first:
-                continue  # a single member: read with its own checks
             shard = self.manifest.shards[plan.samples[first].shard].name
             start, offset = slots[first][0], slots[first][2]
             stop = slots[last][1]
+            requests.append((first, last, shard, start, stop, view[offset : offset + stop - start]))
+
+        def fetch(request) -> tuple[int, int] | None:
+            first, last, shard, start, stop, into = request
             try:
-                self.reader.read_into(shard, start, stop, view[offset : offset + stop - start], deadline)
+                self.reader.read_into(shard, start, stop, into, deadline)
             except ShardFormatError:
-                continue
-            landed.update(range(first, last + 1))
+                return None
+            return first, last
+
+        if len(requests) <= 1 or self.remote.parallel_requests <= 1:
+            results = [fetch(request) for request in requests]
+        else:
+            futures = [_fetchers(self.remote.parallel_requests).submit(fetch, request) for request in requests]
+            concurrent.futures.wait(futures)
+            results = [future.result() for future in futures]  # the first failure, once all have ended
+        for result in results:
+            if result is not None:
+                landed.update(range(result[0], result[1] + 1))
         return landed
+
+
+_FETCHERS: dict[int, tuple[int, concurrent.futures.ThreadPoolExecutor]] = {}
+_FETCHERS_LOCK = threading.Lock()
+
+
+def _fetchers(count: int) -> concurrent.futures.ThreadPoolExecutor:
+    """This process's threads for a batch's range requests (made after a DataLoader worker forks;
+    threads do not survive a fork)."""
+    with _FETCHERS_LOCK:
+        pid = os.getpid()
+        known = _FETCHERS.get(pid)
+        if known is None or known[0] < count:
+            pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="wds-ocr-fetch")
+            _FETCHERS.clear()  # a parent's entry, inherited by a fork, is of no use here
+            _FETCHERS[pid] = (count, pool)
+            if known is not None:
+                known[1].shutdown(wait=False)
+            return pool
+        return known[1]
 
 
 _MAX_RUN = 64 << 20  # bytes one request reads at most
