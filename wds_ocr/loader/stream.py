@@ -352,7 +352,8 @@ class ShardStream(wds.DataPipeline):
         if len(requests) <= 1 or self.remote.parallel_requests <= 1:
             results = [fetch(request) for request in requests]
         else:
-            futures = [_fetchers(self.remote.parallel_requests).submit(fetch, request) for request in requests]
+            pool = _fetchers(self.remote.parallel_requests)
+            futures = [pool.submit(fetch, request) for request in requests]
             concurrent.futures.wait(futures)
             results = [future.result() for future in futures]  # the first failure, once all have ended
         for result in results:
@@ -372,11 +373,11 @@ def _fetchers(count: int) -> concurrent.futures.ThreadPoolExecutor:
         pid = os.getpid()
         known = _FETCHERS.get(pid)
         if known is None or known[0] < count:
+            # A larger pool replaces a smaller one; the smaller is left running (never shut down
+            # under a stream that may still be submitting to it), its threads idle.
             pool = concurrent.futures.ThreadPoolExecutor(count, thread_name_prefix="wds-ocr-fetch")
             _FETCHERS.clear()  # a parent's entry, inherited by a fork, is of no use here
             _FETCHERS[pid] = (count, pool)
-            if known is not None:
-                known[1].shutdown(wait=False)
             return pool
         return known[1]
 
