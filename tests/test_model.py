@@ -115,7 +115,7 @@ def test_load_backbone_weights_rejects_wrong_shape(tmp_path):
         load_backbone_weights(ResNet("resnet18"), path)
     message = str(caught.value)
     assert str(path) in message
-    assert "shape mismatch for layer2.0.conv1.weight (file (128, 64, 1, 1), model (128, 64, 3, 3))" in message
+    assert "shape mismatch layer2.0.conv1.weight (file (128, 64, 1, 1), model (128, 64, 3, 3))" in message
 
 
 def test_load_backbone_weights_rejects_missing_and_unexpected_keys(tmp_path):

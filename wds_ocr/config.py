@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from wds_ocr.errors import ConfigError
@@ -144,11 +144,53 @@ class AugmentConfig(_Section):
         return self
 
 
+# Backbones written in this package; any other is "timm:<model name>" (the optional timm extra).
+BUILTIN_BACKBONES = ("resnet18", "resnet34", "resnet50", "pplcnetv3")
+TIMM_PREFIX = "timm:"
+_RGB = tuple[float, float, float]
+
+
 class ModelConfig(_Section):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    neck_channels: int = Field(default=256, ge=8, le=1024, multiple_of=4)  # the FPN concatenates 4 quarters
+    # resnet18/34/50 (torchvision layout), pplcnetv3 (PP-OCRv4's mobile detector backbone, see
+    # `wds-ocr import-ppocr`), or "timm:<name>": any timm model whose features_only maps reach
+    # strides 4, 8, 16 and 32 (e.g. timm:resnet50d, timm:convnext_tiny, timm:efficientnet_b0).
+    backbone: str = "resnet18"
+    # "fpn": MhLiao/DB's neck; "rsefpn": PaddleOCR's (squeeze-excite after every conv).
+    neck: Literal["fpn", "rsefpn"] = "fpn"
+    neck_channels: int = Field(default=256, ge=8, le=1024, multiple_of=4)  # the neck concatenates 4 quarters
     k: float = Field(default=50.0, gt=0.0, le=1000.0)
+    # Backbone weights from a file: a torchvision-format state dict for resnet*, a timm checkpoint
+    # (.safetensors, .pth, .bin) for timm:<name>. Read only when a run starts from scratch.
     backbone_weights: str | None = None
+    # timm:<name> only: download timm's default pretrained weights (Hugging Face hub) when a run
+    # starts from scratch. Needs the network; backbone_weights gives the same from a file.
+    pretrained: bool = False
+    # The input normalization (RGB, 0..1 scale); None: the backbone's own (ImageNet for resnet*,
+    # 0.5/0.5 for pplcnetv3, the pretrained config's for timm). Training writes the resolved values
+    # into its checkpoints, so evaluate, predict and export use what the model was trained with.
+    input_mean: _RGB | None = None
+    input_std: _RGB | None = None
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, name: str) -> str:
+        if name not in BUILTIN_BACKBONES and not (name.startswith(TIMM_PREFIX) and name[len(TIMM_PREFIX):].strip()):
+            raise PydanticCustomError("unknown_backbone", f"unknown backbone; use one of "
+                                      f"{', '.join(BUILTIN_BACKBONES)}, or timm:<model name>")
+        return name
+
+    @field_validator("input_std")
+    @classmethod
+    def _positive_std(cls, std: _RGB | None) -> _RGB | None:
+        if std is not None and not all(v > 0 for v in std):
+            raise PydanticCustomError("input_std", "every channel's std must be positive")
+        return std
+
+    @model_validator(mode="after")
+    def _pretrained_needs_timm(self) -> "ModelConfig":
+        if self.pretrained and not self.backbone.startswith(TIMM_PREFIX):
+            raise _out_of_order("pretrained", True, "model.backbone", self.backbone, "used with a timm:<name> backbone, not")
+        return self
 
 
 class LossConfig(_Section):

@@ -29,6 +29,12 @@ from wds_ocr.cli.base import (
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Continue exactly from a checkpoint (last.pt), with its settings.")
+@click.option("--init", "init", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Start from a checkpoint's model weights (and its model settings): a fresh optimizer, schedule "
+                   "and step 0. E.g. the PP-OCRv4 detector from `wds-ocr import-ppocr`, or an earlier run's best.pt.")
+@click.option("--init-partial", is_flag=True,
+              help="With --init: load the weights that fit and keep the rest freshly initialized (each left-out "
+                   "key is named), instead of refusing a checkpoint that does not fit the model.")
 @click.option("--max-steps", type=click.IntRange(1),
               help="The run's length in optimizer steps (sets train.max_steps; the schedule spans it).")
 @click.option("--stop-after", type=click.IntRange(1),
@@ -38,36 +44,50 @@ from wds_ocr.cli.base import (
 @config_options
 @handle_errors
 def train(train_shards: str, val_shards: str | None, out: Path, device: str, resume: Path | None,
-          max_steps: int | None, stop_after: int | None, quiet: bool, config_file: Path | None,
-          overrides: tuple[str, ...]) -> None:
+          init: Path | None, init_partial: bool, max_steps: int | None, stop_after: int | None, quiet: bool,
+          config_file: Path | None, overrides: tuple[str, ...]) -> None:
     """Train DBNet on shards (mixed precision per train.precision; torchrun for DDP).
 
-    Settings start from those the shards were built with (with --resume: the checkpoint's);
-    --config/--set go on top. Run several processes with: torchrun --nproc-per-node N -m wds_ocr
-    train ...
+    Settings start from those the shards were built with (with --resume: the checkpoint's; with
+    --init: the shards', and the model section from the checkpoint); --config/--set go on top.
+    Run several processes with: torchrun --nproc-per-node N -m wds_ocr train ...
     """
     from wds_ocr.loader.remote import open_location
     from wds_ocr.shards.verify import config_from_manifest
-    from wds_ocr.run.checkpoint import load_checkpoint
+    from wds_ocr.run.checkpoint import load_checkpoint, open_checkpoint
     from wds_ocr.train.loop import train as run_training
 
+    if init is not None and resume is not None:
+        fail("--init and --resume cannot be combined: --resume continues a run (its weights, optimizer and "
+             "position), --init starts a new one from a checkpoint's weights", 2)
+    if init_partial and init is None:
+        fail("--init-partial needs --init CHECKPOINT", 2)
     if max_steps is not None:
         overrides = (*overrides, f"train.max_steps={max_steps}")
+    start = None
     if resume is not None:
         base = load_checkpoint(resume)["config"]
     else:
         manifest, _ = open_location(train_shards)
         base = config_from_manifest(manifest).model_dump(mode="json")
+        if init is not None:
+            start = open_checkpoint(init)
+            base["model"] = start.config.model.model_dump(mode="json")
     config = load_with_base(base, config_file, overrides)
     if is_rank0():
-        _write_run_record(out, train_shards, val_shards, resume)
+        _write_run_record(out, train_shards, val_shards, resume, init)
     bar, progress = train_bar(quiet)
     try:
-        result = run_training(config, train_shards, val_shards, out, device, resume, progress, stop_after)
+        result = run_training(config, train_shards, val_shards, out, device, resume, progress, stop_after,
+                              init=start, init_partial=init_partial)
     finally:
         bar.close()
     if not is_rank0():
         return
+    if result.init_fit is not None and not result.init_fit.exact:
+        fit = result.init_fit
+        click.echo(f"--init {init}: loaded {plural(len(fit.fitting), 'tensor')}; left at their fresh initialization "
+                   f"or ignored: {fit.problems()}")
     best = f"; best H-mean {result.best_hmean:.4f} ({result.best_checkpoint})" if result.best_checkpoint else ""
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     curves = out / "curves.png"
@@ -82,7 +102,8 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
 RUN_RECORD = "run.json"
 
 
-def _write_run_record(out: Path, train_shards: str, val_shards: str | None, resume: Path | None) -> None:
+def _write_run_record(out: Path, train_shards: str, val_shards: str | None, resume: Path | None,
+                      init: Path | None = None) -> None:
     """RUN_DIR/run.json: where the run's data came from (``wds-ocr report`` finds the val shards there)."""
     import datetime
 
@@ -94,6 +115,7 @@ def _write_run_record(out: Path, train_shards: str, val_shards: str | None, resu
     out.mkdir(parents=True, exist_ok=True)
     record = {"train_shards": where(train_shards), "val_shards": where(val_shards),
               "resumed_from": None if resume is None else str(resume.resolve()),
+              "initialized_from": None if init is None else str(init.resolve()),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -227,7 +249,10 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
 
 
 @cli.command()
-@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A wds-ocr checkpoint (run by torch).")
+@click.option("--model", "onnx_model", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Or a file from `wds-ocr export` (run by onnxruntime on the CPU; the ppocr extra).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--precision", type=click.Choice(["auto", "bf16-mixed", "16-mixed", "32"]),
@@ -240,14 +265,23 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
 @handle_errors
-def predict(checkpoint: Path, images: tuple[Path, ...], out: Path, precision: str | None, batch_size: int,
-            device: str, no_overlay: bool, skip_bad: bool, overrides: tuple[str, ...]) -> None:
+def predict(checkpoint: Path | None, onnx_model: Path | None, images: tuple[Path, ...], out: Path,
+            precision: str | None, batch_size: int, device: str, no_overlay: bool, skip_bad: bool,
+            overrides: tuple[str, ...]) -> None:
     """Detect text in IMAGES: <stem>.json (polygons in original coordinates) and <stem>.png overlays."""
+    from wds_ocr.config import load_config
+    from wds_ocr.infer.export import OnnxDetector
     from wds_ocr.infer.predict import predict as run_predict
     from wds_ocr.run.checkpoint import open_checkpoint
 
-    opened = open_checkpoint(checkpoint)
-    config = opened.configured(overrides)
+    if (checkpoint is None) == (onnx_model is None):
+        fail("give exactly one of --checkpoint or --model", 2)
+    if onnx_model is not None:
+        opened = OnnxDetector(onnx_model)
+        config = load_config(None, overrides, base=opened.config.model_dump(mode="json"))
+    else:
+        opened = open_checkpoint(checkpoint)
+        config = opened.configured(overrides)
     result = run_predict(opened, list(images), out, config, precision or config.train.precision, batch_size,
                          device, overlay=not no_overlay, on_error="skip" if skip_bad else "raise")
     for item in result.failed:

@@ -23,6 +23,31 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """A model's input normalization, per RGB channel on the 0..1 scale: ``(x / 255 - mean) / std``.
+
+    It belongs to the model (its backbone was trained with it) and travels in the checkpoint's
+    config (``model.input_mean`` / ``model.input_std``); the records stay uint8.
+    """
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(np.isfinite(v) for v in values):
+                raise ValueError(f"normalization {name} must be 3 finite numbers (R, G, B), got {values!r}")
+        if not all(v > 0 for v in self.std):
+            raise ValueError(f"normalization std must be positive, got {self.std!r}")
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+
+
+IMAGENET = Normalization()
+
+
+@dataclass(frozen=True)
 class SampleMeta:
     """Everything evaluation needs about a sample, so it never reads the source image again."""
 
@@ -136,8 +161,8 @@ def process_sample(sample: SourceSample, config: Config, data: bytes | None = No
     return ProcessedSample(sample.index, image, targets, meta, tuple(skips))
 
 
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """CPU normalization of the live baseline: (H, W, 3) uint8 -> (3, H, W) float32, ImageNet mean/std."""
-    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32) * 255.0
-    std = np.asarray(IMAGENET_STD, dtype=np.float32) * 255.0
+def normalize_image(image: np.ndarray, normalization: Normalization = IMAGENET) -> np.ndarray:
+    """CPU normalization of the live baseline: (H, W, 3) uint8 -> (3, H, W) float32."""
+    mean = np.asarray(normalization.mean, dtype=np.float32) * 255.0
+    std = np.asarray(normalization.std, dtype=np.float32) * 255.0
     return np.ascontiguousarray(((image.astype(np.float32) - mean) / std).transpose(2, 0, 1))

@@ -41,7 +41,9 @@ from wds_ocr.eval.cleval import CLEvalCounts, require_cleval
 from wds_ocr.eval.metric import DetectionMetric
 from wds_ocr.infer.postpool import PostPool
 from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings, detect, score_image
+from wds_ocr.data.pipeline import IMAGENET, Normalization
 from wds_ocr.loader.device import normalize
+from wds_ocr.model.dbnet import DBNet
 from wds_ocr.run.runtime import Runtime, autocast, autocast_dtype, cpu_threads_beside, usable_cores
 
 EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
@@ -128,13 +130,21 @@ def resolve_post_workers(setting: int | None, loader_workers: int, runtime: Runt
     return max(0, usable_cores() // local_ranks - loader_workers)
 
 
+def model_normalization(model: torch.nn.Module) -> Normalization:
+    """The input normalization of a DBNet, also inside a DDP or ``torch.compile`` wrapper."""
+    while not isinstance(model, DBNet) and isinstance(getattr(model, "module", getattr(model, "_orig_mod", None)),
+                                                       torch.nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    return getattr(model, "normalization", IMAGENET)
+
+
 def device_maps(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str,
                 sigmoid: bool = True) -> torch.Tensor:
     """(N, S, S) maps on the device in their transfer form: float32 probabilities, or the 16-bit
     logits' bits (as int16) under bf16/fp16 autocast (see ``scoring.MapForm``). ``sigmoid=False``
     leaves float32 logits as they are (the caller applies the sigmoid where the maps go)."""
     with torch.inference_mode():
-        pixels = normalize(images.to(device, non_blocking=True))
+        pixels = normalize(images.to(device, non_blocking=True), model_normalization(model))
         with autocast(device, precision):
             logits = model(pixels)["prob_logits"][:, 0]
         if logits.dtype in _LOGIT_DTYPES:

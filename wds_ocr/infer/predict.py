@@ -30,6 +30,7 @@ from wds_ocr.data.images import decode_canonical, read_image_bytes
 from wds_ocr.errors import ConfigError, SampleError
 from wds_ocr.eval.postprocess import Detection
 from wds_ocr.infer.detect import detect, probability_maps
+from wds_ocr.infer.export import OnnxDetector
 from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import check_precision, resolve_device
 from wds_ocr.viz import draw_polygons, write_png
@@ -121,29 +122,38 @@ def _batches(images: list[Path], config: Config, batch_size: int, on_error: str,
         yield batch
 
 
-def predict(checkpoint: str | Path | Checkpoint, images: list[Path], out_dir: str | Path, config: Config | None = None,
-            precision: str = "auto", batch_size: int = 4, device: str = "auto", overlay: bool = True,
-            on_error: str = "raise", progress: PredictProgress | None = None) -> PredictResult:
+def predict(checkpoint: str | Path | Checkpoint | OnnxDetector, images: list[Path], out_dir: str | Path,
+            config: Config | None = None, precision: str = "auto", batch_size: int = 4, device: str = "auto",
+            overlay: bool = True, on_error: str = "raise", progress: PredictProgress | None = None) -> PredictResult:
     """Write ``<stem>.json`` (and ``<stem>.png`` when ``overlay``) for every image into ``out_dir``.
 
-    ``checkpoint`` is a path or an open ``Checkpoint``; ``config`` (default: the checkpoint's)
-    supplies the transform and post-processing settings.
+    ``checkpoint`` is a path, an open ``Checkpoint``, or an ``OnnxDetector`` (a file from
+    ``wds-ocr export``, run by onnxruntime on the CPU); ``config`` (default: the checkpoint's or
+    the file's) supplies the transform and post-processing settings.
     """
     check_precision(precision)
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     images = [Path(p) for p in images]
     _check_stems(images)
-    checkpoint = open_checkpoint(checkpoint)
-    torch_device = resolve_device(device)
+    if isinstance(checkpoint, OnnxDetector):
+        config = config or checkpoint.config
+        maps_of: Callable[[np.ndarray], np.ndarray] = checkpoint.probability_maps
+    else:
+        checkpoint = open_checkpoint(checkpoint)
+        torch_device = resolve_device(device)
+        model = checkpoint.model(torch_device)
+        config = config or checkpoint.config
+
+        def maps_of(stacked: np.ndarray) -> np.ndarray:
+            return probability_maps(model, torch.from_numpy(stacked), torch_device, precision)
+
     out_dir = Path(out_dir)  # made when the first result is written: a run that predicts nothing leaves none
-    model = checkpoint.model(torch_device)
-    config = config or checkpoint.config
     predictions: list[Prediction] = []
     failed: list[str] = []
     started = time.perf_counter()
     for batch in _batches(images, config, batch_size, on_error, failed):
-        prob = probability_maps(model, torch.from_numpy(np.stack([p.image for p in batch])), torch_device, precision)
+        prob = maps_of(np.stack([p.image for p in batch]))
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample_prob, prepared in zip(prob, batch):
             height, width = prepared.pixels.shape[:2]

@@ -13,6 +13,7 @@ bilinear for the image and thresh_map, nearest for the 0/1 maps, so masks stay b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from wds_ocr.config import AugmentConfig
 from wds_ocr.data.geometry import valid_region
-from wds_ocr.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from wds_ocr.data.pipeline import IMAGENET, Normalization
 from wds_ocr.loader.batch import Batch, SampleInfo, expand_images, expand_maps
 from wds_ocr.loader.ring import device_fence
 from wds_ocr.shards.naming import MAP_NAMES
@@ -57,28 +58,25 @@ def to_device(batch: Batch, device: torch.device | str) -> DeviceBatch:
     return DeviceBatch(images, **expand_maps(payload, packed.layouts, packed.size, packed.fill))
 
 
-def _normalize_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=torch.float32) * 255.0
-    inv_std = 1.0 / (torch.tensor(IMAGENET_STD, device=device, dtype=torch.float32) * 255.0)
+def _normalize_constants(device: torch.device, normalization: Normalization) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(normalization.mean, device=device, dtype=torch.float32) * 255.0
+    inv_std = 1.0 / (torch.tensor(normalization.std, device=device, dtype=torch.float32) * 255.0)
     return mean, inv_std
 
 
-_CPU_TABLE: list[np.ndarray] = []
-
-
-def _cpu_table() -> np.ndarray:
+@functools.lru_cache(maxsize=8)
+def _cpu_table(normalization: Normalization) -> np.ndarray:
     """(1, 256, 3) float32: the normalized value of every uint8 level per channel, computed by the
     same two float32 ops as the elementwise path, so a lookup gives the same bits."""
-    if not _CPU_TABLE:
-        mean, inv_std = _normalize_constants(torch.device("cpu"))
-        levels = torch.arange(256, dtype=torch.float32)[:, None]
-        table = (levels - mean) * inv_std
-        _CPU_TABLE.append(np.ascontiguousarray(table.numpy(), dtype=np.float32).reshape(1, 256, 3))
-    return _CPU_TABLE[0]
+    mean, inv_std = _normalize_constants(torch.device("cpu"), normalization)
+    levels = torch.arange(256, dtype=torch.float32)[:, None]
+    table = (levels - mean) * inv_std
+    return np.ascontiguousarray(table.numpy(), dtype=np.float32).reshape(1, 256, 3)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, 3) uint8 (or float 0..255) -> (N, 3, H, W) float32 channels_last, ImageNet-normalized.
+def normalize(images: torch.Tensor, normalization: Normalization = IMAGENET) -> torch.Tensor:
+    """(N, H, W, 3) uint8 (or float 0..255) -> (N, 3, H, W) float32 channels_last, normalized with
+    the model's ``normalization`` (ImageNet mean/std unless the model says otherwise).
 
     Elementwise over a contiguous NHWC float32 copy (the channel is the last dim, so the per-channel
     constants broadcast along memory order), in place after the one conversion; the NCHW permute
@@ -90,10 +88,10 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
             and images.numel() > 0 and images.shape[0] * images.shape[1] < 2**31:
         n, h, w, _ = images.shape
         source = images.contiguous().numpy().reshape(n * h, w, 3)
-        out = cv2.LUT(source, _cpu_table()).reshape(n, h, w, 3)
+        out = cv2.LUT(source, _cpu_table(normalization)).reshape(n, h, w, 3)
         return torch.from_numpy(out).permute(0, 3, 1, 2)
     x = images.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    mean, inv_std = _normalize_constants(x.device)
+    mean, inv_std = _normalize_constants(x.device, normalization)
     x.sub_(mean).mul_(inv_std)
     return x.permute(0, 3, 1, 2)
 
@@ -245,12 +243,13 @@ def content_regions(info: Sequence[SampleInfo]) -> torch.Tensor | None:
 
 
 def prepare(batch: DeviceBatch, augmenter: Augmenter | None = None, epoch: int = 0, index: int = 0,
-            rank: int = 0, regions: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            rank: int = 0, regions: torch.Tensor | None = None,
+            normalization: Normalization = IMAGENET) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Normalized channels_last images and the maps, augmented when an augmenter is given
     (``regions``: see ``Augmenter.__call__``)."""
     maps = batch.maps()
     if augmenter is None or not augmenter.enabled():
-        return normalize(batch.images), maps
+        return normalize(batch.images, normalization), maps
     raw = batch.images.permute(0, 3, 1, 2).float()
     raw, maps = augmenter(raw, maps, epoch, index, rank, regions)
-    return normalize(raw.permute(0, 2, 3, 1)), maps
+    return normalize(raw.permute(0, 2, 3, 1), normalization), maps

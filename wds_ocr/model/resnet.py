@@ -17,15 +17,12 @@ import torch
 from torch import nn
 
 from wds_ocr.errors import CheckpointError
+from wds_ocr.model.state import name_keys, state_fit
 
 BackboneName = Literal["resnet18", "resnet34", "resnet50"]
 
 # Classifier keys of a torchvision file: the backbone has no classifier, so they are ignored.
 _IGNORED_PREFIXES = ("fc.",)
-# Files saved before BatchNorm counted its batches lack this buffer; a missing one keeps ours.
-_OPTIONAL_SUFFIX = "num_batches_tracked"
-# How many offending keys an error message names.
-_KEYS_SHOWN = 5
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -164,15 +161,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     not_tensors = [key for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(
-            f"backbone weights file {path}: entries are not tensors: {_first(not_tensors)}"
+            f"backbone weights file {path}: entries are not tensors: {name_keys(repr(k) for k in not_tensors)}"
         )
     return loaded
-
-
-def _first(keys: list[str]) -> str:
-    shown = ", ".join(repr(key) for key in keys[:_KEYS_SHOWN])
-    more = len(keys) - _KEYS_SHOWN
-    return shown + (f" (and {more} more)" if more > 0 else "")
 
 
 def load_backbone_weights(model: ResNet, path: str | Path) -> None:
@@ -185,30 +176,11 @@ def load_backbone_weights(model: ResNet, path: str | Path) -> None:
     path = Path(path)
     loaded = _read_state_dict(path)
     state = {key: value for key, value in loaded.items() if not key.startswith(_IGNORED_PREFIXES)}
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state and not key.endswith(_OPTIONAL_SUFFIX)]
-    unexpected = [key for key in state if key not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_first(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_first(unexpected)}")
+    fit = state_fit(model.state_dict(), state)
+    if not fit.exact:
         raise CheckpointError(
-            f"backbone weights file {path} does not fit a {model.name} backbone: "
-            + "; ".join(parts)
-            + ". Give a torchvision-format state dict of the configured backbone."
-        )
-    mismatched = [
-        f"{key} (file {tuple(value.shape)}, model {tuple(expected[key].shape)})"
-        for key, value in state.items()
-        if value.shape != expected[key].shape
-    ]
-    if mismatched:
-        raise CheckpointError(
-            f"backbone weights file {path} does not fit a {model.name} backbone: "
-            f"shape mismatch for {', '.join(mismatched[:_KEYS_SHOWN])}"
-            + (f" (and {len(mismatched) - _KEYS_SHOWN} more)" if len(mismatched) > _KEYS_SHOWN else "")
+            f"backbone weights file {path} does not fit a {model.name} backbone: {fit.problems()}. "
+            "Give a torchvision-format state dict of the configured backbone."
         )
     # strict=False only admits the optional num_batches_tracked buffers checked above.
     model.load_state_dict(state, strict=False)

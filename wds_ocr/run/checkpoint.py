@@ -39,6 +39,7 @@ import torch
 from wds_ocr.config import Config, build_config, load_config
 from wds_ocr.errors import CheckpointError, ConfigError
 from wds_ocr.model.dbnet import DBNet
+from wds_ocr.model.state import StateFit, state_fit
 from wds_ocr.run.fields import check_body
 
 CHECKPOINT_FORMAT = "wds-ocr/checkpoint"
@@ -150,7 +151,7 @@ class Checkpoint:
 
     def model(self, device: torch.device) -> DBNet:
         """A DBNet with these weights in eval mode, channels_last on ``device``."""
-        model = DBNet(self.config.model.model_copy(update={"backbone_weights": None}))
+        model = DBNet(self.config.model, load_weights=False)
         load_model_state(model, self.body["model"], self.path)
         model.to(device, memory_format=torch.channels_last)
         return model.eval()
@@ -188,6 +189,25 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor], pat
         raise CheckpointError(
             f"checkpoint {path} was made for another model: {' '.join(line.strip() for line in reason[:4])}"
         ) from None
+
+
+def init_weights(model: torch.nn.Module, checkpoint: Checkpoint, partial: bool = False) -> StateFit:
+    """Copy ``checkpoint``'s model weights into ``model`` (``train --init``: weights only).
+
+    Every key must fit (same names, same shapes) unless ``partial``: then the weights that fit are
+    loaded and the rest of ``model`` keeps its initialization. The fit is returned either way, so
+    the caller can name what was left out.
+    """
+    fit = state_fit(model.state_dict(), checkpoint.body["model"])
+    if not fit.exact and not partial:
+        raise ConfigError(f"--init {checkpoint.path} does not fit the model: {fit.problems()}. Start from a "
+                          "checkpoint of the same model settings (train --init takes the model section from it; "
+                          "drop the --set model.* values that change it), or pass --init-partial to load only "
+                          "the weights that fit")
+    if not fit.fitting:
+        raise ConfigError(f"--init {checkpoint.path}: none of its weights fit the model ({fit.problems()})")
+    model.load_state_dict({key: checkpoint.body["model"][key] for key in fit.fitting}, strict=False)
+    return fit
 
 
 def load_model(path: str | Path | Checkpoint, device: torch.device) -> tuple[DBNet, Config]:

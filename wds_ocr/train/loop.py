@@ -41,8 +41,10 @@ from wds_ocr.loader.plan import batches_per_epoch
 from wds_ocr.loader.stream import Batch, ShardStream, make_loader
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.model.loss import DBLoss
-from wds_ocr.run.checkpoint import (BEST_NAME, LAST_NAME, load_checkpoint, load_model_state, restore_rng_state,
-                                    rng_state, save_checkpoint)
+from wds_ocr.model.backbones import resolve_model
+from wds_ocr.model.state import StateFit
+from wds_ocr.run.checkpoint import (BEST_NAME, LAST_NAME, Checkpoint, checkpoint_config, init_weights,
+                                    load_checkpoint, load_model_state, restore_rng_state, rng_state, save_checkpoint)
 from wds_ocr.train.log import MetricsLog
 from wds_ocr.train.curves import draw_run_curves
 from wds_ocr.run.runtime import Runtime, allow_tf32, autocast, resolve_precision, start_runtime, stop_runtime
@@ -92,6 +94,7 @@ class TrainResult:
     data_wait: float
     world_size: int
     skipped: int = 0  # training records skipped as bad (loader.on_error=skip), this rank
+    init_fit: StateFit | None = None  # how the --init checkpoint fitted the model
 
 
 @dataclass
@@ -129,8 +132,9 @@ def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Op
     path = path / LAST_NAME if path.is_dir() else path
     body = load_checkpoint(path)
     stored, current = body["config"], config.model_dump(mode="json")
-    stored_model = {k: v for k, v in stored.get("model", {}).items() if k != "backbone_weights"}
-    current_model = {k: v for k, v in current["model"].items() if k != "backbone_weights"}
+    # Compared as resolved settings (checkpoints older than the normalization fields hold fewer keys).
+    stored_model = _model_settings(resolve_model(checkpoint_config(body, path)))
+    current_model = _model_settings(config)
     if stored_model != current_model:
         raise ConfigError(f"cannot resume from {path}: model settings {stored_model} differ from {current_model}; "
                           "resume without model overrides (a resume takes its settings from the checkpoint)")
@@ -154,6 +158,12 @@ def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Op
                           f"would last {schedule.total_steps} (do the shards hold a different number of samples?); "
                           "resume on the shards the run started with")
     return Position(**body["position"]), body.get("best_hmean")
+
+
+def _model_settings(config: Config) -> dict[str, Any]:
+    """The model settings a resume must keep (where the backbone's first weights came from is not one)."""
+    ignored = ("backbone_weights", "pretrained")
+    return {k: v for k, v in config.model.model_dump(mode="json").items() if k not in ignored}
 
 
 def _differences(built: Any, now: Any, prefix: str = "") -> list[str]:
@@ -201,7 +211,8 @@ def schedule_for(config: TrainConfig, steps_per_epoch: int) -> LrSchedule:
 def train(config: Config, train_shards: str | Path, val_shards: str | Path | None = None,
           out_dir: str | Path = Path("runs/train"), device: str = "auto", resume: str | Path | None = None,
           progress: Callable[[TrainProgress], None] | None = None, stop_after: int | None = None,
-          checkpoint_seconds: float = CHECKPOINT_SECONDS) -> TrainResult:
+          checkpoint_seconds: float = CHECKPOINT_SECONDS, init: Checkpoint | None = None,
+          init_partial: bool = False) -> TrainResult:
     """Train DBNet on ``train_shards``, validating on ``val_shards`` each ``train.eval_every`` epochs.
 
     The run lasts ``train.max_steps`` optimizer steps (else ``train.epochs`` epochs) and the
@@ -209,10 +220,15 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
     in total (the schedule is unchanged), leaving a ``last.pt`` that ``resume`` continues exactly.
     ``last.pt`` is also written after each validation and at an epoch's end ``checkpoint_seconds``
     after the previous write. ``curves.png`` is redrawn after each validation and at the end.
+    ``init``: start from that checkpoint's model weights (a fresh optimizer, schedule and step 0);
+    they must fit the model exactly unless ``init_partial``.
     """
     tc, out_dir, started = config.train, Path(out_dir), time.perf_counter()
     if stop_after is not None and stop_after < 1:
         raise ConfigError(f"stop_after must be at least 1, got {stop_after}")
+    if init is not None and resume is not None:
+        raise ConfigError("--init starts a new run from a checkpoint's weights, --resume continues a run: give one")
+    config = resolve_model(config)  # the checkpoints carry the model's input normalization
     runtime = start_runtime(device)
     precision = resolve_precision(tc.precision, runtime.device)
     log = MetricsLog(out_dir, enabled=runtime.is_main)
@@ -246,8 +262,14 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
             _check_shards(val_stream, config, val_shards)
             val_loader = make_loader(val_stream, loader_config.workers, mode=loader_config.mode)
 
-        model_config = config.model if resume is None else config.model.model_copy(update={"backbone_weights": None})
-        raw_model = DBNet(model_config).to(runtime.device, memory_format=torch.channels_last)
+        raw_model = DBNet(config.model, load_weights=resume is None and init is None)
+        fit = None
+        if init is not None:
+            fit = init_weights(raw_model, init, init_partial)
+            log.write({"event": "init", "step": 0, "checkpoint": str(init.path), "loaded": len(fit.fitting),
+                       "missing": list(fit.missing), "unexpected": list(fit.unexpected),
+                       "mismatched": list(fit.mismatched)})
+        raw_model = raw_model.to(runtime.device, memory_format=torch.channels_last)
         criterion = DBLoss(config.loss, raw_model.k)
         optimizer = _optimizer(raw_model, tc, runtime.device)
         scaler = torch.amp.GradScaler(runtime.device.type, enabled=precision == "16-mixed")
@@ -321,7 +343,8 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
                         continue
                     # non_blocking copy from pinned memory: the CPU queues it and moves on
                     images, maps = prepare(to_device(_stand_in(batch) if empty else batch, runtime.device), augmenter,
-                                           position.epoch, batch.index, runtime.rank, content_regions(batch.info))
+                                           position.epoch, batch.index, runtime.rank, content_regions(batch.info),
+                                           raw_model.normalization)
                     last_micro = micro == tc.accumulate - 1
                     no_sync = model.no_sync() if runtime.distributed and not last_micro else contextlib.nullcontext()
                     with no_sync:  # DDP all-reduces gradients only in the last micro-batch's backward
@@ -380,7 +403,7 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         return TrainResult(out_dir, position.step, position.epoch, out_dir / LAST_NAME,
                            best_path if best_hmean is not None else None, best_hmean, final_loss,
                            time.perf_counter() - started, samples_per_s, data_wait, runtime.world_size,
-                           skipped=skips["skipped"])
+                           skipped=skips["skipped"], init_fit=fit)
     finally:
         log.close()
         stop_runtime(runtime)
