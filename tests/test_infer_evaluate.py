@@ -139,3 +139,31 @@ def test_config_from_checkpoint_applies_overrides(tmp_path):
     assert changed.postprocess.box_thresh == 0.5 and changed.transform.size == 256
     with pytest.raises(ConfigError, match="postprocess.box_thresh"):
         config_from_checkpoint(checkpoint, ["postprocess.box_thresh=2"])
+
+
+def test_loader_settings_come_from_the_config_unless_an_option_is_given(receipts, tmp_path, monkeypatch):
+    """`evaluate --set loader.batch_size=3` is used; `--batch-size` / `--workers` override only when given."""
+    from click.testing import CliRunner
+
+    from wds_ocr.cli import cli
+    from wds_ocr.infer import evaluate as evaluate_module
+
+    config = load_config(None, ["transform.size=128", *RANDOM_MODEL])
+    build_shards(receipts, "train", tmp_path / "shards", config)
+    checkpoint = random_checkpoint(tmp_path / "random.pt", config)
+    seen = []
+    opened = evaluate_module._open_stream
+
+    def spy(location, loader, runtime):
+        seen.append((loader.batch_size, loader.workers))
+        return opened(location, loader, runtime)
+
+    monkeypatch.setattr(evaluate_module, "_open_stream", spy)
+    base = ["evaluate", "--checkpoint", str(checkpoint), "--shards", str(tmp_path / "shards"), "--quiet"]
+    runner = CliRunner()
+    for extra, expected in ((["--set", "loader.batch_size=3"], (3, 0)),  # the checkpoint's workers: 0
+                            (["--set", "loader.batch_size=3", "--batch-size", "5", "--workers", "1"], (5, 1)),
+                            ([], (8, 0))):
+        result = runner.invoke(cli, [*base, *extra])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == expected, extra

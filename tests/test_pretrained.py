@@ -119,6 +119,32 @@ def test_init_with_resume_is_a_usage_error(single_shard, tmp_path):
                              "optimizer and position), --init starts a new one from a checkpoint's weights\n")
 
 
+def test_a_frozen_backbone_keeps_its_weights_and_statistics(single_shard, tmp_path):
+    start = _start_checkpoint(tmp_path / "start", "model.neck_channels=32")
+    result = _train(single_shard, tmp_path / "run", "--init", str(start), "--set", "train.backbone_lr_scale=0")
+    assert result.exit_code == 0, result.output
+    before = open_checkpoint(start).body["model"]
+    after = open_checkpoint(tmp_path / "run" / "last.pt").body["model"]
+    changed = sorted({key.split(".")[0] for key in before if not torch.equal(before[key], after[key])})
+    assert changed == ["neck", "prob_head", "thresh_head"]  # every backbone tensor, BN statistics too, is as it was
+    groups = open_checkpoint(tmp_path / "run" / "last.pt").body["optimizer"]["param_groups"]
+    assert [group["lr_scale"] for group in groups] == [0.0, 0.0, 1.0, 1.0]
+    assert [group["lr"] for group in groups][:2] == [0.0, 0.0]
+
+
+def test_frozen_batchnorm_keeps_the_statistics_and_trains_the_rest(single_shard, tmp_path):
+    start = _start_checkpoint(tmp_path / "start", "model.neck_channels=32")
+    result = _train(single_shard, tmp_path / "run", "--init", str(start), "--set", "train.freeze_batchnorm=true")
+    assert result.exit_code == 0, result.output
+    before = open_checkpoint(start).body["model"]
+    after = open_checkpoint(tmp_path / "run" / "last.pt").body["model"]
+    statistics = [key for key in before if key.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(statistics) == 3 * 24  # resnet18's 20 BatchNorms and 2 in each head
+    assert all(torch.equal(before[key], after[key]) for key in statistics)
+    assert not torch.equal(before["prob_head.1.weight"], after["prob_head.1.weight"])  # BN scale still learns
+    assert not torch.equal(before["backbone.layer1.0.conv1.weight"], after["backbone.layer1.0.conv1.weight"])
+
+
 # ---------------------------------------------------------------- normalization
 
 
@@ -237,11 +263,14 @@ def test_imported_ppocr_detector_matches_onnxruntime_on_real_receipts(ppocr_chec
 
     session = onnxruntime.InferenceSession(str(wheel_model_path()), providers=["CPUExecutionProvider"])
     model = open_checkpoint(ppocr_checkpoint).model(torch.device("cpu"))
-    assert model.normalization == Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    # PaddleOCR's normalization: ImageNet's figures on BGR arrays in array order; in RGB order:
+    assert model.normalization == Normalization((0.406, 0.456, 0.485), (0.225, 0.224, 0.229))
+    mean, std = np.array(model.normalization.mean[::-1]), np.array(model.normalization.std[::-1])  # BGR
     for image in _receipts(sroie_root, 3, 960):
-        # PaddleOCR's input: BGR, (x / 255 - 0.5) / 0.5, NCHW
+        # the file's input: BGR, normalized, NCHW
         bgr = image[:, :, ::-1].astype(np.float32)
-        reference = session.run(None, {"x": ((bgr / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None]})[0][0, 0]
+        pixels = ((bgr / 255.0 - mean) / std).astype(np.float32)
+        reference = session.run(None, {"x": pixels.transpose(2, 0, 1)[None]})[0][0, 0]
         ours = probability_maps(model, torch.from_numpy(image[None]), torch.device("cpu"), "32")[0]
         assert ours.shape == reference.shape == image.shape[:2]
         assert np.abs(ours - reference).max() < 1e-3

@@ -17,6 +17,7 @@ from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
 from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
 from wds_ocr.loader.device import prepare, to_device
 from wds_ocr.loader.stream import ShardStream
+from wds_ocr.model.backbones import resolve_model
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.model.loss import DBLoss
 from wds_ocr.shards.build import build_shards
@@ -172,9 +173,12 @@ def test_checkpoint_holds_plain_containers_and_loads_weights_only(small_shards, 
     assert body["position"] == {"epoch": 1, "batch": 0, "step": 2}
     # warmup_steps=2 is capped at a fifth of the 2-step run
     assert body["scheduler"] == {"schedule": "cosine", "base_lr": 1e-3, "warmup_steps": 0, "total_steps": 2, "step": 2}
-    assert json.loads(json.dumps(body["config"])) == config.model_dump(mode="json")
+    # the config as run: the model's input normalization resolved (ImageNet's, resnet18's own)
+    resolved = resolve_model(config)
+    assert resolved.model.input_mean == (0.485, 0.456, 0.406) and resolved.model.input_std == (0.229, 0.224, 0.225)
+    assert json.loads(json.dumps(body["config"])) == resolved.model_dump(mode="json")
     model, stored = load_model(result.last_checkpoint, torch.device("cpu"))
-    assert stored == config and not model.training
+    assert stored == resolved and not model.training
 
 
 class _Custom:

@@ -166,7 +166,7 @@ class ModelConfig(_Section):
     # starts from scratch. Needs the network; backbone_weights gives the same from a file.
     pretrained: bool = False
     # The input normalization (RGB, 0..1 scale); None: the backbone's own (ImageNet for resnet*,
-    # 0.5/0.5 for pplcnetv3, the pretrained config's for timm). Training writes the resolved values
+    # PaddleOCR's for pplcnetv3, the pretrained config's for timm). Training writes the resolved values
     # into its checkpoints, so evaluate, predict and export use what the model was trained with.
     input_mean: _RGB | None = None
     input_std: _RGB | None = None
@@ -229,6 +229,14 @@ class TrainConfig(_Section):
     # epochs. Warmup and decay always span the run's length.
     max_steps: int | None = Field(default=None, ge=1, le=100_000_000)
     lr: float = Field(default=1e-3, gt=0.0, le=10.0)
+    # The backbone's learning rate as a share of train.lr; 0 freezes it (no gradients, BatchNorm
+    # statistics kept), which suits a pretrained backbone without normalization layers (pplcnetv3
+    # folded for inference) and skips its backward pass.
+    backbone_lr_scale: float = Field(default=1.0, ge=0.0, le=10.0)
+    # Keep every BatchNorm layer's running statistics as they are (eval mode while training; their
+    # scale and shift still learn). For fine-tuning a pretrained detector on windows of the records:
+    # statistics re-estimated on text-dense windows no longer fit whole pages at evaluation.
+    freeze_batchnorm: bool = False
     weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
     # Linear warmup, capped at a fifth of the run so that decay always follows it.
     warmup_steps: int = Field(default=50, ge=0)

@@ -393,7 +393,7 @@ def render_page(*, title: str, score, images: int, worst: Sequence[ImageResult],
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, checkpoint: str | Path | None = None,
                  shards: str | None = None, source: str | Path | None = None, split: str = "val", worst: int = 12,
-                 device: str = "auto", batch_size: int | None = 8, workers: int | None = 2,
+                 device: str = "auto", batch_size: int | None = None, workers: int | None = None,
                  precision: str | None = None, overrides: Sequence[str] = (),
                  progress: Progress | None = None) -> Report:
     """Evaluate ``checkpoint`` (default RUN_DIR/best.pt, else last.pt) on validation data (``shards``,

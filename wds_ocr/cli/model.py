@@ -178,8 +178,8 @@ def _cleval_line(cleval) -> str:
 @click.option("--split", default="val", show_default=True, help="Split of --source.")
 @click.option("--precision", type=click.Choice(["auto", "bf16-mixed", "16-mixed", "32"]),
               help="Autocast mode [the checkpoint's train.precision].")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256), help="Loader workers.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per batch [loader.batch_size, 8].")
+@click.option("--workers", type=click.IntRange(0, 256), help="Loader workers [loader.workers, 2].")
 @click.option("--post-workers", type=_PostWorkers(),
               help="Processes that post-process and match while the model runs the next batch; 0: the main "
                    "process does it; auto: the usable cores minus --workers [evaluation.post_workers, auto].")
@@ -192,8 +192,8 @@ def _cleval_line(cleval) -> str:
               help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
 @handle_errors
 def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: str, precision: str | None,
-             batch_size: int, workers: int, post_workers, metric: str, device: str, as_json: bool, quiet: bool,
-             overrides: tuple[str, ...]) -> None:
+             batch_size: int | None, workers: int | None, post_workers, metric: str, device: str, as_json: bool,
+             quiet: bool, overrides: tuple[str, ...]) -> None:
     """Precision, recall and H-mean (ICDAR 2015 IoU protocol, optionally CLEval) of a checkpoint, in
     original coordinates, with the time breakdown of the pass."""
     from dataclasses import asdict

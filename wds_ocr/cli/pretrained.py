@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from wds_ocr.cli.base import cli, config_options, fail, handle_errors, load_settings, plural
+from wds_ocr.cli.base import cli, config_options, fail, handle_errors, plural
 
 
 @cli.command("import-ppocr")
@@ -21,12 +21,15 @@ def import_ppocr(onnx_file: Path | None, out: Path, config_file: Path | None, ov
     """Turn PaddleOCR's PP-OCRv4 mobile detector into a wds-ocr checkpoint.
 
     The result evaluates and predicts like any checkpoint, and starts a fine-tuning run with
-    `wds-ocr train --init OUT`. Settings other than the model's come from --config/--set (defaults
-    otherwise); the model section is the detector's (pplcnetv3 backbone, rsefpn neck, 96 channels,
-    normalization 0.5/0.5). The threshold head is not in the file (inference drops it): it starts
-    freshly initialized.
+    `wds-ocr train --init OUT`. The model section is the detector's (pplcnetv3 backbone, rsefpn neck,
+    96 channels, PaddleOCR's normalization); post-processing defaults to PaddleOCR's for it (box_thresh
+    0.5, unclip_ratio 1.6); everything else comes from --config/--set, else the defaults (e.g.
+    --set transform.size=1600 for receipts). The threshold head is not in the file (inference drops
+    it): it starts as a copy of the probability head.
     """
-    from wds_ocr.model.ppocr import WHEEL_MODEL, WHEEL_PACKAGE, import_ppocr as run_import, wheel_model_path
+    from wds_ocr.config import load_config
+    from wds_ocr.model.ppocr import PPOCR_POSTPROCESS, WHEEL_MODEL, WHEEL_PACKAGE, import_ppocr as run_import
+    from wds_ocr.model.ppocr import wheel_model_path
     from wds_ocr.run.checkpoint import save_checkpoint
 
     if onnx_file is None:
@@ -34,7 +37,7 @@ def import_ppocr(onnx_file: Path | None, out: Path, config_file: Path | None, ov
         if onnx_file is None:
             fail(f"no --onnx given and {WHEEL_PACKAGE} is not installed; install its wheel (it carries "
                  f"{WHEEL_MODEL.name}): pip install --no-deps rapidocr-onnxruntime==1.4.4, or pass --onnx FILE", 2)
-    base = load_settings(config_file, overrides)
+    base = load_config(config_file, overrides, base={"postprocess": dict(PPOCR_POSTPROCESS)})
     config, state = run_import(onnx_file, base)
     save_checkpoint(out, {"config": config.model_dump(mode="json"), "model": state,
                           "source": {"onnx": str(onnx_file)}})

@@ -23,15 +23,15 @@ from wds_ocr.cli.base import cli, counter_bar, fail, handle_errors, plural, scor
               help="How many of the worst images (by H-mean) to show with overlays.")
 @click.option("--precision", type=click.Choice(["auto", "bf16-mixed", "16-mixed", "32"]),
               help="Autocast mode [the checkpoint's train.precision].")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1, 4096))
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0, 256), help="Loader workers.")
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Images per batch [loader.batch_size, 8].")
+@click.option("--workers", type=click.IntRange(0, 256), help="Loader workers [loader.workers, 2].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
 @handle_errors
 def report(run_dir: Path, checkpoint: Path | None, shards: str | None, source: Path | None, split: str,
-           out: Path | None, worst: int, precision: str | None, batch_size: int, workers: int, device: str,
+           out: Path | None, worst: int, precision: str | None, batch_size: int | None, workers: int | None, device: str,
            quiet: bool, overrides: tuple[str, ...]) -> None:
     """Write one HTML page for RUN_DIR: learning curves, validations, the checkpoint's P/R/H (equal to
     evaluate's) and the worst images by H-mean with ground truth and detections drawn on them.

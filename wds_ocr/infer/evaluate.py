@@ -109,7 +109,7 @@ def _texts(texts) -> tuple[str, ...]:
 
 
 def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, config: Config | None = None,
-                    precision: str = "auto", batch_size: int | None = 8, workers: int | None = 2,
+                    precision: str = "auto", batch_size: int | None = None, workers: int | None = None,
                     device: str = "auto", progress: EvalProgress | None = None, *, metric: str = "iou",
                     pool_options: dict[str, Any] | None = None) -> EvalResult:
     """P/R/H of ``checkpoint`` (a path or an open ``Checkpoint``) on a shard folder or URL.
@@ -194,8 +194,8 @@ def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
 
 
 def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path, split: str,
-                    config: Config | None = None, precision: str = "auto", batch_size: int | None = 8,
-                    workers: int | None = 2, device: str = "auto", progress: EvalProgress | None = None, *,
+                    config: Config | None = None, precision: str = "auto", batch_size: int | None = None,
+                    workers: int | None = None, device: str = "auto", progress: EvalProgress | None = None, *,
                     metric: str = "iou", pool_options: dict[str, Any] | None = None) -> EvalResult:
     """P/R/H of ``checkpoint`` on a source split through the live path (no shards). ``config``
     (default: the checkpoint's) supplies the source, transform and post-processing settings."""

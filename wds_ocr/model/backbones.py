@@ -6,7 +6,7 @@ strides 4, 8, 16 and 32 and whose ``out_channels`` lists their channels:
 - ``resnet18`` / ``resnet34`` / ``resnet50``: torchvision's layout (``model.backbone_weights`` takes
   a torchvision-format file), ImageNet normalization;
 - ``pplcnetv3``: PP-OCRv4's mobile detector backbone (weights come from ``wds-ocr import-ppocr``),
-  normalization 0.5 / 0.5;
+  PaddleOCR's normalization (ImageNet figures on BGR arrays);
 - ``timm:<name>``: ``timm.create_model(name, features_only=True)``, the maps at strides 4..32
   picked from its ``feature_info``; weights from timm's usual source (``model.pretrained``) or a
   local file (``model.backbone_weights``); normalization from the model's pretrained config.

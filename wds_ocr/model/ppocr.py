@@ -3,8 +3,10 @@
 The file is the one the ``rapidocr-onnxruntime`` wheel ships (``models/ch_PP-OCRv4_det_infer.onnx``,
 Apache-2.0): PP-LCNetV3 backbone (folded for inference, ``model.lcnet``), RSEFPN neck with 96
 channels and DB's probability head. The graph holds no threshold head (inference drops it), so
-the imported model's ``thresh_head`` keeps its fresh initialization: fine-tuning trains it from
-the probability head's features, as DB's loss needs.
+the imported model's ``thresh_head`` starts as a copy of the probability head, BatchNorm
+statistics included (a freshly initialized head would start with statistics that do not fit the
+neck's features, which matters when fine-tuning keeps BatchNorm statistics frozen); fine-tuning
+trains it towards DB's threshold map.
 
 How weights find their modules: the ONNX graph is walked in order and turned into a sequence of
 parameter groups (a Conv's weight and bias, a ConvTranspose's weight and the bias added after it,
@@ -14,7 +16,8 @@ run. Both sequences must agree kind by kind and shape by shape, or the import st
 first place they differ; so a file of another architecture is refused, never half loaded.
 
 PaddleOCR feeds BGR images; the stem's input channels are swapped here so the model takes wds-ocr's
-RGB records. Normalization (x / 255 - 0.5) / 0.5 travels in the config.
+RGB records. The normalization PaddleOCR trains this detector with (``lcnet.MEAN`` / ``lcnet.STD``)
+travels in the config.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ from wds_ocr.model.lcnet import MEAN, STD, Affine
 # The model settings of the imported detector.
 PPOCR_MODEL = {"backbone": "pplcnetv3", "neck": "rsefpn", "neck_channels": 96, "k": 50.0,
                "input_mean": list(MEAN), "input_std": list(STD)}
+# PaddleOCR's DB post-processing defaults for this detector (its kernels are shrunk by 0.4 in training,
+# so its boxes need a larger unclip than wds-ocr's 0.6-shrink targets); a fine-tuning run takes its
+# post-processing from its own settings, not from here.
+PPOCR_POSTPROCESS = {"thresh": 0.3, "box_thresh": 0.5, "unclip_ratio": 1.6}
 WHEEL_PACKAGE = "rapidocr_onnxruntime"
 WHEEL_MODEL = Path("models") / "ch_PP-OCRv4_det_infer.onnx"
 # The shipped file is 4.7 MB; anything far larger is not this model.
@@ -185,7 +192,6 @@ def import_ppocr(path: str | Path, base: Config | None = None) -> tuple[Config, 
     data = (base or Config()).model_dump(mode="json")
     data["model"] = dict(PPOCR_MODEL)
     config = build_config(data)
-    torch.manual_seed(0)  # the threshold head's fresh initialization is reproducible
     model = DBNet(config.model, load_weights=False)
     order = _module_order(model)
     if len(order) != len(groups):
@@ -208,6 +214,8 @@ def import_ppocr(path: str | Path, base: Config | None = None) -> tuple[Config, 
                 raise CheckpointError(f"ONNX file {path}: {group.where} has shape {tuple(tensor.shape)} where {key} "
                                       f"needs {tuple(state[key].shape)}: not the PP-OCRv4 detector")
             state[key] = tensor.clone()
+    for key in [k for k in state if k.startswith("prob_head.")]:
+        state["thresh_head." + key[len("prob_head."):]] = state[key].clone()
     # PaddleOCR's input is BGR; wds-ocr's records are RGB.
     stem = "backbone.stem.0.weight"
     state[stem] = state[stem].flip(1).contiguous()

@@ -58,7 +58,7 @@ CHECKPOINT_SECONDS = 300.0
 # the learning-rate schedule): a resume must not change them.
 RESUME_FIXED = (("loader", "batch_size"), ("loader", "seed"), ("loader", "shuffle_block"), ("train", "accumulate"),
                 ("train", "epochs"), ("train", "max_steps"), ("train", "warmup_steps"), ("train", "schedule"),
-                ("augment", "crop_size"))
+                ("train", "backbone_lr_scale"), ("augment", "crop_size"))
 # Warmup takes at most this share of the run, so the decay always follows it.
 MAX_WARMUP_SHARE = 0.2
 
@@ -117,12 +117,36 @@ class _Meter:
         return self.samples * world_size / elapsed, self.wait / elapsed
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on convolution/linear weights only, not on BatchNorm or biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def _optimizer(model: DBNet, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on convolution/linear weights only, not on BatchNorm or biases. With
+    ``train.backbone_lr_scale`` other than 1 the backbone's parameters form groups of their own
+    whose ``lr_scale`` the schedule applies; at 0 they get no gradients at all (``freeze``)."""
+    parts = [(list(model.parameters()), 1.0)]
+    if config.backbone_lr_scale != 1.0:
+        backbone = {id(p) for p in model.backbone.parameters()}
+        parts = [([p for p in model.parameters() if id(p) in backbone], config.backbone_lr_scale),
+                 ([p for p in model.parameters() if id(p) not in backbone], 1.0)]
+        if config.backbone_lr_scale == 0.0:
+            for parameter in parts[0][0]:
+                parameter.requires_grad_(False)
+    groups = []
+    for params, scale in parts:
+        groups += [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+
+
+def _train_mode(model: torch.nn.Module, raw_model: DBNet, config: TrainConfig) -> None:
+    """Training mode, except a frozen backbone (whose BatchNorm statistics stay as they were) and,
+    with ``train.freeze_batchnorm``, every BatchNorm layer (normalizing with its stored statistics)."""
+    model.train()
+    if config.backbone_lr_scale == 0.0:
+        raw_model.backbone.eval()
+    if config.freeze_batchnorm:
+        for module in raw_model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Optimizer,
@@ -131,9 +155,10 @@ def _restore(path: Path, config: Config, model: DBNet, optimizer: torch.optim.Op
     """Load a checkpoint into the run's objects; its position and best H-mean."""
     path = path / LAST_NAME if path.is_dir() else path
     body = load_checkpoint(path)
-    stored, current = body["config"], config.model_dump(mode="json")
-    # Compared as resolved settings (checkpoints older than the normalization fields hold fewer keys).
-    stored_model = _model_settings(resolve_model(checkpoint_config(body, path)))
+    # Compared as validated settings: a checkpoint older than a setting holds its default.
+    stored_config = checkpoint_config(body, path)
+    stored, current = stored_config.model_dump(mode="json"), config.model_dump(mode="json")
+    stored_model = _model_settings(resolve_model(stored_config))
     current_model = _model_settings(config)
     if stored_model != current_model:
         raise ConfigError(f"cannot resume from {path}: model settings {stored_model} differ from {current_model}; "
@@ -326,11 +351,11 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         while position.step < stop_at:
             stream.set_epoch(position.epoch, position.batch)
             batches = iter(loader)
-            model.train()
+            _train_mode(model, raw_model, tc)
             while position.batch < micro_per_epoch and position.step < stop_at:
                 lr = schedule(position.step)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 step_parts = torch.zeros(len(LOSS_PARTS), device=runtime.device)
                 for micro in range(tc.accumulate):
                     waiting = time.perf_counter()

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Fine-tune the PP-OCRv4 mobile detector on real receipts and score it beside the off-the-shelf one.
+#
+#   tools/recipes/sroie-ppocr.sh [cpu|gpu] [SOURCE] [OUT]
+#
+# cpu (default): tools/recipes/sroie-ppocr.toml on a 2-core CPU (see docs/BENCHMARKS.md, "Detectors").
+# gpu:           tools/recipes/sroie-ppocr-gpu.toml: the same records, longer, on whole records.
+# SOURCE: a dataset in the receipt layout with train and val splits [../shared/data/sroie-dev].
+# OUT:    the run folder [runs/sroie-ppocr-<recipe>]; shards go to shards/sroie-<size>/{train,val}.
+#
+# Stages: import the detector from the rapidocr-onnxruntime wheel (tools/_env.sh installs it),
+# build the shards at the recipe's transform.size, fine-tune with train --init, evaluate last.pt
+# from the shards and through the live path (they must agree), then tools/bench_detectors.py:
+# PP-OCRv4 as shipped, the imported detector before fine-tuning, and last.pt, side by side.
+set -euo pipefail
+recipe="${1:-cpu}"
+case "$recipe" in
+  cpu) config="tools/recipes/sroie-ppocr.toml" ;;
+  gpu) config="tools/recipes/sroie-ppocr-gpu.toml" ;;
+  *) echo "error: no recipe $recipe (use cpu or gpu)" >&2; exit 2 ;;
+esac
+source "$(dirname "${BASH_SOURCE[0]}")/../_env.sh"   # .venv with wds-ocr; the working folder is the repo
+source_dir="${2:-../shared/data/sroie-dev}"
+out="${3:-runs/sroie-ppocr-$recipe}"
+wds=.venv/bin/wds-ocr
+size=$(.venv/bin/python -c "import sys; from wds_ocr.config import load_config; print(load_config(sys.argv[1]).transform.size)" "$config")
+shards="shards/sroie-$size"
+pretrained=pretrained/ppocrv4_det.pt
+started=$SECONDS
+stage() { echo "== $1 (at $((SECONDS - started)) s)"; }
+
+stage "import-ppocr"
+"$wds" import-ppocr --out "$pretrained" --set "transform.size=$size"
+stage "build-shards ($size px)"
+for split in train val; do
+  "$wds" build-shards "$source_dir" --split "$split" --out "$shards/$split" --quiet --config "$config"
+done
+stage "train"
+"$wds" train --init "$pretrained" --shards "$shards/train" --val-shards "$shards/val" --out "$out" --config "$config"
+stage "evaluate"
+"$wds" evaluate --checkpoint "$out/last.pt" --shards "$shards/val" --json --quiet > "$out/eval-shards.json"
+"$wds" evaluate --checkpoint "$out/last.pt" --source "$source_dir" --split val --json --quiet > "$out/eval-source.json"
+stage "side by side with PP-OCRv4"
+.venv/bin/python tools/bench_detectors.py "$source_dir" --split val --checkpoint "$pretrained" \
+  --checkpoint "$out/last.pt" --json "$out/detectors.json" | tee "$out/detectors.txt"
+stage "done"
+.venv/bin/python - "$out" "$((SECONDS - started))" <<'PY'
+import json, sys
+from pathlib import Path
+out, seconds = Path(sys.argv[1]), int(sys.argv[2])
+a, b = (json.loads((out / f"eval-{kind}.json").read_text()) for kind in ("shards", "source"))
+fields = ("precision", "recall", "hmean", "matched", "gt_care", "det_care")
+same = all(a[f] == b[f] for f in fields)
+rows = json.loads((out / "detectors.json").read_text())
+peer, tuned = rows[0], rows[-1]
+print(f"val from shards:    P {a['precision']:.4f}  R {a['recall']:.4f}  H-mean {a['hmean']:.4f}")
+print(f"val from live path: P {b['precision']:.4f}  R {b['recall']:.4f}  H-mean {b['hmean']:.4f}")
+print(f"shards and live path agree: {'yes' if same else 'NO'}")
+print(f"fine-tuned {tuned['hmean']:.4f} vs PP-OCRv4 {peer['hmean']:.4f}: {tuned['hmean'] - peer['hmean']:+.4f} H-mean; "
+      f"wall time {seconds} s ({seconds / 60:.1f} min)")
+(out / "recipe.json").write_text(json.dumps({"shards": a, "source": b, "agree": same, "detectors": rows,
+                                             "wall_seconds": seconds}, indent=1, sort_keys=True) + "\n")
+sys.exit(0 if same else 1)
+PY
