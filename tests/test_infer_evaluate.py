@@ -47,9 +47,11 @@ def receipts(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("pad", ["top_left", "center"])
-def test_shards_and_live_path_give_identical_scores_on_synthetic_receipts(receipts, tmp_path, pad):
-    config = load_config(None, ["transform.size=128", f"transform.pad={pad}", *RANDOM_MODEL])
+@pytest.mark.parametrize("pad, crop", [("top_left", "false"), ("center", "false"), ("top_left", "true"),
+                                       ("center", "true")])
+def test_shards_and_live_path_give_identical_scores_on_synthetic_receipts(receipts, tmp_path, pad, crop):
+    config = load_config(None, ["transform.size=128", f"transform.pad={pad}", f"evaluation.crop_to_content={crop}",
+                                *RANDOM_MODEL])
     build_shards(receipts, "train", tmp_path / "shards", config)
     checkpoint = random_checkpoint(tmp_path / "random.pt", config)
     for precision in ("32", "bf16-mixed"):
@@ -167,3 +169,53 @@ def test_loader_settings_come_from_the_config_unless_an_option_is_given(receipts
         result = runner.invoke(cli, [*base, *extra])
         assert result.exit_code == 0, result.output
         assert seen[-1] == expected, extra
+
+
+def test_content_window_covers_every_image_of_the_batch_in_whole_strides():
+    from wds_ocr.infer.detect import content_window
+    from wds_ocr.infer.scoring import ImageTruth
+
+    def truth(offset, size, scale=0.5):  # a record holding an image of ``size`` at ``offset``, resized by ``scale``
+        inverse = np.array([[1 / scale, 0, -offset[0] / scale], [0, 1 / scale, -offset[1] / scale], [0, 0, 1.0]])
+        return ImageTruth("x", (round(size[0] / scale), round(size[1] / scale)), inverse, (), np.zeros(0, bool),
+                          np.zeros(0, np.uint8))
+
+    # top-left padding: a tall image (100 x 250) and a wide one (250 x 90) in 256 x 256 records
+    assert content_window([truth((0, 0), (100, 250))], 256) == (slice(0, 256), slice(0, 128))
+    assert content_window([truth((0, 0), (100, 250)), truth((0, 0), (250, 90))], 256) == (slice(0, 256),
+                                                                                          slice(0, 256))
+    assert content_window([truth((0, 0), (40, 70))], 256) == (slice(0, 96), slice(0, 64))
+    # centred: the window starts at a multiple of 32 at or before the image and ends inside the record
+    assert content_window([truth((78, 0), (100, 250))], 256) == (slice(0, 256), slice(64, 192))
+    assert content_window([truth((0, 233), (256, 23))], 256) == (slice(224, 256), slice(0, 256))
+
+
+def test_crop_to_content_runs_the_model_on_the_window_only(receipts, tmp_path):
+    """The cropped run scores exactly what a forward pass over the window gives."""
+    from wds_ocr.infer.detect import content_window, probability_maps
+    from wds_ocr.infer.scoring import detect as detect_boxes
+    from wds_ocr.eval.metric import match_image
+    from wds_ocr.loader.stream import ShardStream
+
+    config = load_config(None, ["transform.size=128", "evaluation.crop_to_content=true", *RANDOM_MODEL])
+    build_shards(receipts, "train", tmp_path / "shards", config)
+    checkpoint = random_checkpoint(tmp_path / "random.pt", config)
+    result = evaluate_shards(checkpoint, tmp_path / "shards", config, precision="32", batch_size=1, workers=0,
+                             device="cpu")
+    model = DBNet(config.model)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
+    model.eval()
+    stream = ShardStream(tmp_path / "shards", 1, train=False)
+    stream.set_epoch(0)
+    windows = []
+    for batch, evaluated in zip(stream, result.per_image):
+        from wds_ocr.infer.detect import truth_from_info
+
+        truth = truth_from_info(batch.info[0])
+        window = content_window([truth], 128)
+        windows.append(window)
+        prob = probability_maps(model, batch.images, torch.device("cpu"), "32", window)[0]
+        found = detect_boxes(prob, truth.inverse_matrix, truth.original_size, config.postprocess)
+        counts = match_image(truth.polygons, truth.dont_care, [d.polygon for d in found])
+        assert (evaluated.detections, evaluated.matched) == (len(found), counts.matched)
+    assert any(w != (slice(0, 128), slice(0, 128)) for w in windows)  # some records were cropped

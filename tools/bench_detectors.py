@@ -14,8 +14,9 @@ scores) with wds-ocr's ICDAR 2015 IoU metric, and the counts are summed over the
   opencv-python-headless's cv2 with the GUI build: ``pip install --no-deps rapidocr-onnxruntime==1.4.4``
   plus ``pip install onnxruntime six`` (the rest it needs is already wds-ocr's).
 - **a checkpoint**: resize and pad per ``transform`` (the checkpoint's settings, ``--set`` on top),
-  one forward pass, DB post-processing, boxes mapped back through the inverse matrix: what
-  ``wds-ocr predict`` does for one image.
+  one forward pass (on the image's part of the record with ``evaluation.crop_to_content``), DB
+  post-processing, boxes mapped back through the inverse matrix: what ``wds-ocr predict`` does for
+  one image.
 
 images/s and CPU-s per image cover only the detector's own work on the decoded image (its resize,
 normalization, network and post-processing; decoding and ground truth are outside the clock), one
@@ -43,7 +44,7 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import list_source
 from wds_ocr.errors import SampleError
 from wds_ocr.eval.metric import DetectionMetric
-from wds_ocr.infer.detect import detect, probability_maps
+from wds_ocr.infer.detect import ImageTruth, content_window, detect, probability_maps
 from wds_ocr.run.checkpoint import open_checkpoint
 
 Detector = Callable[[np.ndarray], list[np.ndarray]]
@@ -93,7 +94,11 @@ def checkpoint_detector(path: Path, overrides: list[str]) -> tuple[Detector, Con
         height, width = pixels.shape[:2]
         plan = plan_resize(width, height, config.transform)
         image = resize_and_pad(pixels, plan)
-        prob = probability_maps(model, torch.from_numpy(image[None]), device, "32")[0]
+        window = None
+        if config.evaluation.crop_to_content:
+            window = content_window([ImageTruth("", (width, height), plan.inverse(), (), np.zeros(0, bool),
+                                                np.zeros(0, np.uint8))], config.transform.size)
+        prob = probability_maps(model, torch.from_numpy(image[None]), device, "32", window)[0]
         return [d.polygon for d in detect(prob, plan.inverse(), (width, height), config.postprocess)]
 
     return run, config

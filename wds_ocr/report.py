@@ -210,14 +210,15 @@ def evaluate_images(checkpoint, batches: Iterator, config, precision: str, devic
     """Every image's counts (evaluation order) and the worst ``worst`` images' pictures."""
     from wds_ocr.data.geometry import valid_region
     from wds_ocr.eval.metric import match_image
-    from wds_ocr.infer.detect import probability_maps
+    from wds_ocr.infer.detect import content_window, probability_maps
     from wds_ocr.infer.scoring import detect
 
     model = checkpoint.model(device)
     results: list[ImageResult] = []
     kept: list[_Kept] = []  # sorted worst first, at most ``worst`` long
     for images, truths, keys in batches:
-        maps = probability_maps(model, images, device, precision)
+        window = content_window(truths, int(images.shape[1])) if config.evaluation.crop_to_content else None
+        maps = probability_maps(model, images, device, precision, window)
         for row, (truth, key) in enumerate(zip(truths, keys)):
             found = detect(maps[row], truth.inverse_matrix, truth.original_size, config.postprocess)
             polygons = [d.polygon for d in found]

@@ -41,9 +41,10 @@ from wds_ocr.eval.cleval import CLEvalCounts, require_cleval
 from wds_ocr.eval.metric import DetectionMetric
 from wds_ocr.infer.postpool import PostPool
 from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings, detect, score_image
+from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import IMAGENET, Normalization
 from wds_ocr.loader.device import normalize
-from wds_ocr.model.dbnet import DBNet
+from wds_ocr.model.dbnet import STRIDE, DBNet
 from wds_ocr.run.runtime import Runtime, autocast, autocast_dtype, cpu_threads_beside, usable_cores
 
 EvalProgress = Callable[[int, int], None]  # (images done on this rank, images this rank will do)
@@ -163,8 +164,14 @@ def map_form(maps: torch.Tensor, logits_dtype: torch.dtype | None, device: torch
     return MapForm("logits16", np.ascontiguousarray(table, dtype=np.float32))
 
 
-def probability_maps(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
-    """(N, S, S) float32 probabilities for (N, S, S, 3) uint8 images: exactly what evaluation scores."""
+def probability_maps(model: torch.nn.Module, images: torch.Tensor, device: torch.device, precision: str,
+                     window: tuple[slice, slice] | None = None) -> np.ndarray:
+    """(N, H, W) float32 probabilities for (N, H, W, 3) uint8 images: exactly what evaluation scores.
+    ``window`` (a ``content_window``): the model runs on that part only; the maps are 0 elsewhere."""
+    if window is not None:
+        full = np.zeros(images.shape[:3], dtype=np.float32)
+        full[:, window[0], window[1]] = probability_maps(model, images[:, window[0], window[1]], device, precision)
+        return full
     maps = device_maps(model, images, device, precision)
     host = maps.cpu().numpy()  # synchronization point: the CPU waits for the device here
     if maps.dtype == torch.float32:
@@ -212,15 +219,31 @@ class _InlineScorer:
         pass
 
 
+def content_window(truths: Sequence[Any], side: int) -> tuple[slice, slice]:
+    """(rows, columns) of a batch's (side x side) records that hold every image of the batch: the
+    union of their valid regions, its start rounded down and its size up to multiples of STRIDE.
+    ``truths``: anything with ``inverse_matrix`` and ``original_size`` (an ``ImageTruth``)."""
+    regions = [valid_region(t.inverse_matrix, t.original_size) for t in truths]
+    bounds = []
+    for axis in (1, 0):  # rows (y), then columns (x)
+        start = min(offset[axis] for offset, _ in regions) // STRIDE * STRIDE
+        stop = max(offset[axis] + size[axis] for offset, size in regions)
+        stop = min(side, start + -(-(stop - start) // STRIDE) * STRIDE)
+        bounds.append(slice(start, stop))
+    return bounds[0], bounds[1]
+
+
 def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, Sequence[ImageTruth]]],
                   config: PostprocessConfig, precision: str, device: torch.device, *, post_workers: int = 0,
                   metric: str = "iou", capacity: int | None = None, progress: EvalProgress | None = None,
-                  total: int = 0, pool_options: dict[str, Any] | None = None) -> DetectionRun:
+                  total: int = 0, pool_options: dict[str, Any] | None = None,
+                  crop_to_content: bool = False) -> DetectionRun:
     """Run the model over (uint8 images, truths) batches and score every image (this rank's counts).
 
     ``capacity``: the largest batch (default: the first batch's size); ``pool_options``: the worker
     pool's deadlines (``start_timeout``, ``result_timeout``) and ``inline_start`` (False: wait for
-    the workers instead of scoring in this process until one is up).
+    the workers instead of scoring in this process until one is up). ``crop_to_content``: run the
+    model on each batch's ``content_window`` only (scoring reads nothing outside it).
     """
     settings = ScoringSettings(config, metric)
     if metric == "cleval":
@@ -251,7 +274,9 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
                 begin.record()
             # On a CPU device the float32 sigmoid is written straight into the ring (below): the
             # same kernel on the same logits, one pass over the maps instead of two.
-            maps = device_maps(model, images, device, precision, sigmoid=device.type != "cpu")
+            window = content_window(truths, int(images.shape[1])) if crop_to_content else (slice(None), slice(None))
+            maps = device_maps(model, images[:, window[0], window[1]], device, precision,
+                               sigmoid=device.type != "cpu")
             if on_cuda:
                 end.record()
                 events.append((begin, end))
@@ -260,12 +285,12 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
             logits_out = device.type == "cpu" and maps.dtype == torch.float32
             if not opened:
                 form = map_form(maps, autocast_dtype(device, precision), device)
-                scorer.open_ring(form, int(maps.shape[-1]), max(capacity or 0, len(truths)))
+                scorer.open_ring(form, int(images.shape[1]), max(capacity or 0, len(truths)))
                 opened = True
             group, host = scorer.acquire(len(truths))
             copying = time.perf_counter()
             # Synchronization point: the copy waits for the device to finish this batch's forward.
-            target = torch.from_numpy(host.view(np.int16) if maps.dtype == torch.int16 else host)
+            target = torch.from_numpy(host.view(np.int16) if maps.dtype == torch.int16 else host)[:, window[0], window[1]]
             if logits_out:
                 torch.sigmoid(maps, out=target)
             else:

@@ -138,6 +138,7 @@ def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, con
                     yield batch.images, [truth_from_info(i, texts.get(i.key) if texts else None) for i in batch.info]
 
         run = run_detection(model, batches(), config.postprocess, precision, runtime.device,
+                            crop_to_content=config.evaluation.crop_to_content,
                             post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
                             metric=metric, capacity=loader.batch_size, progress=progress, total=total,
                             pool_options=pool_options)
@@ -212,6 +213,7 @@ def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path,
         mine = listing.samples[runtime.rank :: runtime.world_size]
         batches = _batched_live(_LiveSamples(mine, config), loader.batch_size, loader.workers, skipped)
         run = run_detection(model, batches, config.postprocess, precision, runtime.device,
+                            crop_to_content=config.evaluation.crop_to_content,
                             post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
                             metric=metric, capacity=loader.batch_size, progress=progress, total=len(mine),
                             pool_options=pool_options)

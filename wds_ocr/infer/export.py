@@ -132,8 +132,13 @@ class OnnxDetector:
             raise CheckpointError(f"ONNX model {path}: its wds-ocr settings are not valid here: {exc}") from None
         self.path = path
 
-    def probability_maps(self, images: np.ndarray) -> np.ndarray:
-        """(N, H, W) float32 probabilities of (N, H, W, 3) uint8 RGB images."""
+    def probability_maps(self, images: np.ndarray, window: tuple[slice, slice] | None = None) -> np.ndarray:
+        """(N, H, W) float32 probabilities of (N, H, W, 3) uint8 RGB images (``window``: run on that
+        part only, 0 elsewhere, as ``detect.probability_maps``)."""
+        if window is not None:
+            full = np.zeros(images.shape[:3], dtype=np.float32)
+            full[:, window[0], window[1]] = self.probability_maps(images[:, window[0], window[1]])
+            return full
         (maps,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})
         return maps[:, 0]
 

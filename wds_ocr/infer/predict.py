@@ -29,7 +29,7 @@ from wds_ocr.data.geometry import plan_resize, resize_and_pad
 from wds_ocr.data.images import decode_canonical, read_image_bytes
 from wds_ocr.errors import ConfigError, SampleError
 from wds_ocr.eval.postprocess import Detection
-from wds_ocr.infer.detect import detect, probability_maps
+from wds_ocr.infer.detect import content_window, detect, probability_maps
 from wds_ocr.infer.export import OnnxDetector
 from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import check_precision, resolve_device
@@ -67,6 +67,10 @@ class _Prepared:
     pixels: np.ndarray  # canonical (displayed-frame) RGB image
     image: np.ndarray  # (S, S, 3) uint8, transformed
     inverse_matrix: np.ndarray
+
+    @property
+    def original_size(self) -> tuple[int, int]:
+        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
 
 
 def _prepare(path: Path, config: Config) -> _Prepared:
@@ -138,22 +142,24 @@ def predict(checkpoint: str | Path | Checkpoint | OnnxDetector, images: list[Pat
     _check_stems(images)
     if isinstance(checkpoint, OnnxDetector):
         config = config or checkpoint.config
-        maps_of: Callable[[np.ndarray], np.ndarray] = checkpoint.probability_maps
+        maps_of: Callable[[np.ndarray, tuple[slice, slice] | None], np.ndarray] = checkpoint.probability_maps
     else:
         checkpoint = open_checkpoint(checkpoint)
         torch_device = resolve_device(device)
         model = checkpoint.model(torch_device)
         config = config or checkpoint.config
 
-        def maps_of(stacked: np.ndarray) -> np.ndarray:
-            return probability_maps(model, torch.from_numpy(stacked), torch_device, precision)
+        def maps_of(stacked: np.ndarray, window: tuple[slice, slice] | None) -> np.ndarray:
+            return probability_maps(model, torch.from_numpy(stacked), torch_device, precision, window)
 
     out_dir = Path(out_dir)  # made when the first result is written: a run that predicts nothing leaves none
     predictions: list[Prediction] = []
     failed: list[str] = []
     started = time.perf_counter()
     for batch in _batches(images, config, batch_size, on_error, failed):
-        prob = maps_of(np.stack([p.image for p in batch]))
+        stacked = np.stack([p.image for p in batch])
+        window = content_window(batch, stacked.shape[1]) if config.evaluation.crop_to_content else None
+        prob = maps_of(stacked, window)
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample_prob, prepared in zip(prob, batch):
             height, width = prepared.pixels.shape[:2]

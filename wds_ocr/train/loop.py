@@ -214,6 +214,7 @@ def _validate(model: DBNet, loader: Iterable[Batch], config: Config, precision: 
     batches = ((batch.images, [truth_from_info(info) for info in batch.info]) for batch in loader if len(batch))
     post_workers = resolve_post_workers(config.evaluation.post_workers, config.loader.workers, runtime)
     run = run_detection(model, batches, config.postprocess, precision, runtime.device, post_workers=post_workers,
+                        crop_to_content=config.evaluation.crop_to_content,
                         capacity=config.loader.batch_size)
     return reduce_metric(run.metric, runtime).score(), run.times.as_dict()  # every rank joins the all-reduce
 
