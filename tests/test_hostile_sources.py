@@ -234,3 +234,45 @@ def test_build_with_bombs_fifos_and_devices_rejects_them_and_finishes(synth_root
         "folder.jpg": f"expected an image file but found a directory: {images / 'folder.jpg'}",
     }
     assert (out / "manifest.json").is_file()
+
+
+def _gif_declaring(width: int, height: int) -> bytes:
+    """A 48-byte GIF whose logical screen and image declare ``width`` x ``height`` pixels."""
+    screen = b"GIF89a" + width.to_bytes(2, "little") + height.to_bytes(2, "little") + b"\x80\x00\x00"
+    palette = b"\x00\x00\x00\xff\xff\xff"
+    image = b"\x2c" + b"\x00\x00\x00\x00" + width.to_bytes(2, "little") + height.to_bytes(2, "little") + b"\x00"
+    return screen + palette + image + b"\x02\x02\x44\x01\x00\x3b"
+
+
+@pytest.mark.parametrize("data, format_name", [
+    (_gif_declaring(65535, 65535), "GIF"),
+    # a PSD header: 8BPS, version 1, 3 channels, 60000 x 60000, 8 bits, RGB
+    (b"8BPS\x00\x01" + b"\x00" * 6 + b"\x00\x03" + (60000).to_bytes(4, "big") * 2 + b"\x00\x08\x00\x03"
+     + b"\x00" * 16, "PSD"),
+])
+def test_other_decoders_declaring_a_bomb_are_a_reject(data, format_name):
+    """Pillow refuses to open these from their header alone; that is a reject naming the file."""
+    with pytest.raises(SampleError) as caught:
+        decode_canonical(data, f"bomb.{format_name.lower()}")
+    assert str(caught.value).startswith(f"bomb.{format_name.lower()}: unsupported image format")
+    assert "supported: JPEG, PNG, WEBP, TIFF, BMP" in str(caught.value)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
+    from wds_ocr.data.images import MAX_JPEG_SCANS
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    first_scan = data.index(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    scans = data[first_scan:end]  # every scan of the file, SOS headers and entropy-coded data
+    count = scans.count(b"\xff\xda")
+    assert count >= 2
+    repeated = data[:first_scan] + scans * (MAX_JPEG_SCANS // count + 1) + b"\xff\xd9"
+    started = time.perf_counter()
+    with pytest.raises(SampleError, match=rf"many.jpg: JPEG with more than {MAX_JPEG_SCANS} scans: decoding costs a "
+                                          r"pass over the whole image per scan"):
+        decode_canonical(repeated, "many.jpg")
+    assert time.perf_counter() - started < 10  # refused from the markers, never decoded
+    assert decode_canonical(data, "fine.jpg").pixels.shape == (64, 64, 3)  # an ordinary progressive JPEG

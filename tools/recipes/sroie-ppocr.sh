@@ -30,7 +30,7 @@ started=$SECONDS
 stage() { echo "== $1 (at $((SECONDS - started)) s)"; }
 
 stage "import-ppocr"
-"$wds" import-ppocr --out "$pretrained" --set "transform.size=$size"
+"$wds" import-ppocr --out "$pretrained" --set "transform.size=$size" --set evaluation.crop_to_content=true
 stage "build-shards ($size px)"
 for split in train val; do
   "$wds" build-shards "$source_dir" --split "$split" --out "$shards/$split" --quiet --config "$config"

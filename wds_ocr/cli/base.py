@@ -10,6 +10,8 @@ from typing import Any, Callable
 
 import click
 
+from wds_ocr.cli.progress import Progress
+
 from wds_ocr.errors import WdsOcrError
 
 
@@ -74,28 +76,18 @@ def score_line(score) -> str:
 
 
 class _CounterBar:
-    """A tqdm bar driven by (done, total) callbacks, made at the first callback (so a command that
+    """Progress driven by (done, total) callbacks, made at the first callback (so a command that
     fails before its work starts prints its error alone)."""
 
     def __init__(self, total: int, desc: str, quiet: bool):
-        self.total, self.desc = total, desc
-        self.disabled = quiet or not is_rank0()
-        self.bar = None
+        self.progress = Progress(desc, "img", quiet or not is_rank0())
+        self.total = total
 
     def __call__(self, done: int, count: int) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:
-            self.bar = tqdm(total=count or self.total or None, unit="img", desc=self.desc, disable=self.disabled,
-                            file=sys.stderr)
-        if count and self.bar.total != count:
-            self.bar.total = count
-        self.bar.n = done
-        self.bar.refresh()
+        self.progress.update(done, count or self.total or None)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
 
 
 def counter_bar(total: int, desc: str, quiet: bool):
@@ -122,37 +114,24 @@ def shards_phrase(manifest) -> str:
 
 
 class _TrainBar:
-    """A tqdm bar of optimizer steps, made at training's "start" event (when the run's length is
-    known: no "0step" bar while the model is built), fed by its progress events."""
+    """Progress of optimizer steps, begun at training's "start" event (when the run's length is
+    known), fed by its progress events; validations are printed as lines."""
 
     def __init__(self, quiet: bool):
         self.disabled = quiet or not is_rank0()
-        self.bar = None
-        self.postfix: dict[str, str] = {}
+        self.progress = Progress("train", "step", self.disabled)
 
     def __call__(self, p) -> None:
-        from tqdm import tqdm
-
         if p.event in ("start", "step"):
-            if self.bar is None:
-                self.bar = tqdm(total=p.total_steps, initial=p.step, unit="step", desc="train",
-                                disable=self.disabled, file=sys.stderr)
-            self.bar.total = p.total_steps
-            self.bar.n = p.step
-            self.bar.refresh()
-        elif p.event == "train" and self.bar is not None:
-            self.bar.set_postfix(epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
-                                 samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}", refresh=True)
+            self.progress.update(p.step, p.total_steps)
+        elif p.event == "train":
+            self.progress.update(p.step, p.total_steps, epoch=p.epoch, loss=f"{p.loss:.4f}", lr=f"{p.lr:.2e}",
+                                 samples_s=f"{p.samples_per_s:.1f}", data_wait=f"{p.data_wait:.0%}")
         elif p.score is not None and not self.disabled:
-            line = f"epoch {p.epoch} validation: {score_line(p.score)}"
-            if self.bar is not None:
-                self.bar.write(line, file=sys.stderr)
-            else:
-                click.echo(line, err=True)
+            self.progress.write(f"epoch {p.epoch} validation: {score_line(p.score)}")
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.progress.close()
 
 
 def train_bar(quiet: bool):

@@ -74,29 +74,23 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
 
     A folder holding shards built with other settings is refused unless --overwrite; a run
     reading those shards then stops with an error saying they were rebuilt."""
-    from tqdm import tqdm
-
+    from wds_ocr.cli.progress import Progress
     from wds_ocr.shards.build import Partition, build_shards
 
     config = load_settings(config_file, overrides)
     out = out or Path("shards") / split
     part = Partition.parse(partition) if partition else None
     started = time.perf_counter()
-    bar = None
+    bar = Progress("build", "sample", quiet)
 
     def progress(p) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=p.total, initial=p.done - 1, unit="sample", desc="build", disable=quiet, file=sys.stderr)
-        bar.update(1)
-        bar.set_postfix(written=p.written, rejected=p.rejected, refresh=False)
+        bar.update(p.done, p.total, written=p.written, rejected=p.rejected)
 
     try:
         result = build_shards(source, split, out, config, workers=workers, partition=part, progress=progress,
                               overwrite=overwrite)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     elapsed = time.perf_counter() - started
     counts = result.manifest.counts
     if result.up_to_date:

@@ -5,8 +5,9 @@ Apache-2.0): PP-LCNetV3 backbone (folded for inference, ``model.lcnet``), RSEFPN
 channels and DB's probability head. The graph holds no threshold head (inference drops it), so
 the imported model's ``thresh_head`` starts as a copy of the probability head, BatchNorm
 statistics included (a freshly initialized head would start with statistics that do not fit the
-neck's features, which matters when fine-tuning keeps BatchNorm statistics frozen); fine-tuning
-trains it towards DB's threshold map.
+neck's features, which matters when fine-tuning keeps BatchNorm statistics frozen), with its last
+layer zeroed (a threshold of 0.5 everywhere to begin with); fine-tuning trains it towards DB's
+threshold map.
 
 How weights find their modules: the ONNX graph is walked in order and turned into a sequence of
 parameter groups (a Conv's weight and bias, a ConvTranspose's weight and the bias added after it,
@@ -216,6 +217,10 @@ def import_ppocr(path: str | Path, base: Config | None = None) -> tuple[Config, 
             state[key] = tensor.clone()
     for key in [k for k in state if k.startswith("prob_head.")]:
         state["thresh_head." + key[len("prob_head."):]] = state[key].clone()
+    # ... except its last layer, zeroed: the threshold starts at sigmoid(0) = 0.5 everywhere, where
+    # its loss has gradient (a copy of the probability logits would start saturated).
+    for name in ("weight", "bias"):
+        state[f"thresh_head.6.{name}"] = torch.zeros_like(state[f"thresh_head.6.{name}"])
     # PaddleOCR's input is BGR; wds-ocr's records are RGB.
     stem = "backbone.stem.0.weight"
     state[stem] = state[stem].flip(1).contiguous()
