@@ -89,7 +89,8 @@ class Progress:
         if moved > 0 and elapsed > 0:
             per = elapsed / moved
             rate = f"{per:.1f} s/{self.unit}" if per >= 1 else f"{1 / per:.1f} {self.unit}s/s"
-            parts.append(rate + (f", ~{_duration(per * (self.total - self.done))} left" if self.total else ""))
+            parts.append(rate + (f", ~{_duration(per * (self.total - self.done))} left"
+                                 if self.total and self.done < self.total else ""))
         line = ", ".join(parts)
         if self.postfix:
             line += "; " + ", ".join(f"{k} {v}" for k, v in self.postfix.items())
