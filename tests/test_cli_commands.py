@@ -63,6 +63,43 @@ def test_evaluate_needs_exactly_one_input(demo_run):
     assert "error: give exactly one of --shards or --source" in result.output
 
 
+def test_evaluate_sweep_prints_the_best_settings_and_refuses_bad_specs(demo_run):
+    out, _ = demo_run
+    common = ["evaluate", "--checkpoint", str(out / "run" / "last.pt"), "--shards", str(out / "shards" / "train"),
+              "--workers", "0", "--quiet"]
+    result = CliRunner().invoke(cli, [*common, "--sweep", "box_thresh=0.3,0.05", "--sweep", "thresh=0.3,0.01",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.output)
+    sweep = body["sweep"]
+    assert len(sweep) == 4 and [s["hmean"] for s in sweep] == sorted((s["hmean"] for s in sweep), reverse=True)
+    assert {(s["postprocess"]["box_thresh"], s["postprocess"]["thresh"]) for s in sweep} == \
+        {(0.3, 0.3), (0.3, 0.01), (0.05, 0.3), (0.05, 0.01)}
+    assert all(s["gt_care"] == body["gt_care"] for s in sweep)
+    text = CliRunner().invoke(cli, [*common, "--sweep", "box_thresh=0.3,0.05", "--sweep", "thresh=0.3,0.01"])
+    assert text.exit_code == 0, text.output
+    assert "sweep: 4 post-processing settings on the same maps (IoU), best 4:" in text.output
+    assert re.search(r"^best: (--set postprocess\.\w+=[0-9.]+ ?)+$|^best: the settings in use$", text.output, re.M)
+    saved = out / "run" / "tuned.pt"
+    tuned = CliRunner().invoke(cli, [*common, "--sweep", "box_thresh=0.3,0.05", "--sweep", "thresh=0.3,0.01",
+                                     "--json", "--save-best", str(saved)])
+    assert tuned.exit_code == 0, tuned.output
+    best = json.loads(tuned.output)["sweep"][0]
+    from wds_ocr.run.checkpoint import open_checkpoint
+
+    stored = open_checkpoint(saved).config.postprocess
+    assert (stored.thresh, stored.box_thresh) == (best["postprocess"]["thresh"], best["postprocess"]["box_thresh"])
+    again = json.loads(CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(saved), "--shards",
+                                                str(out / "shards" / "train"), "--workers", "0", "--json"]).output)
+    assert (again["hmean"], again["matched"], again["det_care"]) == (best["hmean"], best["matched"], best["det_care"])
+    refused = CliRunner().invoke(cli, [*common, "--save-best", str(saved)])
+    assert refused.exit_code == 2 and "error: --save-best needs --sweep" in refused.output
+    bad = CliRunner().invoke(cli, [*common, "--sweep", "unclip=1.5"])
+    assert bad.exit_code == 2
+    assert "error: --sweep 'unclip=1.5': expected FIELD=V1,V2,... with FIELD one of thresh, box_thresh, " \
+           "unclip_ratio, min_size" in bad.output
+
+
 def test_predict_writes_json_and_overlays(demo_run, tmp_path):
     out, _ = demo_run
     images = sorted((out / "data" / "images" / "val").glob("*.jpg"))

@@ -219,3 +219,46 @@ def test_crop_to_content_runs_the_model_on_the_window_only(receipts, tmp_path):
         counts = match_image(truth.polygons, truth.dont_care, [d.polygon for d in found])
         assert (evaluated.detections, evaluated.matched) == (len(found), counts.matched)
     assert any(w != (slice(0, 128), slice(0, 128)) for w in windows)  # some records were cropped
+
+
+@pytest.mark.parametrize("post_workers", [0, 1])
+def test_sweep_scores_each_setting_as_a_run_with_that_setting(receipts, tmp_path, post_workers):
+    """Each swept setting scores exactly what an evaluation run with that setting alone gives,
+    through the inline scorer and through a worker process (the counts travel as msgpack)."""
+    from wds_ocr.infer.evaluate import postprocess_grid
+
+    config = load_config(None, ["transform.size=128", f"evaluation.post_workers={post_workers}", *RANDOM_MODEL])
+    build_shards(receipts, "train", tmp_path / "shards", config)
+    checkpoint = random_checkpoint(tmp_path / "random.pt", config)
+    grid = postprocess_grid(config.postprocess, ["thresh=0.3,0.5", "box_thresh=0.3,0.6"])
+    assert [(g.thresh, g.box_thresh) for g in grid] == [(0.3, 0.3), (0.3, 0.6), (0.5, 0.3), (0.5, 0.6)]
+    swept = evaluate_shards(checkpoint, tmp_path / "shards", config, precision="32", batch_size=3, workers=0,
+                            device="cpu", sweep=grid)
+    assert [settings for settings, _ in swept.sweep] == grid
+    assert swept.sweep[0][1] == swept.score  # the first combination is the run's own setting
+    scores = set()
+    for settings, score in swept.sweep:
+        alone = evaluate_shards(checkpoint, tmp_path / "shards", config.model_copy(update={"postprocess": settings}),
+                                precision="32", batch_size=3, workers=0, device="cpu")
+        assert score == alone.score, settings
+        scores.add((score.matched, score.det_care))
+    assert len(scores) > 1  # the settings do change the result
+
+
+def test_sweep_grid_refuses_unknown_fields_bad_values_and_too_many_combinations():
+    from wds_ocr.infer.evaluate import postprocess_grid
+
+    base = PostprocessConfig()
+    with pytest.raises(ValueError, match=r"--sweep 'mode=db': expected FIELD=V1,V2,\.\.\. with FIELD one of thresh, "
+                                         r"box_thresh, unclip_ratio, min_size"):
+        postprocess_grid(base, ["mode=db"])
+    with pytest.raises(ValueError, match=r"--sweep 'thresh=0.3,high': the values must be numbers"):
+        postprocess_grid(base, ["thresh=0.3,high"])
+    with pytest.raises(ValueError, match=r"--sweep: postprocess.thresh=1.5: Input should be less than 1"):
+        postprocess_grid(base, ["postprocess.thresh=0.3,1.5"])
+    with pytest.raises(ValueError, match=r"thresh is given twice"):
+        postprocess_grid(base, ["thresh=0.3", "thresh=0.5"])
+    many = ",".join(str(0.01 * i) for i in range(1, 90))
+    with pytest.raises(ValueError, match=r"--sweep: 267 combinations; at most 256"):
+        postprocess_grid(base, [f"thresh={many}", "unclip_ratio=1.5,2,2.5"])
+    assert [g.unclip_ratio for g in postprocess_grid(base, ["unclip_ratio=1.2, 1.5"])] == [1.2, 1.5]

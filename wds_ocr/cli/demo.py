@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from wds_ocr.cli.base import cli, fail, handle_errors, load_with_base, plural, score_line, shards_phrase, train_bar
+from wds_ocr.cli.base import cli, fail, handle_errors, load_with_base, score_line, shards_phrase, train_bar
 
 # The demo's settings: small receipts at 128 px so a CPU trains a useful model in about a minute.
 # Its synthetic receipts are annotated by word, as scene text is, so they keep MhLiao/DB's target

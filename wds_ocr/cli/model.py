@@ -190,15 +190,26 @@ def _cleval_line(cleval) -> str:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
               help="Override a setting of the checkpoint's config, e.g. postprocess.box_thresh=0.5.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="FIELD=V1,V2,...",
+              help="Also score every combination of these post-processing values on the same maps, e.g. "
+                   "--sweep thresh=0.3,0.5,0.7 --sweep unclip_ratio=1.2,1.5 (fields: thresh, box_thresh, "
+                   "unclip_ratio, min_size; at most 256 combinations); prints the best as --set options.")
+@click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --sweep: write a copy of the checkpoint (weights and config, no optimizer state) whose "
+                   "postprocess section is the best setting found, for evaluate, predict and export.")
 @handle_errors
 def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: str, precision: str | None,
              batch_size: int | None, workers: int | None, post_workers, metric: str, device: str, as_json: bool,
-             quiet: bool, overrides: tuple[str, ...]) -> None:
+             quiet: bool, overrides: tuple[str, ...], sweeps: tuple[str, ...], save_best: Path | None) -> None:
     """Precision, recall and H-mean (ICDAR 2015 IoU protocol, optionally CLEval) of a checkpoint, in
-    original coordinates, with the time breakdown of the pass."""
+    original coordinates, with the time breakdown of the pass.
+
+    With --sweep, the same probability maps are also post-processed and scored under each
+    combination of the given values, to choose thresholds on a training split (never on the split
+    you report)."""
     from dataclasses import asdict
 
-    from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
+    from wds_ocr.infer.evaluate import SWEEP_FIELDS, evaluate_shards, evaluate_source, postprocess_grid
     from wds_ocr.run.checkpoint import open_checkpoint
 
     if (shards is None) == (source is None):
@@ -207,20 +218,36 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
         overrides = (*overrides, f"evaluation.post_workers={'null' if post_workers == 'auto' else post_workers}")
     opened = open_checkpoint(checkpoint)
     config = opened.configured(overrides)
+    try:
+        grid = postprocess_grid(config.postprocess, sweeps) if sweeps else []
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if save_best is not None and not sweeps:
+        fail("--save-best needs --sweep (the settings to choose from)", 2)
+    if save_best is not None and save_best.exists() and save_best.resolve() == checkpoint.resolve():
+        fail(f"--save-best {save_best} is the checkpoint being evaluated; name another file", 2)
     precision = precision or config.train.precision
     bar, update = counter_bar(0, "evaluate", quiet or as_json)
     try:
         if shards is not None:
             result = evaluate_shards(opened, shards, config, precision, batch_size, workers, device, update,
-                                     metric=metric)
+                                     metric=metric, sweep=grid)
         else:
             result = evaluate_source(opened, source, split, config, precision, batch_size, workers, device, update,
-                                     metric=metric)
+                                     metric=metric, sweep=grid)
     finally:
         bar.close()
     if not is_rank0():
         return
     score = result.score
+    ranked = sorted(result.sweep, key=lambda item: -item[1].hmean)  # stable: ties keep the grid's order
+    if save_best is not None:
+        from wds_ocr.run.checkpoint import save_checkpoint
+
+        best = config.model_copy(update={"postprocess": ranked[0][0]})
+        save_checkpoint(save_best, {"config": best.model_dump(mode="json"), "model": opened.body["model"],
+                                    "source": {"checkpoint": str(checkpoint), "postprocess": "evaluate --sweep on "
+                                               + (str(shards) if shards is not None else f"{source} ({split})")}})
     if as_json:
         body = {"precision": score.precision, "recall": score.recall, "hmean": score.hmean, "matched": score.matched,
                 "gt_care": score.gt_care, "det_care": score.det_care, "images": result.images,
@@ -231,6 +258,10 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
         if result.cleval is not None:
             body["cleval"] = {"precision": result.cleval.precision, "recall": result.cleval.recall,
                               "hmean": result.cleval.hmean, **asdict(result.cleval.counts)}
+        if sweeps:
+            body["sweep"] = [{"postprocess": {name: getattr(settings, name) for name in SWEEP_FIELDS},
+                              "precision": s.precision, "recall": s.recall, "hmean": s.hmean, "matched": s.matched,
+                              "gt_care": s.gt_care, "det_care": s.det_care} for settings, s in ranked]
         click.echo(json.dumps(body, indent=1, sort_keys=True))
         return
     for item in result.skipped:
@@ -246,6 +277,27 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
                    f"({coverage.size_share:.1%}) of them were left out of the training targets for size "
                    f"({coverage.too_small} too small, {coverage.shrink_vanished} vanished when shrunk): the "
                    "model was never trained on them")
+    if ranked:
+        _print_sweep(ranked, config.postprocess)
+    if save_best is not None:
+        click.echo(f"saved {save_best}: {checkpoint} with the best post-processing above")
+
+
+def _print_sweep(ranked, current) -> None:
+    from wds_ocr.infer.evaluate import SWEEP_FIELDS
+
+    shown = ranked[:10]
+    click.echo(f"sweep: {len(ranked)} post-processing settings on the same maps (IoU), best {len(shown)}:")
+    click.echo("  " + "  ".join(f"{name:>12}" for name in SWEEP_FIELDS) + "  precision  recall  H-mean")
+    for settings, s in shown:
+        click.echo("  " + "  ".join(f"{getattr(settings, name):>12g}" for name in SWEEP_FIELDS)
+                   + f"  {s.precision:9.4f}  {s.recall:6.4f}  {s.hmean:6.4f}")
+    best = shown[0][0]
+    changed = [name for name in SWEEP_FIELDS if getattr(best, name) != getattr(current, name)]
+    if changed:
+        click.echo("best: " + " ".join(f"--set postprocess.{name}={getattr(best, name):g}" for name in changed))
+    else:
+        click.echo("best: the settings in use")
 
 
 @cli.command()

@@ -112,6 +112,8 @@ class DetectionRun:
     cleval: CLEvalCounts | None
     per_image: list[ImageEval] = field(repr=False)
     times: EvalTimes
+    # (settings, counts) for each ``alternatives`` entry of ``run_detection``, in order
+    alternatives: list[tuple[PostprocessConfig, DetectionMetric]] = field(default_factory=list)
 
 
 def truth_from_info(info: Any, texts: Sequence[str] | None = None) -> ImageTruth:
@@ -237,15 +239,17 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
                   config: PostprocessConfig, precision: str, device: torch.device, *, post_workers: int = 0,
                   metric: str = "iou", capacity: int | None = None, progress: EvalProgress | None = None,
                   total: int = 0, pool_options: dict[str, Any] | None = None,
-                  crop_to_content: bool = False) -> DetectionRun:
+                  crop_to_content: bool = False,
+                  alternatives: Sequence[PostprocessConfig] = ()) -> DetectionRun:
     """Run the model over (uint8 images, truths) batches and score every image (this rank's counts).
 
     ``capacity``: the largest batch (default: the first batch's size); ``pool_options``: the worker
     pool's deadlines (``start_timeout``, ``result_timeout``) and ``inline_start`` (False: wait for
     the workers instead of scoring in this process until one is up). ``crop_to_content``: run the
     model on each batch's ``content_window`` only (scoring reads nothing outside it).
+    ``alternatives``: other post-processing settings, each scored (IoU) on the same maps.
     """
-    settings = ScoringSettings(config, metric)
+    settings = ScoringSettings(config, metric, tuple(alternatives))
     if metric == "cleval":
         require_cleval()
     model.eval()
@@ -315,7 +319,13 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
     accumulator = DetectionMetric()
     cleval = CLEvalCounts() if metric == "cleval" else None
     per_image = []
+    others = [DetectionMetric() for _ in alternatives]
     for truth, outcome in zip(truths_in_order, outcomes):
+        for other, (matched, gt_care, det_care) in zip(others, outcome.alternatives):
+            other.matched += matched
+            other.gt_care += gt_care
+            other.det_care += det_care
+            other.images += 1
         accumulator.matched += outcome.matched
         accumulator.gt_care += outcome.gt_care
         accumulator.det_care += outcome.det_care
@@ -328,7 +338,7 @@ def run_detection(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, 
                       sum(o.matching_s for o in outcomes), result_wait, worker_start, inline, seconds, len(outcomes),
                       post_workers,
                       "cuda-events" if on_cuda else "wall")
-    return DetectionRun(accumulator, cleval, per_image, times)
+    return DetectionRun(accumulator, cleval, per_image, times, list(zip(alternatives, others)))
 
 
 def reduce_counts(values: Sequence[float], runtime: Runtime, dtype: torch.dtype = torch.int64) -> list:

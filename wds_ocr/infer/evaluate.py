@@ -19,7 +19,7 @@ A command opens its checkpoint once and passes the ``Checkpoint`` in (a path wor
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wds_ocr.config import Config, LoaderConfig
+from wds_ocr.config import Config, LoaderConfig, PostprocessConfig
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceSample, list_source
@@ -61,6 +61,8 @@ class EvalResult:
     times: EvalTimes = EvalTimes()  # this rank's time breakdown
     cleval: CLEvalScore | None = None  # with metric "cleval", over all ranks
     postprocess_mode: str = "wds"
+    # ``sweep``: each other post-processing setting with its IoU score on the same maps, all ranks
+    sweep: tuple[tuple[PostprocessConfig, DetectionScore], ...] = field(default=(), repr=False)
 
 
 def _result(run: DetectionRun, runtime: Runtime, precision: str, skipped: list[str], config: Config) -> EvalResult:
@@ -68,12 +70,24 @@ def _result(run: DetectionRun, runtime: Runtime, precision: str, skipped: list[s
     total = reduce_metric(run.metric, runtime)
     cleval = reduce_cleval(run.cleval, runtime)
     coverage = reduce_coverage(sum((i.coverage for i in run.per_image), Coverage()), runtime)
+    sweep = tuple((settings, reduce_metric(metric, runtime).score()) for settings, metric in run.alternatives)
     seconds = run.times.total_s
     return EvalResult(score=total.score(), images=total.images, seconds=seconds,
                       images_per_s=total.images / seconds if seconds > 0 else 0.0, mode=precision,
                       skipped=tuple(skipped), per_image=tuple(run.per_image), world_size=runtime.world_size,
                       coverage=coverage, times=run.times, cleval=None if cleval is None else cleval.score(),
-                      postprocess_mode=config.postprocess.mode)
+                      postprocess_mode=config.postprocess.mode, sweep=sweep)
+
+
+def _run(model: torch.nn.Module, batches, config: Config, loader: LoaderConfig, precision: str, runtime: Runtime,
+         metric: str, progress: EvalProgress | None, total: int, pool_options: dict[str, Any] | None,
+         sweep: Sequence[PostprocessConfig]) -> DetectionRun:
+    """The one detection driver both inputs go through, with the config's evaluation settings."""
+    return run_detection(model, batches, config.postprocess, precision, runtime.device,
+                         crop_to_content=config.evaluation.crop_to_content,
+                         post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
+                         metric=metric, capacity=loader.batch_size, progress=progress, total=total,
+                         pool_options=pool_options, alternatives=sweep)
 
 
 def _loader_settings(config: Config, batch_size: int | None, workers: int | None) -> LoaderConfig:
@@ -111,12 +125,14 @@ def _texts(texts) -> tuple[str, ...]:
 def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, config: Config | None = None,
                     precision: str = "auto", batch_size: int | None = None, workers: int | None = None,
                     device: str = "auto", progress: EvalProgress | None = None, *, metric: str = "iou",
-                    pool_options: dict[str, Any] | None = None) -> EvalResult:
+                    pool_options: dict[str, Any] | None = None,
+                    sweep: Sequence[PostprocessConfig] = ()) -> EvalResult:
     """P/R/H of ``checkpoint`` (a path or an open ``Checkpoint``) on a shard folder or URL.
 
     ``config`` (default: the checkpoint's) supplies post-processing, ``evaluation.post_workers``
     and the loader settings; ``batch_size`` / ``workers`` (None: the config's) override its loader
-    section. ``metric="cleval"`` adds CLEval to the IoU protocol.
+    section. ``metric="cleval"`` adds CLEval to the IoU protocol. ``sweep``: other post-processing
+    settings scored (IoU) on the same probability maps (``EvalResult.sweep``).
     """
     check_precision(precision)
     checkpoint = open_checkpoint(checkpoint)
@@ -137,11 +153,7 @@ def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, con
                 if len(batch):
                     yield batch.images, [truth_from_info(i, texts.get(i.key) if texts else None) for i in batch.info]
 
-        run = run_detection(model, batches(), config.postprocess, precision, runtime.device,
-                            crop_to_content=config.evaluation.crop_to_content,
-                            post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
-                            metric=metric, capacity=loader.batch_size, progress=progress, total=total,
-                            pool_options=pool_options)
+        run = _run(model, batches(), config, loader, precision, runtime, metric, progress, total, pool_options, sweep)
         return _result(run, runtime, precision, skipped, config)
     finally:
         stop_runtime(runtime)
@@ -197,9 +209,11 @@ def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
 def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path, split: str,
                     config: Config | None = None, precision: str = "auto", batch_size: int | None = None,
                     workers: int | None = None, device: str = "auto", progress: EvalProgress | None = None, *,
-                    metric: str = "iou", pool_options: dict[str, Any] | None = None) -> EvalResult:
+                    metric: str = "iou", pool_options: dict[str, Any] | None = None,
+                    sweep: Sequence[PostprocessConfig] = ()) -> EvalResult:
     """P/R/H of ``checkpoint`` on a source split through the live path (no shards). ``config``
-    (default: the checkpoint's) supplies the source, transform and post-processing settings."""
+    (default: the checkpoint's) supplies the source, transform and post-processing settings;
+    ``sweep`` as in ``evaluate_shards``."""
     check_precision(precision)
     checkpoint = open_checkpoint(checkpoint)
     config = config or checkpoint.config
@@ -212,11 +226,54 @@ def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path,
         skipped = [f"{reject.name}: {reject.reason}" for reject in listing.rejects] if runtime.is_main else []
         mine = listing.samples[runtime.rank :: runtime.world_size]
         batches = _batched_live(_LiveSamples(mine, config), loader.batch_size, loader.workers, skipped)
-        run = run_detection(model, batches, config.postprocess, precision, runtime.device,
-                            crop_to_content=config.evaluation.crop_to_content,
-                            post_workers=resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime),
-                            metric=metric, capacity=loader.batch_size, progress=progress, total=len(mine),
-                            pool_options=pool_options)
+        run = _run(model, batches, config, loader, precision, runtime, metric, progress, len(mine), pool_options, sweep)
         return _result(run, runtime, precision, skipped, config)
     finally:
         stop_runtime(runtime)
+
+
+# The post-processing fields ``evaluate --sweep`` can vary (``mode`` and ``max_candidates`` stay).
+SWEEP_FIELDS = ("thresh", "box_thresh", "unclip_ratio", "min_size")
+
+
+def postprocess_grid(base: PostprocessConfig, specs: Sequence[str]) -> list[PostprocessConfig]:
+    """Every combination of ``FIELD=V1,V2,..`` specs (``thresh=0.3,0.5 unclip_ratio=1.2,1.5``), the
+    other fields as in ``base``. ValueError, naming the spec, for an unknown field, a value that is
+    not a number or not valid for its field, a field given twice or more than MAX_ALTERNATIVES
+    combinations."""
+    from itertools import product
+
+    from pydantic import ValidationError
+
+    from wds_ocr.infer.scoring import MAX_ALTERNATIVES
+
+    axes: dict[str, list[float]] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().removeprefix("postprocess.")
+        if not sep or name not in SWEEP_FIELDS:
+            raise ValueError(f"--sweep {spec!r}: expected FIELD=V1,V2,... with FIELD one of {', '.join(SWEEP_FIELDS)}")
+        if name in axes:
+            raise ValueError(f"--sweep {spec!r}: {name} is given twice")
+        try:
+            axes[name] = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--sweep {spec!r}: the values must be numbers separated by commas") from None
+        if not axes[name]:
+            raise ValueError(f"--sweep {spec!r}: no values")
+    count = 1
+    for values in axes.values():
+        count *= len(values)
+    if count > MAX_ALTERNATIVES:
+        raise ValueError(f"--sweep: {count} combinations; at most {MAX_ALTERNATIVES} (each costs a post-processing "
+                         "and matching pass per image)")
+    grid = []
+    for combination in product(*axes.values()):
+        changes = dict(zip(axes, combination))
+        try:
+            grid.append(PostprocessConfig.model_validate({**base.model_dump(), **changes}))
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field_name = ".".join(str(part) for part in error["loc"])
+            raise ValueError(f"--sweep: postprocess.{field_name}={changes.get(field_name)}: {error['msg']}") from None
+    return grid

@@ -70,14 +70,16 @@ def outcome_message(task: int, outcome: ImageOutcome) -> dict[str, Any]:
     return {"op": "done", "id": task, "counts": [outcome.detections, outcome.matched, outcome.gt_care,
                                                   outcome.det_care],
             "cleval": None if outcome.cleval is None else outcome.cleval.as_list(),
-            "times": [outcome.postprocess_s, outcome.matching_s]}
+            "times": [outcome.postprocess_s, outcome.matching_s],
+            "alternatives": [list(counts) for counts in outcome.alternatives]}
 
 
 def outcome_from_message(message: dict[str, Any]) -> ImageOutcome:
     detections, matched, gt_care, det_care = (int(v) for v in message["counts"])
     cleval = None if message["cleval"] is None else CLEvalCounts.from_list(message["cleval"])
     postprocess_s, matching_s = (float(v) for v in message["times"])
-    return ImageOutcome(detections, matched, gt_care, det_care, cleval, postprocess_s, matching_s)
+    alternatives = tuple((int(a), int(b), int(c)) for a, b, c in message.get("alternatives", ()))
+    return ImageOutcome(detections, matched, gt_care, det_care, cleval, postprocess_s, matching_s, alternatives)
 
 
 class FrameBuffer:

@@ -146,7 +146,8 @@ class PostPool:
         hello = {"op": "ring", "nbytes": layout.nbytes, "groups": layout.groups, "capacity": layout.capacity,
                  "map_size": layout.map_size, "form": form.kind,
                  "table": None if form.table is None else form.table.astype("<f4").tobytes(),
-                 "postprocess": self.settings.postprocess.model_dump(mode="json"), "metric": self.settings.metric}
+                 "postprocess": self.settings.postprocess.model_dump(mode="json"), "metric": self.settings.metric,
+                 "alternatives": [a.model_dump(mode="json") for a in self.settings.alternatives]}
         self._form = form
         for worker in self.workers:
             worker.outbox += pack_frame(hello)

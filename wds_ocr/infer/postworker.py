@@ -40,7 +40,8 @@ def serve(source: BinaryIO, sink: BinaryIO, ring_fd: int) -> None:
     mapping = mmap.mmap(ring_fd, max(1, layout.nbytes), access=mmap.ACCESS_READ)
     maps = np.frombuffer(mapping, dtype=form.dtype, count=layout.groups * layout.capacity * layout.map_size ** 2
                          ).reshape(layout.groups, layout.capacity, layout.map_size, layout.map_size)
-    settings = ScoringSettings(PostprocessConfig.model_validate(hello["postprocess"]), hello["metric"])
+    settings = ScoringSettings(PostprocessConfig.model_validate(hello["postprocess"]), hello["metric"],
+                               tuple(PostprocessConfig.model_validate(a) for a in hello.get("alternatives", ())))
     sink.write(pack_frame({"op": "ready", "pid": os.getpid()}))
     sink.flush()
     while (message := read_frame(source)) is not None:
