@@ -193,3 +193,69 @@ def test_cli_names_a_text_file_given_as_a_checkpoint_and_exits_1(text_file, tmp_
                              "the last.pt or best.pt that wds-ocr train wrote\n")
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not (tmp_path / "p").exists()
+
+
+def _weight_name(body: dict) -> str:
+    return next(name for name, value in body["model"].items() if value.dim() == 4)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda b, w: b["model"].update({w: b["model"][w].flatten()[:1].expand(b["model"][w].shape)}),
+     "must be laid out contiguously, got shape [{shape}] with strides [0, 0, 0, 0] (a view that repeats or skips"),
+    (lambda b, w: b["model"].update({w: b["model"][w].to_sparse()}), "must be a dense tensor, got layout torch.sparse_coo"),
+    (lambda b, w: b["model"].update({w: torch.empty(b["model"][w].shape, device="meta")}),
+     "must be a tensor with data (on the CPU), got one on device 'meta'"),
+    (lambda b, w: b["model"].update({w: b["model"][w].double()}),
+     "must be a torch.float32 or torch.float16 or torch.bfloat16 tensor, got torch.float64"),
+    (lambda b, w: b["model"].update({w: b["model"][w] > 0}), "got torch.bool"),
+    (lambda b, w: b["model"].update({w: b["model"][w].to(torch.int8)}), "got torch.int8"),
+    (lambda b, w: b["model"].update({w: b["model"][w].to(torch.complex64)}), "got torch.complex64"),
+    (lambda b, w: b["optimizer"]["state"][0].update(exp_avg=b["optimizer"]["state"][0]["exp_avg"].to_sparse()),
+     "field 'optimizer.state.0.exp_avg' must be a dense tensor"),
+    (lambda b, w: b["rng"].update(torch=torch.empty(b["rng"]["torch"].shape, dtype=torch.uint8, device="meta")),
+     "field 'rng.torch' must be a tensor with data (on the CPU), got one on device 'meta'"),
+])
+def test_tensors_that_are_not_plain_dense_cpu_arrays_are_refused(body, tmp_path, change, message):
+    """Stride-0 views, sparse and meta tensors and foreign dtypes are refused when the file is
+    opened, naming the field, instead of a RuntimeError (or a silent cast) when they are used."""
+    hostile = copy.deepcopy(body)
+    name = _weight_name(hostile)
+    change(hostile, name)
+    text = _refused(tmp_path, hostile)
+    assert message.format(shape=", ".join(map(str, body["model"][name].shape))) in text, text
+    assert text.startswith(f"checkpoint {tmp_path / 'hostile.pt'}: field "), text
+
+
+def test_channels_last_weights_are_a_plain_layout(body, tmp_path):
+    model = DBNet(CONFIG.model).to(memory_format=torch.channels_last)
+    name = _weight_name({"model": model.state_dict()})
+    assert not model.state_dict()[name].is_contiguous()
+    save_checkpoint(tmp_path / "cl.pt", {"config": CONFIG.model_dump(mode="json"), "model": model.state_dict()})
+    assert load_checkpoint(tmp_path / "cl.pt")["model"][name].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_compressed_archive_is_refused_before_it_is_unpacked(tmp_path):
+    """A small file whose records would inflate to hundreds of megabytes is refused from the zip directory,
+    and opening it allocates next to nothing."""
+    import tracemalloc
+    import zipfile
+
+    save_checkpoint(tmp_path / "model.pt", {"config": CONFIG.model_dump(mode="json"),
+                                            "model": DBNet(CONFIG.model).state_dict()})
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as out:
+        out.writestr("model/data.pkl", b"")
+        out.writestr("model/data/0", bytes(256 << 20))  # 256 MiB of zeros in a few hundred KB
+    assert bomb.stat().st_size < 1 << 20
+    tracemalloc.start()
+    with pytest.raises(CheckpointError, match=r"record '.*' is compressed \(zip method 8\); torch.save stores records "
+                                              r"uncompressed"):
+        open_checkpoint(bomb)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    stored = tmp_path / "stored.pt"
+    with zipfile.ZipFile(tmp_path / "model.pt") as source, zipfile.ZipFile(stored, "w", zipfile.ZIP_STORED) as out:
+        for member in source.infolist():
+            out.writestr(member, source.read(member.filename))
+    assert "model" in open_checkpoint(stored).body  # re-stored without compression: still a checkpoint

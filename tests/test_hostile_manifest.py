@@ -100,6 +100,33 @@ def test_deeply_nested_json_is_a_clear_error():
     assert refused('{"schema": ' + "[" * 200_000 + "]" * 200_000 + "}") == "m.json is nested too deeply to be a manifest"
 
 
+def test_an_integer_of_thousands_of_digits_is_a_clear_error(folder):
+    """CPython refuses int() of more than 4,300 digits with a bare ValueError; the manifest parser
+    stops at 24 digits and says so."""
+    text = (folder / "manifest.json").read_text()
+    body = body_of(folder)
+    hostile = text.replace(f'"bytes": {body["shards"][0]["bytes"]}', '"bytes": ' + "9" * 5000, 1)
+    assert hostile != text
+    assert refused(hostile) == "m.json holds an integer of 5000 digits (at most 24 are read): 999999999999...; " \
+                               "no manifest field needs such a number"
+
+
+@pytest.mark.parametrize("digits", ["٠١٢٣٤٥٦٧٨٩", "０１２３４５６７８９", "𝟎𝟏𝟐𝟑𝟒𝟓𝟔𝟕𝟖𝟗"])
+def test_shard_names_and_keys_in_other_scripts_digits_are_refused(folder, digits):
+    """re's \\d (and str.isdigit) match Arabic-Indic, full-width and mathematical digits; names
+    and keys are ASCII."""
+    other = str.maketrans("0123456789", digits)
+    body = body_of(folder)
+    body["shards"][0]["name"] = body["shards"][0]["name"].translate(other)
+    assert "shard-" in refused(body) and body["shards"][0]["name"] in refused(body)
+    body = body_of(folder)
+    key = body["shards"][0]["keys"][0]
+    body["shards"][0]["keys"][0] = key[:7].translate(other) + key[7:]
+    body["shards"][0]["first_key"] = body["shards"][0]["keys"][0]
+    assert refused(body) == "m.json shard 'shard-000000.tar': keys must be record keys (a listing index of 7+ " \
+                            "digits, '_', then letters, digits, '_' or '-')"
+
+
 def test_an_oversized_transform_size_never_allocates_a_batch(folder):
     body = body_of(folder)
     body["record_settings"]["transform"]["size"] = 30016

@@ -497,3 +497,24 @@ def test_open_shards_checks_range_support_with_one_small_request(uneven_shards, 
     server = serve(uneven_shards)
     opened = open_shards(server.url, FAST)
     assert server.requests == [("/manifest.json", None), (f"/{opened.manifest.shards[0].name}", "bytes=0-511")]
+
+
+@pytest.mark.parametrize("declared", ["²", "¹²", "12abc", "-5", "9" * 30])
+def test_a_content_length_that_is_not_an_ascii_byte_count_is_a_remote_error(uneven_shards, serve, declared):
+    """'²'.isdigit() is True (and int() takes other scripts' digits): only ASCII digits, at most 19,
+    are a byte count."""
+    def odd_length(handler, name, wanted, data) -> bool:
+        if name != "manifest.json":
+            return False
+        handler.send_response(200)
+        handler.send_header("Content-Length", declared)
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        return True
+
+    server = serve(uneven_shards, odd_length)
+    error = raises(ManifestError, lambda: ShardStream(server.url, batch_size=2, remote=FAST), seconds=5)
+    assert f"GET {server.url}manifest.json: the server sent Content-Length {declared[:40]!r}, not a byte count" \
+        in str(error)
+

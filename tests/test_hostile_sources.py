@@ -175,6 +175,12 @@ def test_annotation_files_are_read_as_bounded_regular_files(tmp_path):
     with pytest.raises(SourceError) as caught:
         list_source(root, "train", SourceConfig())
     assert str(caught.value) == f"{root / 'jsons' / 'train.json'} is nested too deeply to be an annotation file"
+    (root / "jsons" / "train.json").write_text('{"images": {"a.jpg": {"words": {"1": {"points": [[' + "7" * 5000
+                                               + ', 0], [1, 0], [1, 1]]}}}}}')
+    with pytest.raises(SourceError) as caught:
+        list_source(root, "train", SourceConfig())
+    assert str(caught.value) == (f"{root / 'jsons' / 'train.json'} holds an integer of 5000 digits (at most 24 are "
+                                 "read): 777777777777...; no annotation needs such a number")
 
 
 HOSTILE = {
@@ -276,3 +282,53 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
         decode_canonical(repeated, "many.jpg")
     assert time.perf_counter() - started < 10  # refused from the markers, never decoded
     assert decode_canonical(data, "fine.jpg").pixels.shape == (64, 64, 3)  # an ordinary progressive JPEG
+
+
+def test_strings_the_files_cannot_hold_are_rejects_and_everything_written_reads_back(tmp_path):
+    """Empty, over-long and non-UTF-8 names, word ids and transcriptions: each is a reject or a
+    skipped word with its reason, the build writes its manifest and rejects.jsonl, the counts add
+    up, and verify (records, rejects and all) passes; a file name on disk that is not UTF-8 too."""
+    from wds_ocr.config import load_config
+    from wds_ocr.data.synth import synthesize
+    from wds_ocr.shards.build import build_shards
+    from wds_ocr.shards.rejects import read_rejects
+    from wds_ocr.shards.verify import verify_shards
+
+    root = tmp_path / "src"
+    synthesize(root, 2, seed=1, val_fraction=0.0, min_side=160, max_side=200)
+    annotations = root / "jsons" / "train.json"
+    doc = json.loads(annotations.read_text())
+    names = sorted(doc["images"])
+    words = doc["images"][names[0]]["words"]
+    first = sorted(words)[0]
+    points = words[first]["points"]
+    words["\ud800id"] = {"points": points, "transcription": "ok"}
+    words["zz-long-text"] = {"points": points, "transcription": "x" * 70_000}
+    words["zz-surrogate"] = {"points": points, "transcription": "bad \udfff text"}
+    doc["images"][""] = {"words": {}}
+    doc["images"]["n" * 70_000 + ".jpg"] = {"words": {}}
+    doc["images"]["\ud83d.jpg"] = {"words": {}}
+    annotations.write_text(json.dumps(doc))  # json.dumps escapes the lone surrogates as \ud800 etc.
+    image = root / "images" / "train" / names[0]
+    odd = os.fsencode(root / "images" / "train") + b"/caf\xe9.jpg"  # Latin-1 bytes: not UTF-8
+    with open(odd, "wb") as handle:
+        handle.write(image.read_bytes())
+    config = load_config(None, ["transform.size=128"])
+    result = build_shards(root, "train", tmp_path / "shards", config)
+    counts = result.manifest.counts
+    assert (counts.samples_in, counts.written, counts.rejected) == (len(names) + 4, len(names), 4)
+    reasons = {(r.kind, r.name, r.word_id): r.reason for r in read_rejects(result.rejects_path)}
+    assert reasons[("sample", "", None)].startswith("image name '' in ")
+    assert reasons[("sample", "n" * 200 + "... (70,004 characters)", None)].startswith(
+        "image name of 70,004 characters, over the limit of 1,024: ")
+    assert reasons[("sample", "\\ud83d.jpg", None)] == (
+        f"image name \\ud83d.jpg is not valid text: character 0 is '\\ud83d' (a lone surrogate); rename it in UTF-8 "
+        f"(in {annotations})")
+    assert reasons[("sample", "caf\\udce9.jpg", None)] == f"image has no entry in {annotations}"
+    assert reasons[("word", names[0], "\\ud800id")] == (
+        "word id \\ud800id is not valid text: character 0 is '\\ud800' (a lone surrogate); rename it in UTF-8")
+    assert reasons[("word", names[0], "zz-long-text")].startswith(
+        "transcription of 70,000 characters, over the limit of 65,536: xxxx")
+    assert reasons[("word", names[0], "zz-surrogate")].startswith("transcription bad \\udfff text is not valid text")
+    report = verify_shards(tmp_path / "shards")
+    assert report.ok, report.problems

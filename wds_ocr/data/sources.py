@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from wds_ocr import jsonio
 from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SourceError, UsageError
 
@@ -38,6 +39,11 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _UTF8_BOM = b"\xef\xbb\xbf"
 MAX_ANNOTATION_BYTES = 1 << 30
 MAX_GROUND_TRUTH_BYTES = 16 << 20
+# Strings the build writes into records, rejects.jsonl and manifests. A file name cannot exceed 255
+# bytes on common file systems; a transcription is capped where the record reader stops (codec).
+MAX_NAME_CHARS = 1024
+MAX_WORD_ID_CHARS = 1024
+MAX_TRANSCRIPTION_CHARS = 1 << 16
 
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
@@ -123,9 +129,33 @@ def _reject_duplicates(pairs: list[tuple[str, Any]], where: str) -> dict[str, An
 
 def _check_name(name: str, where: str) -> str | None:
     """Reason a file name is unusable, or None."""
+    problem = _text_problem(name, "image name", MAX_NAME_CHARS)
+    if problem is not None:
+        return f"{problem} (in {where})"
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         return f"image name {name!r} in {where} is not a plain file name"
     return None
+
+
+def _text_problem(value: str, what: str, limit: int) -> str | None:
+    """Why ``value`` cannot be written into records, rejects and manifests (UTF-8 text of at
+    most ``limit`` characters), or None."""
+    if len(value) > limit:
+        return f"{what} of {len(value):,} characters, over the limit of {limit:,}: {printable(value, 60)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"{what} {printable(value, 60)} is not valid text: character {exc.start} is "
+                f"{value[exc.start]!r}{' (a byte that is not UTF-8, in a file name)' if 0xDC80 <= ord(value[exc.start]) <= 0xDCFF else ' (a lone surrogate)'}; "
+                "rename it in UTF-8")
+    return None
+
+
+def printable(value: str, limit: int = 200) -> str:
+    """``value`` as text every file the build writes can hold: characters that are not UTF-8
+    (lone surrogates, undecodable file-name bytes) as backslash escapes, cut to ``limit``."""
+    text = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value):,} characters)"
 
 
 def _is_coordinate(value: Any) -> bool:
@@ -221,6 +251,10 @@ def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[
     skips: list[Skip] = []
     for word_id in sorted(raw_words):
         raw = raw_words[word_id]
+        problem = _text_problem(word_id, "word id", MAX_WORD_ID_CHARS)
+        if problem is not None:
+            skips.append(Skip(name, problem, printable(word_id)))
+            continue
         if not isinstance(raw, dict):
             skips.append(Skip(name, f"word must be an object with 'points', got {_shown(raw)}", word_id))
             continue
@@ -234,6 +268,10 @@ def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[
         text = raw.get("transcription")
         if text is not None and not isinstance(text, str):
             text = str(text)
+        problem = None if text is None else _text_problem(text, "transcription", MAX_TRANSCRIPTION_CHARS)
+        if problem is not None:
+            skips.append(Skip(name, problem, word_id))
+            continue
         words.append(Word(word_id, points, text, _is_dont_care(text, config)))
     return words, skips, None
 
@@ -249,13 +287,15 @@ def _list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
     except ValueError as exc:
         raise SourceError(f"{ann} {exc}; annotations must be a regular JSON file") from None
     try:
-        doc = json.loads(_decode_utf8(raw_bytes), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
+        doc = jsonio.loads(_decode_utf8(raw_bytes), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
     except UnicodeDecodeError as exc:
         raise SourceError(f"{ann} is not UTF-8 text: {_undecodable_at(raw_bytes, exc)}") from None
     except json.JSONDecodeError as exc:
         raise SourceError(f"{ann} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise SourceError(f"{ann} is nested too deeply to be an annotation file") from None
+    except jsonio.JsonNumberError as exc:
+        raise SourceError(f"{ann} {exc}; no annotation needs such a number") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
         raise SourceError(f'{ann} must hold {{"images": {{name: {{"words": ...}}}}}}')
     folder = _images_dir(root, split)
@@ -265,11 +305,13 @@ def _list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
     names = sorted(set(entries) | on_disk)
     for index, name in enumerate(names):
         if name not in entries:
-            listing.rejects.append(Skip(name, f"image has no entry in {ann}"))
+            listing.rejects.append(Skip(printable(name), f"image has no entry in {ann}"))
             continue
         problem = _check_name(name, str(ann))
-        if problem is None:
-            words, skips, problem = _words_from_json(name, entries[name], config)
+        if problem is not None:
+            listing.rejects.append(Skip(printable(name), problem))
+            continue
+        words, skips, problem = _words_from_json(name, entries[name], config)
         if problem is not None:
             listing.rejects.append(Skip(name, problem))
             continue
@@ -301,13 +343,13 @@ def parse_icdar_line(line: str, config: SourceConfig) -> tuple[np.ndarray | None
             numeric += 1
         count = numeric - numeric % 2
     if len(fields) < count or count == 0:
-        return None, None, f"expected {count or 'at least 6'} coordinates then a transcription, got {line!r}"
+        return None, None, f"expected {count or 'at least 6'} coordinates then a transcription, got {_shown(line, 200)}"
     coords = fields[:count]
     text = ",".join(fields[count:]) if len(fields) > count else None
     try:
         values = [float(c) for c in coords]
     except ValueError:
-        return None, text, f"coordinates are not numbers: {','.join(coords)!r}"
+        return None, text, f"coordinates are not numbers: {_shown(','.join(coords), 200)}"
     points, problem = parse_points(np.asarray(values, dtype=np.float64).reshape(-1, 2))
     return points, text, problem
 
@@ -334,7 +376,12 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
     names = sorted(images + orphans)
     for index, name in enumerate(names):
         if name in gt_files:
-            listing.rejects.append(Skip(name, f"ground truth {gt_dir / name} has no image in {folder}"))
+            listing.rejects.append(Skip(printable(name), f"ground truth {printable(str(gt_dir / name))} has no image in "
+                                                         f"{folder}"))
+            continue
+        problem = _check_name(name, str(folder))
+        if problem is not None:
+            listing.rejects.append(Skip(printable(name), problem))
             continue
         gt_path = gt_dir / f"gt_{Path(name).stem}.txt"
         try:
@@ -365,6 +412,8 @@ def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
                 continue
             word_id = f"{number:04d}"
             points, transcription, problem = parse_icdar_line(line, config)
+            if problem is None and transcription is not None:
+                problem = _text_problem(transcription, "transcription", MAX_TRANSCRIPTION_CHARS)
             if problem is not None:
                 skips.append(Skip(name, f"{gt_path.name} line {number}: {problem}", word_id))
                 continue

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wds_ocr import jsonio
 from wds_ocr.config import Config, build_config
 from wds_ocr.errors import CheckpointError, ConfigError
 from wds_ocr.model.dbnet import DBNet
@@ -127,7 +128,7 @@ class OnnxDetector:
             raise CheckpointError(f"ONNX model {path} carries no wds-ocr settings ({CONFIG_KEY!r} metadata): "
                                   "export it with `wds-ocr export`")
         try:
-            self.config = build_config(json.loads(raw))
+            self.config = build_config(jsonio.loads(raw))
         except (ValueError, ConfigError) as exc:
             raise CheckpointError(f"ONNX model {path}: its wds-ocr settings are not valid here: {exc}") from None
         self.path = path

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import socket
 import threading
 import time
@@ -51,6 +52,10 @@ from wds_ocr.shards.tario import BLOCK, open_shard
 _CHUNK = 1 << 20
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _MAX_REDIRECTS = 3
+# Byte counts in headers: ASCII digits only (str.isdigit and int() also take '²' or Arabic-Indic
+# digits), at most 19 of them (int64).
+_DECIMAL = re.compile(r"[0-9]{1,19}")
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
 
 
 @dataclass(frozen=True)
@@ -331,7 +336,10 @@ class HttpReader(RangeReader):
         if encoding != "identity":
             raise RemoteError(f"GET {url}: the server sent a {encoding}-encoded body; serve the files as they are")
         declared = response.getheader("Content-Length")
-        length = int(declared) if declared is not None and declared.strip().isdigit() else None
+        if declared is not None and not _DECIMAL.fullmatch(declared.strip()):
+            raise RemoteError(f"GET {url}{_range_text(wanted)}: the server sent Content-Length {declared[:40]!r}, "
+                              "not a byte count")
+        length = int(declared) if declared is not None else None
         if wanted is not None:
             expected = wanted[1] - wanted[0]
             self._check_content_range(response.getheader("Content-Range"), wanted, url, shard)
@@ -346,12 +354,11 @@ class HttpReader(RangeReader):
 
     def _check_content_range(self, header: str | None, wanted: tuple[int, int], url: str, shard: str | None) -> None:
         start, stop = wanted
-        parts = (header or "").replace("bytes", "", 1).strip().replace("/", "-").split("-")
-        try:
-            first, last, total = (int(p) for p in parts)
-        except ValueError:
+        match = _CONTENT_RANGE.fullmatch((header or "").strip())
+        if match is None:
             raise RemoteError(f"GET {url}{_range_text(wanted)}: answered 206 with Content-Range {header!r}; "
-                              "expected 'bytes first-last/total'") from None
+                              "expected 'bytes first-last/total'")
+        first, last, total = (int(group) for group in match.groups())
         if (first, last) != (start, stop - 1):
             raise RemoteError(f"GET {url}{_range_text(wanted)}: the server sent bytes {first}-{last} instead")
         expected_total = self.sizes.get(shard) if shard is not None else None

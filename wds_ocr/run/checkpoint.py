@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ LAST_NAME = "last.pt"
 BEST_NAME = "best.pt"
 # torch.save has written zip archives since torch 1.6; the legacy format is a bare pickle stream.
 ZIP_SIGNATURE = b"PK\x03\x04"
+# Records in a checkpoint archive: one per tensor storage plus a few (a model of 10,000 tensors
+# with its optimizer state has ~30,000); more is not a checkpoint wds-ocr wrote.
+MAX_ARCHIVE_MEMBERS = 200_000
 # A checkpoint's temporary while it is written: ".<name>.tmp" next to it.
 TEMPORARY_PREFIX, TEMPORARY_SUFFIX = ".", ".tmp"
 
@@ -113,6 +117,7 @@ def _read_body(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a torch checkpoint: the file {shown}, while torch.save "
                               f"writes a zip archive (starting with {ZIP_SIGNATURE!r}); pass the last.pt or best.pt "
                               "that wds-ocr train wrote")
+    _check_archive(path)
     try:
         body = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -135,6 +140,30 @@ def _read_body(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path} has no {key!r} section")
     check_body(body, path)
     return body
+
+
+def _check_archive(path: Path) -> None:
+    """Bound what torch.load will allocate: torch.save stores every record uncompressed, so the
+    records add up to at most the file's size. A compressed record (which could inflate far beyond
+    the file: a 2 MB file to gigabytes) or records larger in total than the file are refused before
+    anything is unpacked."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or damaged torch file): {exc}") from None
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise CheckpointError(f"checkpoint {path} holds {len(members):,} records; a wds-ocr checkpoint holds at "
+                              f"most {MAX_ARCHIVE_MEMBERS:,}")
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"checkpoint {path}: record {member.filename[:200]!r} is compressed (zip method "
+                                  f"{member.compress_type}); torch.save stores records uncompressed, and a compressed "
+                                  "one could unpack to far more than the file's size, so the file is refused")
+    unpacked, size = sum(member.file_size for member in members), path.stat().st_size
+    if unpacked > size:
+        raise CheckpointError(f"checkpoint {path}: its records declare {unpacked:,} bytes, more than the file's "
+                              f"{size:,}; the file is damaged or forged")
 
 
 @dataclass(frozen=True, eq=False)

@@ -34,6 +34,11 @@ MAX_WORLD_SIZE = 1 << 16
 MT_WORDS = 624
 # A CUDA generator's state is its Philox seed and offset, 8 bytes each.
 CUDA_RNG_BYTES = 16
+# The dtypes of weights, buffers and optimizer moments the trainer writes (a model trained or
+# saved in half precision keeps its dtype); anything else (bool, int8, complex, float64) would be
+# cast silently by load_state_dict, so it is refused. Integer counters are named on their own.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COUNTER_SUFFIXES = ("num_batches_tracked",)
 
 
 class _Fields:
@@ -73,17 +78,37 @@ class _Fields:
             raise self.fail(field, f"must be a finite number in [{low}, {high}], got {value!r}")
         return float(value)
 
-    def tensor(self, value: Any, field: str, dtype: torch.dtype | None = None,
+    def tensor(self, value: Any, field: str, dtype: torch.dtype | tuple[torch.dtype, ...] | None = None,
                shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """A dense CPU tensor laid out as torch writes one (contiguous or channels_last: no stride-0
+        or overlapping views), of ``dtype`` (one or a tuple; None: a weight dtype) and ``shape``."""
         if not isinstance(value, torch.Tensor):
             raise self.fail(field, f"must be a tensor, got {type(value).__name__}")
-        if dtype is not None and value.dtype != dtype:
-            raise self.fail(field, f"must be a {dtype} tensor, got {value.dtype}")
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            raise self.fail(field, f"must be a dense tensor, got layout {value.layout}"
+                                   + (" (quantized)" if value.is_quantized else ""))
+        if value.device.type != "cpu":
+            raise self.fail(field, f"must be a tensor with data (on the CPU), got one on device {value.device.type!r}")
+        if not _plain_layout(value):
+            raise self.fail(field, f"must be laid out contiguously, got shape {list(value.shape)} with strides "
+                                   f"{list(value.stride())} (a view that repeats or skips memory)")
+        allowed = WEIGHT_DTYPES if dtype is None else dtype if isinstance(dtype, tuple) else (dtype,)
+        if value.dtype not in allowed:
+            names = " or ".join(str(d) for d in allowed)
+            raise self.fail(field, f"must be a {names} tensor, got {value.dtype}")
         if shape is not None and tuple(value.shape) != shape:
             raise self.fail(field, f"must have shape {list(shape)}, got {list(value.shape)}")
         if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
             raise self.fail(field, "holds NaN or infinite values")
         return value
+
+
+def _plain_layout(value: torch.Tensor) -> bool:
+    if value.is_contiguous():
+        return True
+    if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last):
+        return True
+    return value.dim() == 5 and value.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def _short(value: Any) -> str:
@@ -98,7 +123,8 @@ def check_body(body: dict[str, Any], path: str | Path) -> None:
     for name, value in model.items():
         if not isinstance(name, str):
             raise fields.fail("model", f"has a non-text key {_short(name)}")
-        fields.tensor(value, f"model.{name}")
+        counter = name.endswith(COUNTER_SUFFIXES)
+        fields.tensor(value, f"model.{name}", (torch.int64,) if counter else None, () if counter else None)
     if "world_size" in body:
         missing = [name for name in TRAINING_FIELDS if name not in body]
         if missing:

@@ -72,7 +72,7 @@ class Partition:
 
     @classmethod
     def parse(cls, text: str) -> "Partition":
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        match = re.fullmatch(r"\s*([0-9]{1,6})\s*/\s*([0-9]{1,6})\s*", text)
         if not match:
             raise UsageError(f"--partition {text!r} must look like i/n, e.g. 0/4 (i counts from 0)")
         index, count = int(match.group(1)), int(match.group(2))

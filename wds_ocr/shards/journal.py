@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from wds_ocr import jsonio
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
 from wds_ocr.errors import BuildError, ManifestError
@@ -103,7 +104,7 @@ class Journal:
     def stored_settings(self) -> dict[str, Any] | None:
         """The settings an earlier (interrupted) build recorded; None when there is no journal."""
         try:
-            stored = json.loads(_read_json_file(self.folder / "settings.json"))
+            stored = jsonio.loads(_read_json_file(self.folder / "settings.json"))
         except (OSError, ValueError, RecursionError):
             return None
         return stored if isinstance(stored, dict) else None
@@ -116,7 +117,7 @@ class Journal:
         entries = []
         for path in sorted(self.folder.glob("*.tar.json")):
             try:
-                entries.append(JournalEntry.from_dict(json.loads(_read_json_file(path)), path.name))
+                entries.append(JournalEntry.from_dict(jsonio.loads(_read_json_file(path)), path.name))
             except (OSError, ValueError, RecursionError, ManifestError):
                 break  # a torn or edited entry: the run of reusable shards ends before it
         return entries

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wds_ocr import jsonio
 from wds_ocr.config import PIPELINE_VERSION, Config, ShardConfig, build_config
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
@@ -362,9 +363,11 @@ def parse_manifest(text: str | bytes, where: str) -> Manifest:
     if len(text) > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{where} is {len(text)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit for a manifest")
     try:
-        body = json.loads(text)
+        body = jsonio.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{where} is not valid JSON: {exc}") from None
+    except jsonio.JsonNumberError as exc:
+        raise ManifestError(f"{where} {exc}; no manifest field needs such a number") from None
     except RecursionError:
         raise ManifestError(f"{where} is nested too deeply to be a manifest") from None
     if not isinstance(body, dict) or body.get("schema") != SCHEMA:

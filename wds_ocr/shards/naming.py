@@ -22,9 +22,9 @@ SHARD_PREFIX = "shard"
 MAP_NAMES = ("gt", "mask", "thresh_map", "thresh_mask")
 
 _KEY_STEM_LENGTH = 64
-KEY_PATTERN = re.compile(r"\d{7,}_[A-Za-z0-9_-]{0,64}")
-SHARD_PATTERN = re.compile(r"(shard(?:-p\d{3}of\d{3})?)-(\d{6})\.tar")
-PART_MANIFEST_PATTERN = re.compile(r"manifest\.part-p(\d{3})of(\d{3})\.json")
+KEY_PATTERN = re.compile(r"[0-9]{7,}_[A-Za-z0-9_-]{0,64}")
+SHARD_PATTERN = re.compile(r"(shard(?:-p[0-9]{3}of[0-9]{3})?)-([0-9]{6})\.tar")
+PART_MANIFEST_PATTERN = re.compile(r"manifest\.part-p([0-9]{3})of([0-9]{3})\.json")
 # The largest listing index a key can carry (keys are sorted by it; a build lists at most this many).
 MAX_INDEX = 10**12
 
@@ -85,7 +85,7 @@ def temporary_name(name: str) -> str:
 
 def stray_pattern(prefix: str) -> re.Pattern[str]:
     """Shard files of ``prefix`` and their temporary names."""
-    return re.compile(rf"^\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?$")
+    return re.compile(rf"^\.?{re.escape(prefix)}-[0-9]{{6}}\.tar(\.tmp)?$")
 
 
 def is_shard_name(name: object) -> bool:

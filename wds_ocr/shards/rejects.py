@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
+from wds_ocr import jsonio
 from wds_ocr.data.sources import Skip, read_regular_file
 from wds_ocr.errors import ManifestError
 from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, write_atomic
@@ -55,9 +56,11 @@ class Reject:
             raise ValueError(f"{where}: index must be null or a listing position, got {index!r}")
         if kind not in _KINDS:
             raise ValueError(f"{where}: kind must be 'sample' or 'word', got {kind!r}")
-        for field, value in (("name", name), ("reason", reason)):
-            if not isinstance(value, str) or not value or len(value) > _MAX_TEXT:
-                raise ValueError(f"{where}: {field} must be a non-empty string")
+        # A name may be empty: an annotation entry named "" is rejected under that name.
+        if not isinstance(name, str) or len(name) > _MAX_TEXT:
+            raise ValueError(f"{where}: name must be a string of at most {_MAX_TEXT} characters")
+        if not isinstance(reason, str) or not reason or len(reason) > _MAX_TEXT:
+            raise ValueError(f"{where}: reason must be a non-empty string of at most {_MAX_TEXT} characters")
         if kind == "word" and (not isinstance(word_id, str) or index is None):
             raise ValueError(f"{where}: a word skip needs a word_id and the sample's index")
         if kind == "sample" and word_id is not None:
@@ -94,9 +97,11 @@ def read_rejects(path: Path) -> list[Reject]:
             continue
         where = f"{path.name} line {number}"
         try:
-            rejects.append(Reject.from_dict(json.loads(line), where))
+            rejects.append(Reject.from_dict(jsonio.loads(line), where))
         except (json.JSONDecodeError, RecursionError):
             raise ManifestError(f"{where} is not valid JSON") from None
+        except jsonio.JsonNumberError as exc:
+            raise ManifestError(f"{where} {exc}") from None
         except ValueError as exc:
             raise ManifestError(str(exc)) from None
     return rejects
