@@ -123,8 +123,8 @@ def test_fifo_is_refused_without_blocking(tmp_path):
 
 
 def test_link_to_a_device_is_refused_without_reading(tmp_path):
-    link = tmp_path / "zero.jpg"
-    link.symlink_to("/dev/zero")
+    (tmp_path / "dev").symlink_to("/dev")  # a linked folder is followed; its files are checked as files
+    link = tmp_path / "dev" / "zero"
     tracemalloc.start()
     try:
         with pytest.raises(SampleError) as caught:
@@ -135,6 +135,34 @@ def test_link_to_a_device_is_refused_without_reading(tmp_path):
     assert peak < 1 << 20
     assert str(caught.value) == (f"zero.jpg: {link} is a character device, not a regular file; only regular image "
                                  "files are read")
+
+
+def test_a_link_out_of_its_folder_is_refused_before_anything_is_read(tmp_path):
+    """One rule for images, annotation files and shards: a link is followed only within its folder,
+    and nothing of what it points at reaches a message."""
+    from wds_ocr.errors import ShardFormatError
+    from wds_ocr.shards.tario import open_shard
+
+    secret = tmp_path / "private" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_bytes(b"TOP-SECRET-PASSWORD\n")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "leak.jpg").symlink_to(secret)
+    with pytest.raises(SampleError) as caught:
+        read_image_bytes(folder / "leak.jpg", "leak.jpg")
+    assert str(caught.value) == (f"leak.jpg: {folder / 'leak.jpg'} is a symbolic link to {os.path.realpath(secret)}, "
+                                 f"outside its folder {os.path.realpath(folder)}; links are followed only within their "
+                                 "folder: copy the file in, or link the whole folder")
+    assert "TOP-SECRET" not in str(caught.value)
+    (folder / "shard-000000.tar").symlink_to(secret)
+    with pytest.raises(ShardFormatError, match=r"shard-000000.tar: .* is a symbolic link to .*secret.txt, outside its "):
+        open_shard(folder / "shard-000000.tar", "shard-000000.tar")
+    with pytest.raises(ValueError, match=r"^is a symbolic link to .*secret.txt, outside its folder"):
+        read_regular_file(folder / "leak.jpg", 1 << 20)
+    (folder / "inside.jpg").write_bytes(small("JPEG"))
+    (folder / "alias.jpg").symlink_to("inside.jpg")  # within the folder: followed
+    assert read_image_bytes(folder / "alias.jpg", "alias.jpg") == (folder / "inside.jpg").read_bytes()
 
 
 def test_link_to_a_regular_file_is_followed(tmp_path):
@@ -168,8 +196,9 @@ def test_annotation_files_are_read_as_bounded_regular_files(tmp_path):
     (root / "jsons" / "train.json").symlink_to("/dev/zero")
     with pytest.raises(SourceError) as caught:
         list_source(root, "train", SourceConfig())
-    assert str(caught.value) == (f"{root / 'jsons' / 'train.json'} is not a regular file; annotations must be a "
-                                 "regular JSON file")
+    assert str(caught.value) == (f"{root / 'jsons' / 'train.json'} is a symbolic link to /dev/zero, outside its folder "
+                                 f"{os.path.realpath(root / 'jsons')}; links are followed only within their folder: "
+                                 "copy the file in, or link the whole folder; annotations must be a regular JSON file")
     (root / "jsons" / "train.json").unlink()
     (root / "jsons" / "train.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(SourceError) as caught:
@@ -235,8 +264,9 @@ def test_build_with_bombs_fifos_and_devices_rejects_them_and_finishes(synth_root
     assert rejects == {
         **HOSTILE,
         "pipe.jpg": f"{images / 'pipe.jpg'} is a FIFO, not a regular file; only regular image files are read",
-        "zero.jpg": f"{images / 'zero.jpg'} is a character device, not a regular file; only regular image files "
-                    "are read",
+        "zero.jpg": f"{images / 'zero.jpg'} is a symbolic link to /dev/zero, outside its folder "
+                    f"{os.path.realpath(images)}; links are followed only within their folder: copy the file in, or "
+                    "link the whole folder",
         "folder.jpg": f"expected an image file but found a directory: {images / 'folder.jpg'}",
     }
     assert (out / "manifest.json").is_file()

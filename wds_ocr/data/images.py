@@ -43,6 +43,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wds_ocr.data.paths import link_escape
 from wds_ocr.data.orientation import inverse_orientation, orient_array
 from wds_ocr.errors import SampleError
 
@@ -112,9 +113,13 @@ def read_image_bytes(path: Path, name: str, max_bytes: int = DEFAULT_MAX_FILE_BY
 
     The file is opened without blocking (a FIFO with no writer does not hang the open) and checked
     with fstat on the opened descriptor (no race between the check and the read): symbolic links
-    are followed, but what they lead to must be a regular file.
+    are followed only within their folder (``paths.link_escape``), and what they lead to must be a
+    regular file.
     """
     path = Path(path)
+    escape = link_escape(path)
+    if escape is not None:
+        raise SampleError(name, escape)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:

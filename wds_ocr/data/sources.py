@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from wds_ocr.data.paths import link_escape
 from wds_ocr import jsonio
 from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SourceError, UsageError
@@ -48,7 +49,11 @@ MAX_TRANSCRIPTION_CHARS = 1 << 16
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``. Raises OSError (FileNotFoundError for a
-    missing file) or ValueError with the reason a file is refused (not regular, too large)."""
+    missing file) or ValueError with the reason a file is refused (not regular, too large, a link
+    out of its folder)."""
+    escape = link_escape(path)
+    if escape is not None:
+        raise ValueError(escape.removeprefix(f"{path} "))
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)

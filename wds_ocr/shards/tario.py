@@ -20,6 +20,7 @@ from typing import BinaryIO, Iterator
 
 import xxhash
 
+from wds_ocr.data.paths import link_escape
 from wds_ocr.errors import ShardFormatError
 
 BLOCK = 512
@@ -185,7 +186,11 @@ def parse_header(header: bytes, shard: str, offset: int) -> tuple[str, str, int]
 
 def open_shard(path: Path, shard: str, expected_bytes: int | None = None) -> int:
     """A read-only descriptor of a shard file that is a regular file (of ``expected_bytes`` when
-    given); ShardFormatError naming the shard otherwise. Symbolic links are followed."""
+    given); ShardFormatError naming the shard otherwise. Symbolic links are followed only within
+    the shard folder (``paths.link_escape``)."""
+    escape = link_escape(path)
+    if escape is not None:
+        raise ShardFormatError(shard, None, escape)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:

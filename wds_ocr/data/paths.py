@@ -1,0 +1,28 @@
+"""The one rule for symbolic links among the files wds-ocr reads (source images, annotation files,
+shard files): a link is followed only when what it leads to lies inside the folder that holds the
+link. The folder itself may be a link (a dataset on another disk), and a link between two files of
+one folder is fine; a link that leads out of its folder (to ``/etc/...``, another user's files, a
+device) is refused before the file is opened, so nothing of what it points at is read or quoted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def link_escape(path: str | Path) -> str | None:
+    """Why ``path`` must not be opened (a symbolic link whose target resolves outside the folder
+    that holds it), or None. Not a link, or a missing file: None (the open reports those)."""
+    path = Path(path)
+    try:
+        if not path.is_symlink():
+            return None
+        folder = os.path.realpath(path.parent)
+        target = os.path.realpath(path)
+    except (OSError, ValueError):
+        return None
+    if os.path.commonpath([folder, target]) == folder and target != folder:
+        return None
+    return (f"{path} is a symbolic link to {target}, outside its folder {folder}; links are followed only "
+            "within their folder: copy the file in, or link the whole folder")
