@@ -548,10 +548,54 @@ def test_a_second_build_into_the_same_folder_is_refused_while_one_runs(synth_roo
             holder["message"] = str(caught.value)
 
     build(synth_root, out, settings(), progress=progress)
-    assert holder["message"] == (f"{out} is being written by another build (lock .lock.shard); "
-                                 "wait for it or use another --out")
-    assert not (out / ".lock.shard").exists()
+    assert holder["message"] == (f"{out} is being written by another build (whole, partitioned or a merge) (lock "
+                                 ".lock); wait for it or use another --out: a whole build and a partitioned build "
+                                 "never share a folder")
+    assert not (out / ".lock.shard").exists() and not (out / ".lock").exists()
     assert os.listdir(out) and not list(out.glob(".journal*"))
+
+
+def test_whole_and_partitioned_builds_never_share_a_folder_at_once(synth_root, tmp_path):
+    """The parts of one array job build side by side; a whole build or a merge into their folder
+    is refused while any part runs, and a part is refused while a whole build runs."""
+    from wds_ocr.shards.merge import merge_parts
+
+    out = tmp_path / "s"
+    seen = {}
+
+    def during_part_0(p) -> None:
+        if p.done == 1 and "part 1" not in seen:
+            # another process, as an array job's other task would be (in-process builds share state)
+            part = subprocess.run([sys.executable, "-m", "wds_ocr", "build-shards", str(synth_root), "--split", "train",
+                                   "--out", str(out), "--partition", "1/2", "--quiet",
+                                   *[a for o in settings() for a in ("--set", o)]], capture_output=True, text=True,
+                                  timeout=300)
+            seen["part 1"] = (part.returncode, part.stderr)
+            for what, action in (("whole", lambda: build(synth_root, out, settings())),
+                                 ("merge", lambda: merge_parts(out))):
+                with pytest.raises(BuildError) as caught:
+                    action()
+                seen[what] = str(caught.value)
+
+    build(synth_root, out, settings(), partition=Partition(0, 2), progress=during_part_0)
+    assert seen["part 1"][0] == 0, seen["part 1"]
+    assert seen["whole"] == seen["merge"] == (
+        f"{out} is being written by another build (whole, partitioned or a merge) (lock .lock); wait for it or use "
+        "another --out: a whole build and a partitioned build never share a folder")
+    assert not (out / ".lock").exists()
+
+    other = tmp_path / "w"
+
+    def during_whole(p) -> None:
+        if p.done == 1 and "part" not in seen:
+            with pytest.raises(BuildError) as caught:
+                build(synth_root, other, settings(), partition=Partition(0, 2))
+            seen["part"] = str(caught.value)
+
+    build(synth_root, other, settings(), progress=during_whole)
+    assert seen["part"] == (f"{other} is being written by a whole build or a merge (lock .lock); wait for it or use "
+                            "another --out: a whole build and a partitioned build never share a folder")
+    assert merge_parts(out)[0].counts.written == load_manifest(other).counts.written
 
 
 # --- up to date ---------------------------------------------------------------------------------
@@ -596,3 +640,27 @@ def test_rerun_with_other_shard_settings_rebuilds_and_removes_old_shards(synth_r
     result = build(synth_root, out, settings(128, 4), overwrite=True)
     assert not result.up_to_date
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+
+
+def test_verify_names_files_of_another_build_in_the_folder(synth_root, tmp_path):
+    """What two kinds of build racing into one folder used to leave: a whole build's manifest beside
+    a part's shards and part manifest. verify reports both; a merged folder's own parts are fine."""
+    from wds_ocr.shards.merge import merge_parts
+    from wds_ocr.shards.verify import verify_shards
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    build(synth_root, whole, settings())
+    for index in range(2):
+        build(synth_root, parts, settings(), partition=Partition(index, 2))
+    merge_parts(parts)
+    assert verify_shards(parts).ok, verify_shards(parts).problems
+    assert verify_shards(whole).ok
+    foreign = sorted(p.name for p in parts.iterdir() if p.name.startswith("shard-p000of002"))
+    for name in [*foreign, "manifest.part-p000of002.json"]:
+        shutil.copy(parts / name, whole / name)
+    problems = [(p.shard, p.what) for p in verify_shards(whole).problems]
+    assert problems == [
+        (None, "manifest.part-p000of002.json is a part manifest of a partitioned build whose shards this manifest "
+               "does not hold (another build's?); remove it or rebuild the folder"),
+        *[(name, "shard file in the folder that this manifest does not account for (another build's: a whole and "
+                 "a partitioned build into one folder?); remove it or rebuild the folder") for name in foreign]]

@@ -51,7 +51,7 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import Skip, SourceListing, SourceSample, list_source
 from wds_ocr.errors import BuildError, ManifestError, OlderManifestError, SampleError, UsageError
 from wds_ocr.shards.codec import encode_record
-from wds_ocr.shards.journal import BuildLock, Journal, file_sha256, remove_strays, reusable_entries
+from wds_ocr.shards.journal import BuildLock, FolderLock, Journal, file_sha256, remove_strays, reusable_entries
 from wds_ocr.shards.manifest import (SCHEMA_VERSION, Counts, Manifest, PartRange, ShardEntry, load_manifest,
                                      write_manifest)
 from wds_ocr.shards.naming import (PART_MANIFEST_PATTERN, MANIFEST_NAME, lock_name, manifest_name, member_name,
@@ -650,7 +650,8 @@ def _build(source: str | Path, split: str, out_dir: Path, config: Config, starti
     manifest_file = out_dir / manifest_name
     rejects_file = out_dir / rejects_name
 
-    with BuildLock(out_dir / lock_name(prefix)):
+    with FolderLock(out_dir, shared=partition is not None and partition.count > 1), \
+            BuildLock(out_dir / lock_name(prefix)):
         journal = Journal(out_dir, prefix, {
             "fingerprint": config.fingerprint(),
             "shard_settings": config.shards.model_dump(mode="json"),

@@ -27,7 +27,7 @@ from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
 from wds_ocr.errors import BuildError, ManifestError
 from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, ShardEntry, write_atomic
-from wds_ocr.shards.naming import MAX_INDEX, journal_folder_name, shard_name, stray_pattern
+from wds_ocr.shards.naming import FOLDER_LOCK_NAME, MAX_INDEX, journal_folder_name, shard_name, stray_pattern
 from wds_ocr.shards.rejects import Reject
 
 
@@ -179,6 +179,57 @@ def remove_strays(out_dir: Path, prefix: str, keep: set[str]) -> None:
     for path in out_dir.iterdir():
         if pattern.match(path.name) and path.name not in keep:
             path.unlink()
+
+
+class FolderLock:
+    """One folder, one kind of build: a whole build (and ``merge``) holds ``.lock`` exclusively, each
+    part of a partitioned build holds it shared, so the parts of one array job run side by side but
+    never beside a whole build or a merge into the same folder. Non-blocking. The last holder removes
+    the file, while it holds the lock exclusively; a holder whose file was removed meanwhile (its
+    lock is on an inode the path no longer names) takes the lock again on the path's file."""
+
+    def __init__(self, folder: Path, shared: bool):
+        self.path = folder / FOLDER_LOCK_NAME
+        self.shared = shared
+        self.handle: TextIO | None = None
+
+    def _busy(self) -> BuildError:
+        holder = "a whole build or a merge" if self.shared else "another build (whole, partitioned or a merge)"
+        return BuildError(f"{self.path.parent} is being written by {holder} (lock {self.path.name}); wait for it "
+                          "or use another --out: a whole build and a partitioned build never share a folder")
+
+    def _names_this(self, handle: TextIO) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    def __enter__(self) -> "FolderLock":
+        for _ in range(3):
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise self._busy() from None
+            if self._names_this(handle):
+                self.handle = handle
+                return self
+            handle.close()
+        raise self._busy()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is None:
+            return
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the last holder: nobody else has it
+            if self._names_this(self.handle):
+                self.path.unlink(missing_ok=True)
+        except BlockingIOError:
+            pass  # another part still holds it; the last one removes the file
+        fcntl.flock(self.handle, fcntl.LOCK_UN)
+        self.handle.close()
+        self.handle = None
 
 
 class BuildLock:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from wds_ocr.errors import ManifestError
 from wds_ocr.shards.build import environment, source_fingerprint
+from wds_ocr.shards.journal import FolderLock
 from wds_ocr.shards.manifest import Manifest, load_manifest, write_manifest
 from wds_ocr.shards.naming import MANIFEST_NAME, PART_MANIFEST_PATTERN, REJECTS_NAME, rejects_name
 from wds_ocr.shards.rejects import Reject, read_rejects, write_rejects
@@ -52,8 +53,16 @@ def _read_rejects(path: Path, part: Manifest) -> list[Reject]:
 
 
 def merge_parts(folder: str | Path) -> tuple[Manifest, Path]:
-    """Merge ``manifest.part-*.json`` in ``folder`` into ``manifest.json``."""
+    """Merge ``manifest.part-*.json`` in ``folder`` into ``manifest.json`` (holding the folder's
+    lock: never while a part or a whole build is writing there)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise ManifestError(f"{folder} is not a folder of part manifests")
+    with FolderLock(folder, shared=False):
+        return _merge_parts(folder)
+
+
+def _merge_parts(folder: Path) -> tuple[Manifest, Path]:
     found = sorted(p for p in folder.glob("manifest.part-*.json") if PART_MANIFEST_PATTERN.fullmatch(p.name))
     if not found:
         raise ManifestError(f"{folder} holds no part manifests (manifest.part-pIIIofNNN.json); "

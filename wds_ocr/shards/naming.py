@@ -74,6 +74,10 @@ def journal_folder_name(prefix: str) -> str:
     return f".journal.{prefix}"
 
 
+# The folder's lock: whole builds and merges hold it exclusively, the parts of a partitioned build shared.
+FOLDER_LOCK_NAME = ".lock"
+
+
 def lock_name(prefix: str) -> str:
     return f".lock.{prefix}"
 

@@ -35,7 +35,8 @@ from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatE
 from wds_ocr.shards.build import image_digest, source_fingerprint
 from wds_ocr.shards.codec import ARRAY_SPECS, COMPACT_ARRAYS, Record, decode_record, encode_record, full_arrays
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest, ShardEntry, load_manifest, manifest_path
-from wds_ocr.shards.naming import MEMBER_EXTENSION, SHARD_PATTERN, key_index, record_key, rejects_name
+from wds_ocr.shards.naming import (MEMBER_EXTENSION, PART_MANIFEST_PATTERN, SHARD_PATTERN, key_index, record_key,
+                                   rejects_name)
 from wds_ocr.shards.rejects import Reject, read_rejects
 from wds_ocr.shards.tario import BLOCK, Member, iter_members
 
@@ -311,11 +312,21 @@ def _check_folder(folder: Path, manifest: Manifest, report: VerifyReport) -> Non
             report.add(None, None, f"the manifest's {prefix} shards are not numbered 0..{len(found) - 1} "
                                    "without gaps (an entry removed?)")
     listed = {entry.name for entry in manifest.shards}
+    whole = manifest.partition is None  # a part's folder also holds the other parts' files
+    # A merged manifest's shards are named shard-pIIIofNNN-...: its parts' manifests belong to it.
+    merged_counts = {prefix[len("shard-p") + 3 + 2:] for prefix in numbers if prefix.startswith("shard-p")}
     for path in sorted(folder.iterdir()):
         match = SHARD_PATTERN.fullmatch(path.name)
         if match and match.group(1) in numbers and path.name not in listed:
             report.add(path.name, None, "shard file in the folder is not listed in the manifest (entry removed "
                                         "from the manifest?)")
+        elif whole and match and path.name not in listed:
+            report.add(path.name, None, "shard file in the folder that this manifest does not account for (another "
+                                        "build's: a whole and a partitioned build into one folder?); remove it or "
+                                        "rebuild the folder")
+        elif whole and (part := PART_MANIFEST_PATTERN.fullmatch(path.name)) and part.group(2) not in merged_counts:
+            report.add(None, None, f"{path.name} is a part manifest of a partitioned build whose shards this "
+                                   "manifest does not hold (another build's?); remove it or rebuild the folder")
 
 
 def _check_rejects(manifest: Manifest, rejects: list[Reject], report: VerifyReport) -> None:
