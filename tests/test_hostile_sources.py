@@ -362,3 +362,42 @@ def test_strings_the_files_cannot_hold_are_rejects_and_everything_written_reads_
     assert reasons[("word", names[0], "zz-surrogate")].startswith("transcription bad \\udfff text is not valid text")
     report = verify_shards(tmp_path / "shards")
     assert report.ok, report.problems
+
+
+def test_work_per_image_is_bounded_before_it_starts(tmp_path):
+    """A polygon of a million points is a skipped word and an image of 10,001 words a reject, each
+    decided from the counts, in well under a second of work per entry."""
+    from wds_ocr.data.sources import MAX_POLYGON_POINTS, MAX_WORDS_PER_IMAGE
+
+    root = tmp_path / "src"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "jsons").mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (root / "images" / "train" / name).write_bytes(small("JPEG"))
+    square = [[0, 0], [4, 0], [4, 4], [0, 4]]
+    many = {f"{i:05d}": {"points": square, "transcription": "x"} for i in range(MAX_WORDS_PER_IMAGE + 1)}
+    huge = [[float(i % 7), float(i % 5)] for i in range(1_000_000)]
+    doc = {"images": {"a.jpg": {"words": {"w1": {"points": huge}, "w2": {"points": square}}},
+                      "b.jpg": {"words": many}}}
+    (root / "jsons" / "train.json").write_text(json.dumps(doc))
+    started = time.perf_counter()
+    listing = list_source(root, "train", SourceConfig())
+    assert time.perf_counter() - started < 30  # the JSON parse itself; the polygon is never converted
+    assert [r.reason for r in listing.rejects] == ["10,001 words, over the limit of 10,000 per image"]
+    (sample,) = listing.samples
+    assert [w.word_id for w in sample.words] == ["w2"]
+    assert [(s.word_id, s.reason) for s in sample.skips] == [
+        ("w1", f"polygon of 1,000,000 points, over the limit of {MAX_POLYGON_POINTS:,}")]
+
+
+def test_an_icdar_file_of_too_many_words_is_a_reject(tmp_path):
+    from wds_ocr.data.sources import MAX_WORDS_PER_IMAGE
+
+    root = tmp_path / "src"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "gts" / "train").mkdir(parents=True)
+    (root / "images" / "train" / "a.jpg").write_bytes(small("JPEG"))
+    (root / "gts" / "train" / "gt_a.txt").write_text("0,0,4,0,4,4,0,4,x\n" * (MAX_WORDS_PER_IMAGE + 1))
+    listing = list_source(root, "train", SourceConfig(format="icdar"))
+    assert [(r.name, r.reason) for r in listing.rejects] == [
+        ("a.jpg", "gt_a.txt holds 10,001 words, over the limit of 10,000 per image")]
