@@ -24,18 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from wds_ocr.config import load_config  # noqa: E402
-from wds_ocr.data.targets import make_targets  # noqa: E402
-from wds_ocr.loader.device import Augmenter, content_regions, to_device  # noqa: E402
-from wds_ocr.loader.stream import ShardStream, make_loader  # noqa: E402
-from wds_ocr.shards.verify import config_from_manifest  # noqa: E402
+from wds_ocr.config import load_config
+from wds_ocr.data.targets import make_targets
+from wds_ocr.loader.device import Augmenter, content_regions, to_device
+from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.shards.verify import config_from_manifest
 
 
 def output_to_input(theta: np.ndarray, out_size: int, in_size: int) -> np.ndarray:

@@ -11,15 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from wds_ocr.config import LossConfig, ModelConfig  # noqa: E402
-from wds_ocr.model.dbnet import DBNet  # noqa: E402
-from wds_ocr.model.loss import DBLoss  # noqa: E402
+from wds_ocr.config import LossConfig, ModelConfig
+from wds_ocr.model.dbnet import DBNet
+from wds_ocr.model.loss import DBLoss
 
 # (neck channels, input side, batch)
 CASES = ((256, 640, 4), (128, 640, 4), (256, 320, 8), (128, 320, 8))

@@ -17,18 +17,15 @@ import argparse
 import itertools
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from wds_ocr.config import load_config  # noqa: E402
-from wds_ocr.data.coverage import Coverage  # noqa: E402
-from wds_ocr.data.pipeline import process_sample  # noqa: E402
-from wds_ocr.data.sources import list_source  # noqa: E402
-from wds_ocr.eval.metric import DetectionMetric  # noqa: E402
-from wds_ocr.infer.evaluate import detect  # noqa: E402
+from wds_ocr.config import load_config
+from wds_ocr.data.coverage import Coverage
+from wds_ocr.data.pipeline import process_sample
+from wds_ocr.data.sources import list_source
+from wds_ocr.eval.metric import DetectionMetric
+from wds_ocr.infer.evaluate import detect
 
 
 def _floats(text: str) -> list[float]:
