@@ -26,3 +26,23 @@ def link_escape(path: str | Path) -> str | None:
         return None
     return (f"{path} is a symbolic link to {target}, outside its folder {folder}; links are followed only "
             "within their folder: copy the file in, or link the whole folder")
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``.<name>.tmp`` beside ``path`` and rename it over ``path``, so no reader
+    ever sees half a file. ``durable``: fsync the file before the rename and the folder after it
+    (manifests, rejects, journals: a crash leaves the old file or the new one, never an empty
+    one); without it (synthetic images, prediction files) the rename alone."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

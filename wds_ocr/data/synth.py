@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from wds_ocr.data.paths import write_atomic
 from wds_ocr.data.orientation import inverse_orientation, orient_array
 
 SPLITS = ("train", "val")
@@ -106,14 +106,14 @@ def synthesize(out: Path, n: int, seed: int, *, val_fraction: float = 0.25, min_
         upright, words = _render_receipt(rng, min_side, max_side)
         orientation = _orientation_for(index)
         name = f"synth_{index:04d}.jpg"
-        _write_atomic(out / "images" / split / name, _encode_jpeg(upright, orientation))
+        write_atomic(out / "images" / split / name, _encode_jpeg(upright, orientation), durable=False)
         annotations[split][name] = {"words": _words_json(words)}
         total_words += len(words)
         tagged += orientation != 1
     (out / "jsons").mkdir()
     for split in SPLITS:
         text = json.dumps({"images": annotations[split]}, sort_keys=True, indent=1) + "\n"
-        _write_atomic(out / "jsons" / f"{split}.json", text.encode("utf-8"))
+        write_atomic(out / "jsons" / f"{split}.json", text.encode("utf-8"), durable=False)
     counts = {split: len(annotations[split]) for split in SPLITS}
     return SynthSummary(root=out, counts=counts, words=total_words, exif_tagged=tagged)
 
@@ -394,8 +394,3 @@ def _words_json(words: list[_Word]) -> dict[str, dict]:
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename, so no half file is ever visible."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)

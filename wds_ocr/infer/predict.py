@@ -15,7 +15,6 @@ and ``OUT/photo.png``, the image with the boxes drawn. A file that cannot be use
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wds_ocr.data.paths import write_atomic
 from wds_ocr.config import Config
 from wds_ocr.data.geometry import plan_resize, resize_and_pad
 from wds_ocr.data.images import decode_canonical, read_image_bytes
@@ -94,9 +94,7 @@ def prediction_json(name: str, width: int, height: int, detections: list[Detecti
 
 
 def _write_json(path: Path, body: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_atomic(path, (json.dumps(body, indent=1) + "\n").encode("utf-8"), durable=False)
 
 
 def _check_stems(images: list[Path]) -> None:

@@ -26,7 +26,8 @@ from wds_ocr import jsonio
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
 from wds_ocr.errors import BuildError, ManifestError
-from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, ShardEntry, write_atomic
+from wds_ocr.data.paths import write_atomic
+from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, ShardEntry
 from wds_ocr.shards.naming import FOLDER_LOCK_NAME, MAX_INDEX, journal_folder_name, shard_name, stray_pattern
 from wds_ocr.shards.rejects import Reject
 

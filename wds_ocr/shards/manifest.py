@@ -18,18 +18,18 @@ of full arrays, before the compact record version 3) ask for a rebuild.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wds_ocr.data.paths import write_atomic
 from wds_ocr import jsonio
 from wds_ocr.config import PIPELINE_VERSION, Config, ShardConfig, build_config
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
 from wds_ocr.errors import ConfigError, ManifestError, NotAShardFolderError, OlderManifestError
-from wds_ocr.shards.naming import MANIFEST_NAME, MAX_INDEX, SHARD_PATTERN, key_index, temporary_name
+from wds_ocr.shards.naming import MANIFEST_NAME, MAX_INDEX, SHARD_PATTERN, key_index
 
 SCHEMA = "wds-ocr/manifest"
 SCHEMA_VERSION = 4  # 4: compact records (record version 3); 3: full-array records, checksums
@@ -453,21 +453,6 @@ def load_manifest(location: str | Path) -> Manifest:
     """Load ``DIR/manifest.json`` (or a manifest file path)."""
     path = manifest_path(location)
     return parse_manifest(read_manifest_bytes(path), str(path))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name, fsync, rename over ``path``, fsync the folder."""
-    tmp = path.with_name(temporary_name(path.name))
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_manifest(path: Path, manifest: Manifest) -> None:

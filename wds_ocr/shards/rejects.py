@@ -18,7 +18,8 @@ from typing import Any, Iterable, Literal
 from wds_ocr import jsonio
 from wds_ocr.data.sources import Skip, read_regular_file
 from wds_ocr.errors import ManifestError
-from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, write_atomic
+from wds_ocr.data.paths import write_atomic
+from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES
 from wds_ocr.shards.naming import MAX_INDEX
 
 _KINDS = ("sample", "word")
