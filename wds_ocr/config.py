@@ -482,6 +482,16 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+def settings_changes(built: Any, now: Any, line: str = "{field}: built with {built!r}, now {now!r}",
+                     prefix: str = "") -> list[str]:
+    """One ``line`` per leaf where two nested settings dicts differ (fields in sorted order);
+    ``line`` gets ``field`` (dotted, after ``prefix``), ``built`` and ``now``."""
+    if isinstance(built, dict) and isinstance(now, dict):
+        return [change for name in sorted(set(built) | set(now))
+                for change in settings_changes(built.get(name), now.get(name), line, f"{prefix}{name}.")]
+    return [] if built == now else [line.format(field=prefix.rstrip("."), built=built, now=now)]
+
+
 def build_config(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)

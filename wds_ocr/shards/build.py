@@ -44,7 +44,7 @@ except ImportError:  # not POSIX: workers start with spawn, and pipes keep their
     fcntl = None  # type: ignore[assignment]
 
 from wds_ocr import __version__
-from wds_ocr.config import Config
+from wds_ocr.config import Config, settings_changes
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.images import read_image_bytes
 from wds_ocr.data.pipeline import process_sample
@@ -561,22 +561,14 @@ def _current_manifest(manifest_file: Path, rejects_file: Path, plan: _Plan) -> M
 
 def _settings_changes(manifest: Manifest, config: Config, split: str, source_format: str) -> list[str]:
     """What differs between the build a manifest describes and this one (empty: the same kind)."""
+    line = "{field}: {built!r} there, {now!r} now"
     changes = []
-
-    def walk(built: Any, now: Any, prefix: str) -> None:
-        if isinstance(built, dict) and isinstance(now, dict):
-            for name in sorted(set(built) | set(now)):
-                walk(built.get(name), now.get(name), f"{prefix}{name}.")
-        elif built != now:
-            changes.append(f"{prefix.rstrip('.')}: {built!r} there, {now!r} now")
-
     if manifest.fingerprint != config.fingerprint():
-        walk(manifest.record_settings, config.record_settings(), "")
-        if not changes:
-            changes.append("the config fingerprint differs")
-    walk(manifest.shard_settings, config.shards.model_dump(mode="json"), "shards.")
-    walk({"split": manifest.source.get("split"), "format": manifest.source.get("format")},
-         {"split": split, "format": source_format}, "source.")
+        changes = settings_changes(manifest.record_settings, config.record_settings(), line) or \
+            ["the config fingerprint differs"]
+    changes += settings_changes(manifest.shard_settings, config.shards.model_dump(mode="json"), line, "shards.")
+    changes += settings_changes({"split": manifest.source.get("split"), "format": manifest.source.get("format")},
+                                {"split": split, "format": source_format}, line, "source.")
     return changes
 
 

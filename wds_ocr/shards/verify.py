@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from wds_ocr.config import PIPELINE_VERSION, Config, build_config
+from wds_ocr.config import PIPELINE_VERSION, Config, build_config, settings_changes
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
@@ -82,15 +82,6 @@ def _settings_fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for name in sorted(set(a) | set(b)):
-            out += _diff(a.get(name), b.get(name), f"{prefix}{name}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: built with {a!r}, now {b!r}"]
-
-
 def config_from_manifest(manifest: Manifest) -> Config:
     """The configuration a manifest was built with (the record-relevant parts). Raises ManifestError."""
     settings = manifest.record_settings
@@ -111,7 +102,7 @@ def check_staleness(manifest: Manifest, config: Config | None, report: VerifyRep
                                "rebuild with wds-ocr build-shards")
     if config is not None and config.fingerprint() != manifest.fingerprint:
         report.stale = True
-        changes = "; ".join(_diff(manifest.record_settings, config.record_settings())) or "settings differ"
+        changes = "; ".join(settings_changes(manifest.record_settings, config.record_settings())) or "settings differ"
         report.add(None, None, f"stale: shards were built with other settings ({changes}); rebuild them")
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from wds_ocr.config import Config, TrainConfig
+from wds_ocr.config import Config, TrainConfig, settings_changes
 from wds_ocr.errors import CheckpointError, ConfigError, StaleShardsError
 from wds_ocr.infer.detect import reduce_metric, resolve_post_workers, run_detection, truth_from_info
 from wds_ocr.eval.metric import DetectionScore
@@ -191,18 +191,12 @@ def _model_settings(config: Config) -> dict[str, Any]:
     return {k: v for k, v in config.model.model_dump(mode="json").items() if k not in ignored}
 
 
-def _differences(built: Any, now: Any, prefix: str = "") -> list[str]:
-    if isinstance(built, dict) and isinstance(now, dict):
-        return [line for name in sorted(set(built) | set(now))
-                for line in _differences(built.get(name), now.get(name), f"{prefix}{name}.")]
-    return [] if built == now else [f"{prefix.rstrip('.')}: built with {built!r}, config has {now!r}"]
-
-
 def _check_shards(stream: ShardStream, config: Config, location: str | Path) -> None:
     """The shards must hold what this config's live path would produce (the checkpoint's config
     is what evaluate_source and predict later transform images with)."""
     if stream.manifest.fingerprint != config.fingerprint():
-        changes = "; ".join(_differences(stream.manifest.record_settings, config.record_settings()))
+        changes = "; ".join(settings_changes(stream.manifest.record_settings, config.record_settings(),
+                                             "{field}: built with {built!r}, config has {now!r}"))
         raise StaleShardsError(f"{location} was built with other settings ({changes or 'settings differ'}); "
                                "train with the settings the shards were built with (drop the --set/--config "
                                "values that change them), or rebuild the shards with those settings")
