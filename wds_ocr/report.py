@@ -39,7 +39,7 @@ import numpy as np
 
 from wds_ocr.errors import CheckpointError, UsageError, WdsOcrError
 
-RUN_FILE = "run.json"
+RUN_FILE = "run.json"  # written by `train` (where the run's data came from), read here
 INDEX_NAME = "index.html"
 REPORT_JSON = "report.json"
 OVERLAY_PREFIX = "worst-"

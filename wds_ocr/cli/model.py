@@ -99,13 +99,12 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
                + (f"\ncurves: {curves}" if curves.is_file() else ""))
 
 
-RUN_RECORD = "run.json"
-
-
 def _write_run_record(out: Path, train_shards: str, val_shards: str | None, resume: Path | None,
                       init: Path | None = None) -> None:
     """RUN_DIR/run.json: where the run's data came from (``wds-ocr report`` finds the val shards there)."""
     import datetime
+
+    from wds_ocr.report import RUN_FILE
 
     def where(location: str | None) -> str | None:
         if location is None or "://" in location:
@@ -117,7 +116,7 @@ def _write_run_record(out: Path, train_shards: str, val_shards: str | None, resu
               "resumed_from": None if resume is None else str(resume.resolve()),
               "initialized_from": None if init is None else str(init.resolve()),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    (out / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    (out / RUN_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
 @cli.command()
