@@ -287,8 +287,7 @@ class Config(_Section):
 
     def fingerprint(self) -> str:
         """Stable sha256 of ``record_settings()``: equal iff records would be byte-identical."""
-        canonical = json.dumps(self.record_settings(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return settings_fingerprint(self.record_settings())
 
 
 class _StrictYamlLoader(yaml.SafeLoader):
@@ -480,6 +479,13 @@ def format_validation_error(exc: ValidationError) -> str:
         allowed = _allowed_range(loc) if err["type"] in _NUMBER_ERRORS else None
         lines.append(f"{where}: {message}{shown}" + (f"; allowed: {allowed}" if allowed else ""))
     return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def settings_fingerprint(settings: dict[str, Any]) -> str:
+    """sha256 of a settings dict's canonical JSON (sorted keys, no spaces): a config's fingerprint,
+    and what verify recomputes from a manifest's stored record_settings."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def settings_changes(built: Any, now: Any, line: str = "{field}: built with {built!r}, now {now!r}",

@@ -19,7 +19,6 @@ Checks, each reported as one ``Problem`` (shard, key, what):
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from wds_ocr.config import PIPELINE_VERSION, Config, build_config, settings_changes
+from wds_ocr.config import PIPELINE_VERSION, Config, build_config, settings_changes, settings_fingerprint
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
@@ -77,11 +76,6 @@ class VerifyReport:
         return body
 
 
-def _settings_fingerprint(settings: dict[str, Any]) -> str:
-    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
 def config_from_manifest(manifest: Manifest) -> Config:
     """The configuration a manifest was built with (the record-relevant parts). Raises ManifestError."""
     settings = manifest.record_settings
@@ -93,7 +87,7 @@ def config_from_manifest(manifest: Manifest) -> Config:
 
 
 def check_staleness(manifest: Manifest, config: Config | None, report: VerifyReport) -> None:
-    if _settings_fingerprint(manifest.record_settings) != manifest.fingerprint:
+    if settings_fingerprint(manifest.record_settings) != manifest.fingerprint:
         report.add(None, None, "manifest fingerprint does not match its own record_settings (manifest edited?)")
     built = manifest.record_settings.get("pipeline_version")
     if built != PIPELINE_VERSION:
