@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from wds_ocr.data.paths import link_escape
+from wds_ocr.data.paths import link_escape, read_at_most
 from wds_ocr.data.orientation import inverse_orientation, orient_array
 from wds_ocr.errors import SampleError
 
@@ -72,7 +72,6 @@ _CONVERTIBLE_COLOR_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
 # without a config (predict).
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_FILE_BYTES = 512 << 20
-_READ_CHUNK = 1 << 20
 # Progressive JPEGs carry about 10 scans (libjpeg's default script), rarely a few dozen; each scan is
 # a decoding pass over the whole image (a 36 MP JPEG of 100,000 scans took 84 s). 1000 bounds that
 # work at about 0.2 s per 10 MP.
@@ -152,17 +151,11 @@ def read_image_bytes(path: Path, name: str, max_bytes: int = DEFAULT_MAX_FILE_BY
 
 def _read_at_most(fd: int, max_bytes: int, name: str, path: Path) -> bytes:
     """Everything up to EOF, refusing a file that grows past ``max_bytes`` while it is read."""
-    parts = []
-    total = 0
-    while True:
-        chunk = os.read(fd, min(_READ_CHUNK, max_bytes + 1 - total))
-        if not chunk:
-            return b"".join(parts)
-        parts.append(chunk)
-        total += len(chunk)
-        if total > max_bytes:
-            raise SampleError(name, f"image file grew past the {max_bytes}-byte limit (source.max_file_bytes) "
-                                    f"while it was read: {path}")
+    data = read_at_most(fd, max_bytes)
+    if data is None:
+        raise SampleError(name, f"image file grew past the {max_bytes}-byte limit (source.max_file_bytes) "
+                                f"while it was read: {path}")
+    return data
 
 
 def read_orientation(data: bytes) -> int:

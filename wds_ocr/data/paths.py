@@ -46,3 +46,17 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def read_at_most(fd: int, max_bytes: int) -> bytes | None:
+    """Everything up to EOF from ``fd``, read in 1 MiB pieces; None when the file holds more than
+    ``max_bytes`` (it may grow while it is read, after any size check)."""
+    parts, total = [], 0
+    while True:
+        chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
+        total += len(chunk)
+        if total > max_bytes:
+            return None

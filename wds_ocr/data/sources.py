@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from wds_ocr.data.paths import link_escape
+from wds_ocr.data.paths import link_escape, read_at_most
 from wds_ocr import jsonio
 from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SourceError, UsageError
@@ -67,15 +67,10 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
             raise ValueError("is not a regular file")
         if info.st_size > max_bytes:
             raise ValueError(f"is {info.st_size} bytes, over the {max_bytes}-byte limit")
-        parts, total = [], 0
-        while True:
-            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
-            if not chunk:
-                return b"".join(parts)
-            parts.append(chunk)
-            total += len(chunk)
-            if total > max_bytes:
-                raise ValueError(f"grew past the {max_bytes}-byte limit while it was read")
+        data = read_at_most(fd, max_bytes)
+        if data is None:
+            raise ValueError(f"grew past the {max_bytes}-byte limit while it was read")
+        return data
     finally:
         os.close(fd)
 
