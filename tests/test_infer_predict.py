@@ -104,3 +104,16 @@ def test_images_with_the_same_stem_are_refused(receipts, checkpoint, tmp_path):
     other.write_bytes(b"")
     with pytest.raises(ConfigError, match="would both write synth_0000.json"):
         predict(checkpoint, [good, other], tmp_path / "out", device="cpu")
+
+
+def test_predict_takes_its_image_limits_from_the_config(receipts, checkpoint, tmp_path):
+    """source.max_pixels and source.max_file_bytes bound predict as they bound a build."""
+    good = _image(receipts, "synth_0000.jpg")
+    height, width = cv2.imread(str(good)).shape[:2]
+    small_pixels = CONFIG.model_copy(update={"source": CONFIG.source.model_copy(update={"max_pixels": width * height - 1})})
+    with pytest.raises(SampleError, match=rf"declares {width}x{height} = {width * height} pixels"):
+        predict(checkpoint, [good], tmp_path / "a", config=small_pixels, device="cpu")
+    size = good.stat().st_size
+    small_files = CONFIG.model_copy(update={"source": CONFIG.source.model_copy(update={"max_file_bytes": size - 1})})
+    with pytest.raises(SampleError, match=rf"image file is {size} bytes, over the {size - 1}-byte limit"):
+        predict(checkpoint, [good], tmp_path / "b", config=small_files, device="cpu")

@@ -74,7 +74,9 @@ class _Prepared:
 
 
 def _prepare(path: Path, config: Config) -> _Prepared:
-    canonical = decode_canonical(read_image_bytes(path, str(path)), str(path))
+    limits = config.source  # the same image limits as a build: source.max_file_bytes, source.max_pixels
+    canonical = decode_canonical(read_image_bytes(path, str(path), limits.max_file_bytes), str(path),
+                                 limits.max_pixels)
     width, height = canonical.size
     plan = plan_resize(width, height, config.transform)
     return _Prepared(path, canonical.pixels, resize_and_pad(canonical.pixels, plan), plan.inverse())
