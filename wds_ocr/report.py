@@ -184,14 +184,14 @@ def _batches_from_shards(shards: str, loader, skipped: list[str]) -> tuple[Itera
 def _batches_from_source(source: Path, split: str, config, loader, skipped: list[str]) -> tuple[Iterator, int]:
     from wds_ocr.data.sources import list_source
     # The live path's batches exactly as evaluate_source makes them.
-    from wds_ocr.infer.evaluate import _batched_live, _LiveSamples
+    from wds_ocr.infer.evaluate import LiveSamples, live_batches
 
     listing = list_source(source, split, config.source)
     skipped.extend(f"{reject.name}: {reject.reason}" for reject in listing.rejects)
 
     def batches() -> Iterator:
-        for images, truths in _batched_live(_LiveSamples(listing.samples, config), loader.batch_size,
-                                            loader.workers, skipped):
+        for images, truths in live_batches(LiveSamples(listing.samples, config), loader.batch_size,
+                                           loader.workers, skipped):
             yield images, truths, [None] * len(truths)
 
     return batches(), len(listing.samples)

@@ -42,7 +42,8 @@ from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import Runtime, check_precision, resolve_precision, start_runtime, stop_runtime
 from wds_ocr.shards.codec import decode_record
 
-__all__ = ["EvalResult", "ImageEval", "detect", "evaluate_shards", "evaluate_source"]
+__all__ = ["EvalResult", "ImageEval", "LiveSamples", "detect", "evaluate_shards", "evaluate_source", "live_batches",
+           "postprocess_grid"]
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, con
         stop_runtime(runtime)
 
 
-class _LiveSamples(torch.utils.data.Dataset):
+class LiveSamples(torch.utils.data.Dataset):
     """The live path per sample: (uint8 image, truth) or (None, "name: reason") for a bad sample."""
 
     def __init__(self, samples: list[SourceSample], config: Config):
@@ -186,8 +187,8 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _batched_live(dataset: _LiveSamples, batch_size: int, workers: int,
-                  skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[ImageTruth]]]:
+def live_batches(dataset: LiveSamples, batch_size: int, workers: int,
+                 skipped: list[str]) -> Iterator[tuple[torch.Tensor, list[ImageTruth]]]:
     """Batches of consecutive good samples (bad ones left out first, as the shard build does)."""
     extra: dict[str, Any] = {"multiprocessing_context": "fork"} if workers > 0 and os.name == "posix" else {}
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is, **extra)
@@ -225,7 +226,7 @@ def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path,
         listing = list_source(source_dir, split, config.source)
         skipped = [f"{reject.name}: {reject.reason}" for reject in listing.rejects] if runtime.is_main else []
         mine = listing.samples[runtime.rank :: runtime.world_size]
-        batches = _batched_live(_LiveSamples(mine, config), loader.batch_size, loader.workers, skipped)
+        batches = live_batches(LiveSamples(mine, config), loader.batch_size, loader.workers, skipped)
         run = _run(model, batches, config, loader, precision, runtime, metric, progress, len(mine), pool_options, sweep)
         return _result(run, runtime, precision, skipped, config)
     finally:
