@@ -92,6 +92,10 @@ def test_evaluate_sweep_prints_the_best_settings_and_refuses_bad_specs(demo_run)
     again = json.loads(CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(saved), "--shards",
                                                 str(out / "shards" / "train"), "--workers", "0", "--json"]).output)
     assert (again["hmean"], again["matched"], again["det_care"]) == (best["hmean"], best["matched"], best["det_care"])
+    unwritable = CliRunner().invoke(cli, [*common, "--sweep", "thresh=0.3", "--save-best",
+                                          str(saved / "inside-a-file.pt")])
+    assert unwritable.exit_code == 1
+    assert f"error: --save-best {saved / 'inside-a-file.pt'} cannot be written: " in unwritable.output
     refused = CliRunner().invoke(cli, [*common, "--save-best", str(saved)])
     assert refused.exit_code == 2 and "error: --save-best needs --sweep" in refused.output
     bad = CliRunner().invoke(cli, [*common, "--sweep", "unclip=1.5"])

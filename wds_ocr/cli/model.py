@@ -244,9 +244,13 @@ def evaluate(checkpoint: Path, shards: str | None, source: Path | None, split: s
         from wds_ocr.run.checkpoint import save_checkpoint
 
         best = config.model_copy(update={"postprocess": ranked[0][0]})
-        save_checkpoint(save_best, {"config": best.model_dump(mode="json"), "model": opened.body["model"],
-                                    "source": {"checkpoint": str(checkpoint), "postprocess": "evaluate --sweep on "
-                                               + (str(shards) if shards is not None else f"{source} ({split})")}})
+        try:
+            save_checkpoint(save_best, {"config": best.model_dump(mode="json"), "model": opened.body["model"],
+                                        "source": {"checkpoint": str(checkpoint), "postprocess": "evaluate --sweep on "
+                                                   + (str(shards) if shards is not None else f"{source} ({split})")}})
+        except OSError as exc:
+            fail(f"--save-best {save_best} cannot be written: {exc.strerror or exc}; name a file in a writable "
+                 "folder", 1)
     if as_json:
         body = {"precision": score.precision, "recall": score.recall, "hmean": score.hmean, "matched": score.matched,
                 "gt_care": score.gt_care, "det_care": score.det_care, "images": result.images,
