@@ -20,6 +20,7 @@ from wds_ocr.cli import cli
 from wds_ocr.config import load_config
 from wds_ocr.errors import BuildError, UsageError
 from wds_ocr.shards import build as build_module
+from wds_ocr.shards import workers as workers_module
 from wds_ocr.shards.build import Partition, build_shards, record_key
 from wds_ocr.shards.inspect import read_record
 from wds_ocr.shards.journal import Journal
@@ -95,16 +96,16 @@ def test_the_pool_gives_the_outcomes_made_in_process(faulty_root):
     config = load_config(None, settings())
     samples = list_source(faulty_root, "train", config.source).samples
     positions = range(len(samples))
-    starting = build_module._Workers(2, config)
+    starting = workers_module.Workers(2, config)
     try:
         deadline = time.monotonic() + 120
         while not starting.ready():
             assert time.monotonic() < deadline, "the build's worker pool did not come up within 120 s"
             time.sleep(0.02)
-        pooled = list(build_module._outcomes(samples, config, positions, starting))
+        pooled = list(workers_module.outcomes(samples, config, positions, starting))
     finally:
         starting.close()
-    inline = list(build_module._outcomes(samples, config, positions, None))
+    inline = list(workers_module.outcomes(samples, config, positions, None))
     assert [o.position for o in pooled] == list(positions)
     assert pooled == inline
     written = [o for o in pooled if o.record is not None]
@@ -131,7 +132,7 @@ def test_background_flushes_leave_the_bytes_alone(faulty_root, tmp_path, monkeyp
     assert snapshot(tmp_path / "plain") == snapshot(tmp_path / "flushed")
 
 def _workers_up(config, **kwargs):
-    workers = build_module._Workers(2, config, **kwargs)
+    workers = workers_module.Workers(2, config, **kwargs)
     deadline = time.monotonic() + 120
     while not workers.ready() or not all(w.up or w.results.poll() for w in workers.workers):
         assert time.monotonic() < deadline, "the build's workers did not come up within 120 s"
@@ -155,7 +156,7 @@ def test_tasks_and_results_larger_than_a_pipe_do_not_deadlock(faulty_root):
     samples = [dataclasses.replace(listed[i % 2], skips=skips) for i in range(16)]
     workers = _workers_up(config)
     got: list = []
-    runner = threading.Thread(target=lambda: got.extend(build_module._outcomes(samples, config, range(16), workers)),
+    runner = threading.Thread(target=lambda: got.extend(workers_module.outcomes(samples, config, range(16), workers)),
                               daemon=True)
     try:
         runner.start()
@@ -173,7 +174,7 @@ def test_closing_with_records_unread_kills_the_workers_instead_of_waiting(faulty
     records: they are killed, not given EXIT_TIMEOUT to exit on their own."""
     from wds_ocr.data.sources import list_source
 
-    monkeypatch.setattr(build_module, "EXIT_TIMEOUT", 60.0)
+    monkeypatch.setattr(workers_module, "EXIT_TIMEOUT", 60.0)
     config = load_config(None, settings(640))
     samples = [s for s in list_source(faulty_root, "train", config.source).samples if s.words]
     workers = _workers_up(config)

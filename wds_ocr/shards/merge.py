@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from wds_ocr.errors import ManifestError
-from wds_ocr.shards.build import environment, source_fingerprint
+from wds_ocr.shards.fingerprint import environment, source_fingerprint
 from wds_ocr.shards.journal import FolderLock
 from wds_ocr.shards.manifest import Manifest, load_manifest, write_manifest
 from wds_ocr.shards.naming import MANIFEST_NAME, PART_MANIFEST_PATTERN, REJECTS_NAME, rejects_name
