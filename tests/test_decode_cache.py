@@ -14,7 +14,8 @@ import pytest
 from wds_ocr.errors import IntegrityError, ShardFormatError
 from wds_ocr.loader import stream as stream_module
 from wds_ocr.loader.ring import BufferRing
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.codec import CompactPlace, decode_record, recheck_compact
 from wds_ocr.shards.manifest import load_manifest
 from wds_ocr.shards.tario import BLOCK
@@ -64,7 +65,7 @@ def test_a_second_epoch_decodes_nothing_and_gives_the_same_batches(shards_128, m
 @pytest.mark.parametrize("verify", [False, "sha256"])
 def test_only_verified_reads_use_the_cache(shards_128, monkeypatch, verify):
     calls = counted_decodes(monkeypatch)
-    stream = ShardStream(shards_128, batch_size=4, verify=verify)
+    stream = ShardStream(shards_128, batch_size=4, verify_hashes=verify)
     epoch(stream)
     epoch(stream)
     assert len(calls) == (18 if verify is False else 9)

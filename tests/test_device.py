@@ -9,7 +9,8 @@ import torch
 from wds_ocr.config import AugmentConfig
 from wds_ocr.data.pipeline import normalize_image
 from wds_ocr.loader.device import Augmenter, normalize, prepare, to_device
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 
 from conftest import build_small_shards
 
@@ -18,7 +19,7 @@ from conftest import build_small_shards
 def batch(synth_root, tmp_path_factory):
     """Four receipts at 256x256: large enough for text to survive min_text_size in gt."""
     folder = build_small_shards(synth_root, tmp_path_factory.mktemp("device") / "s", size=256)
-    batch = next(iter(make_loader(ShardStream(folder, batch_size=4), 0)))
+    batch = next(iter(make_loader(ShardStream(folder, batch_size=4), 0, mode="processes")))
     assert int(batch.gt.sum()) > 1000
     return batch
 

@@ -19,7 +19,8 @@ from test_stream import copy_shards
 from wds_ocr.cli import cli
 from wds_ocr.config import load_config
 from wds_ocr.errors import ManifestError, ShardFormatError, ShardsChangedError
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.build import build_shards
 from wds_ocr.shards.manifest import load_manifest, parse_manifest
 from wds_ocr.shards.verify import verify_shards
@@ -146,13 +147,13 @@ def test_a_shard_that_is_a_folder_or_a_device_is_named(folder):
     (folder / "shard-000001.tar").mkdir()
     stream = ShardStream(folder, batch_size=9)
     with pytest.raises(ShardFormatError) as caught:
-        list(make_loader(stream, 0))
+        list(make_loader(stream, 0, mode="processes"))
     assert str(caught.value) == f"shard-000001.tar [{stream.manifest.shards[1].keys[0]}]: {folder / 'shard-000001.tar'} is not a regular file"
     assert [p.what for p in verify_shards(folder).problems][0] == f"{folder / 'shard-000001.tar'} is not a regular file"
     shutil.rmtree(folder / "shard-000001.tar")
     (folder / "shard-000001.tar").symlink_to("/dev/zero")
     with pytest.raises(ShardFormatError, match="is a symbolic link to /dev/zero, outside its folder"):
-        list(make_loader(ShardStream(folder, batch_size=9), 0))
+        list(make_loader(ShardStream(folder, batch_size=9), 0, mode="processes"))
 
 
 def test_a_removed_entry_with_lowered_counts_is_caught(folder):
@@ -221,7 +222,7 @@ def test_build_refuses_other_settings_without_overwrite(synth_root, tmp_path):
 @pytest.mark.parametrize("verify", [True, False])
 def test_a_reader_says_the_shards_were_rebuilt_under_it(synth_root, tmp_path, verify):
     out = build_small_shards(synth_root, tmp_path / "s")  # 9 samples, 64 px, shards of 4, 4, 1
-    stream = ShardStream(out, batch_size=2, verify=verify)
+    stream = ShardStream(out, batch_size=2, verify_hashes=verify)
     batches = iter(make_loader(stream, 1, prefetch=1, mode="threads"))
     assert len(next(batches)) == 2  # shard 0 is open
     started = time.perf_counter()
@@ -235,5 +236,5 @@ def test_a_reader_says_the_shards_were_rebuilt_under_it(synth_root, tmp_path, ve
         "while it was reading; restart the run to read the new shards (a training run resumes from its last.pt), "
         "and rebuild only into folders nothing is reading")
     with pytest.raises(ShardsChangedError):  # and the next epoch does not start on them either
-        list(make_loader(stream, 0))
+        list(make_loader(stream, 0, mode="processes"))
     assert time.perf_counter() - started < 30

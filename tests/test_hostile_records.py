@@ -19,7 +19,8 @@ from wds_ocr.config import load_config
 from wds_ocr.data.geometry import valid_region
 from wds_ocr.errors import IntegrityError, ShardFormatError
 from wds_ocr.loader.device import content_regions
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.inspect import inspect_shards
 from wds_ocr.shards.manifest import load_manifest, write_manifest
 from wds_ocr.shards.tario import TarWriter, iter_members
@@ -113,7 +114,7 @@ def test_same_size_pixel_replacement_is_caught_by_default(folder):
                                  "(corrupt or replaced shard)")
     stream, batches = all_batches(folder, on_error="skip")
     assert sum(len(b) for b in batches) == 8 and stream.policy.count == 1
-    assert len(all_batches(folder, verify=False)[1]) == 3  # the explicit opt-out reads it as it is
+    assert len(all_batches(folder, verify_hashes=False)[1]) == 3  # the explicit opt-out reads it as it is
 
 
 def test_verify_hashes_setting_takes_the_check_or_the_opt_out():

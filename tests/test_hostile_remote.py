@@ -21,7 +21,8 @@ import pytest
 from conftest import build_small_shards
 from wds_ocr.errors import IntegrityError, ManifestError, RemoteError
 from wds_ocr.loader.remote import HttpReader, RemoteSettings, open_shards
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.manifest import load_manifest
 
 FAST = RemoteSettings(connect_timeout=2.0, stall_timeout=0.5, request_deadline=2.0, batch_deadline=4.0, tries=3,

@@ -205,7 +205,7 @@ def test_crop_to_content_runs_the_model_on_the_window_only(receipts, tmp_path):
     model = DBNet(config.model)
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     model.eval()
-    stream = ShardStream(tmp_path / "shards", 1, train=False)
+    stream = ShardStream(tmp_path / "shards", batch_size=1)
     stream.set_epoch(0)
     windows = []
     for batch, evaluated in zip(stream, result.per_image):

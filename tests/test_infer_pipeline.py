@@ -29,7 +29,8 @@ from wds_ocr.infer.detect import EvalTimes, resolve_post_workers, run_detection,
 from wds_ocr.infer.evaluate import evaluate_shards, evaluate_source
 from wds_ocr.infer.postpool import PostPool, PostprocessWorkerError
 from wds_ocr.infer.scoring import ImageTruth, MapForm, ScoringSettings, score_image
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.build import build_shards
 from wds_ocr.train.log import read_metrics
 from wds_ocr.train.loop import train
@@ -71,7 +72,7 @@ def care_words(shards) -> int:
     """The care words of the 9 train receipts, counted from the shards themselves: which words the
     synthesizer smudges into don't-care depends on an OpenCV float blur whose last bits differ
     between CPUs (61 words on one machine, 60 on another), so no test pins the number."""
-    count = sum(int((~info.dont_care).sum()) for batch in make_loader(ShardStream(shards, 9), 0, mode="threads")
+    count = sum(int((~info.dont_care).sum()) for batch in make_loader(ShardStream(shards, batch_size=9), 0, mode="threads")
                 for info in batch.info)
     assert 50 <= count <= 70
     return count
@@ -155,7 +156,7 @@ class PixelModel(torch.nn.Module):
 
 
 def _batches(shards: Path, batch_size: int):
-    stream = ShardStream(shards, batch_size)
+    stream = ShardStream(shards, batch_size=batch_size)
     for batch in make_loader(stream, 0, mode="threads"):
         yield batch.images, [truth_from_info(info) for info in batch.info]
 

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from wds_ocr.shards.verify import verify_shards
 # compact record expanded to the full image and maps.
 RECIPE = """\
 import sys
+from pathlib import Path
 import msgpack, numpy as np, webdataset as wds
 
 for sample in wds.WebDataset(sys.argv[1], shardshuffle=False):   # e.g. shards/val/shard-000000.tar

@@ -18,7 +18,8 @@ WORKER = textwrap.dedent(
     from datetime import timedelta
     import torch
     import torch.distributed as dist
-    from wds_ocr.loader.stream import ShardStream, make_loader
+    from wds_ocr.loader.loaders import make_loader
+    from wds_ocr.loader.stream import ShardStream
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     folder = sys.argv[1]
@@ -26,14 +27,14 @@ WORKER = textwrap.dedent(
     steps = 0
     for epoch in range(3):
         stream.set_epoch(epoch)
-        for batch in make_loader(stream, 2):
+        for batch in make_loader(stream, 2, mode="processes"):
             # the collective every DDP step performs: a rank with fewer batches would hang here
             signal = torch.tensor([float(len(batch))])
             dist.all_reduce(signal)
             steps += 1
     dist.barrier()
     evaluation = ShardStream(folder, batch_size=2)
-    keys = [k for b in make_loader(evaluation, 2) for k in b.keys]
+    keys = [k for b in make_loader(evaluation, 2, mode="processes") for k in b.keys]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, keys)
     if dist.get_rank() == 0:

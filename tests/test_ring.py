@@ -14,7 +14,8 @@ import torch
 
 from wds_ocr.loader import ring as ring_module
 from wds_ocr.loader.ring import BufferRing, ReleaseBoard, WorkerRing
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 
 
 def test_a_held_lease_is_never_handed_out_again():

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from wds_ocr.errors import IntegrityError, ManifestError, ShardFormatError
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.inspect import read_record
 from wds_ocr.shards.manifest import load_manifest, write_manifest
 from wds_ocr.shards.tario import BLOCK, TarWriter, iter_members
@@ -29,7 +30,7 @@ def all_keys(folder: Path) -> list[str]:
 
 def run_rank(folder, rank, world, workers, train=False, batch=2, **kwargs) -> list[list[str]]:
     stream = ShardStream(folder, batch_size=batch, train=train, rank=rank, world_size=world, **kwargs)
-    return [b.keys for b in make_loader(stream, workers)]
+    return [b.keys for b in make_loader(stream, workers, mode="processes")]
 
 
 @pytest.mark.parametrize("layout", ["uneven_shards", "single_shard"])
@@ -67,19 +68,19 @@ def test_training_gives_equal_full_batches_per_rank(uneven_shards, world):
 def test_resume_continues_the_same_sequence(uneven_shards):
     stream = ShardStream(uneven_shards, batch_size=1, train=True, seed=4, shuffle_block=3)
     stream.set_epoch(2)
-    full = [b.keys for b in make_loader(stream, 2)]
+    full = [b.keys for b in make_loader(stream, 2, mode="processes")]
     stream.set_epoch(2, start_batch=5)
-    resumed = [b.keys for b in make_loader(stream, 2)]
+    resumed = [b.keys for b in make_loader(stream, 2, mode="processes")]
     assert resumed == full[5:]
     assert len(full) == 9
     stream.set_epoch(3)
-    assert [b.keys for b in make_loader(stream, 0)] != full
+    assert [b.keys for b in make_loader(stream, 0, mode="processes")] != full
 
 
 def test_batches_hold_exactly_the_records(uneven_shards):
     manifest = load_manifest(uneven_shards)
     stream = ShardStream(uneven_shards, batch_size=4)
-    batch = next(iter(make_loader(stream, 1)))
+    batch = next(iter(make_loader(stream, 1, mode="processes")))
     assert batch.images.shape == (4, 64, 64, 3) and batch.images.dtype == torch.uint8
     assert batch.thresh_map.dtype == torch.float16 and batch.gt.shape == (4, 64, 64)
     for row, key in enumerate(batch.keys):
@@ -140,7 +141,7 @@ def rewrite_record(folder: Path, key: str, edit) -> None:
 
 
 def first_batch(folder: Path, **kwargs):
-    return next(iter(make_loader(ShardStream(folder, batch_size=9, **kwargs), 0)))
+    return next(iter(make_loader(ShardStream(folder, batch_size=9, **kwargs), 0, mode="processes")))
 
 
 def test_pickle_member_is_refused(uneven_shards, tmp_path):
@@ -150,7 +151,7 @@ def test_pickle_member_is_refused(uneven_shards, tmp_path):
     with pytest.raises(IntegrityError):  # the default checksum sees the edited header first
         first_batch(folder)
     with pytest.raises(ShardFormatError) as caught:  # and without it the header check still refuses
-        first_batch(folder, verify=False)
+        first_batch(folder, verify_hashes=False)
     assert str(caught.value) == (
         f"shard-000000.tar [{entry.keys[1]}]: member extension 'pickle' refused: only .msgpack records are read "
         "(never pickle or other formats)"
@@ -162,7 +163,7 @@ def test_parent_path_member_is_refused(uneven_shards, tmp_path):
     entry = load_manifest(folder).shards[1]
     patch_header_name(folder / entry.name, entry.offsets[0], f"../{entry.keys[0]}.msgpack")
     with pytest.raises(ShardFormatError, match=r"shard-000001.tar \[\w+\]: member at byte 0: path '\.\./.*' is not a flat member name"):
-        first_batch(folder, verify=False)
+        first_batch(folder, verify_hashes=False)
 
 
 def test_oversized_declared_shape_is_refused_before_allocation(uneven_shards, tmp_path):
@@ -206,10 +207,10 @@ def test_streaming_hash_check_names_shard_and_key(uneven_shards, tmp_path):
     data = bytearray(shard.read_bytes())
     data[entry.offsets[3] + BLOCK + record.offsets["image"] + 100] ^= 0x01  # a pixel: decodes fine, hash does not
     shard.write_bytes(bytes(data))
-    assert len(first_batch(folder, verify=False)) == 9  # unchecked (the opt-out): the flip goes unnoticed
+    assert len(first_batch(folder, verify_hashes=False)) == 9  # unchecked (the opt-out): the flip goes unnoticed
     for verify, what in ((True, "checksum"), ("sha256", "sha256")):  # the default, and the full digest
         with pytest.raises(IntegrityError) as caught:
-            first_batch(folder, verify=verify)
+            first_batch(folder, verify_hashes=verify)
         assert (caught.value.shard, caught.value.key) == ("shard-000001.tar", entry.keys[3])
         assert caught.value.reason == f"bytes differ from the manifest's {what} (corrupt or replaced shard)"
 
@@ -220,7 +221,7 @@ def test_streaming_hash_check_names_shard_and_key(uneven_shards, tmp_path):
 def test_http_streaming_equals_local(uneven_shards, serve_folder):
     url = serve_folder(uneven_shards)
     local = run_rank(uneven_shards, 0, 1, 0, train=True, seed=2)
-    remote = run_rank(url, 0, 1, 2, train=True, seed=2, verify=True)
+    remote = run_rank(url, 0, 1, 2, train=True, seed=2, verify_hashes=True)
     assert remote == local
     batch_local = first_batch(uneven_shards)
     batch_remote = first_batch(url + "manifest.json")
@@ -257,7 +258,7 @@ def test_rss_stays_flat_over_five_epochs(synth_root, tmp_path):
     for epoch in range(5):
         stream.set_epoch(epoch)
         count = 0
-        for batch in make_loader(stream, 0):
+        for batch in make_loader(stream, 0, mode="processes"):
             count += len(batch)
         assert count == 9
         del batch
@@ -274,7 +275,7 @@ def test_rss_stays_flat_over_five_epochs(synth_root, tmp_path):
 def test_threaded_loader_yields_the_same_batches_as_dataloader_workers(uneven_shards, threads):
     stream = ShardStream(uneven_shards, batch_size=2, train=True, seed=9, shuffle_block=2)
     stream.set_epoch(1)
-    processes = list(make_loader(stream, 2))
+    processes = list(make_loader(stream, 2, mode="processes"))
     threaded = list(make_loader(stream, threads, mode="threads"))
     assert [b.keys for b in threaded] == [b.keys for b in processes]
     assert all(torch.equal(a.images, b.images) and torch.equal(a.thresh_map, b.thresh_map)
@@ -408,3 +409,31 @@ def test_a_shuffled_batch_keeps_its_range_requests_in_flight_together(one_shard_
     local = ShardStream(one_shard_256, batch_size=8, train=True, seed=3).read_batch(plan)
     assert batch.keys == local.keys
     assert batch.packed.payload.numpy().tobytes() == local.packed.payload.numpy().tobytes()
+
+
+def test_the_loader_section_travels_whole_and_make_loader_follows_it(uneven_shards):
+    """ShardStream takes the config's loader section; make_loader uses its mode and workers unless
+    given; keyword settings are checked as the config checks them."""
+    from wds_ocr.config import LoaderConfig
+    from wds_ocr.loader.loaders import ProcessLoader, ThreadedLoader
+
+    section = LoaderConfig(batch_size=3, mode="processes", workers=1, seed=5, shuffle_block=2, on_error="skip",
+                           verify_hashes="sha256")
+    stream = ShardStream(uneven_shards, section, train=True)
+    assert (stream.batch_size, stream.seed, stream.shuffle_block, stream.verify, stream.on_error) == (
+        3, 5, 2, "sha256", "skip")
+    assert stream.loader is section
+    loader = make_loader(stream)
+    assert isinstance(loader, ProcessLoader) and loader.loader.num_workers == 1
+    threaded = make_loader(stream, 2, mode="threads")
+    assert isinstance(threaded, ThreadedLoader) and threaded.threads == 2
+    assert [b.keys for b in loader] == [b.keys for b in threaded]
+    default = make_loader(ShardStream(uneven_shards))  # the config's defaults: threads, 2 workers, batches of 8
+    assert isinstance(default, ThreadedLoader) and default.threads == LoaderConfig().workers == 2
+    assert default.stream.batch_size == 8
+    changed = ShardStream(uneven_shards, section, batch_size=2)
+    assert (changed.batch_size, changed.seed, section.batch_size) == (2, 5, 3)
+    with pytest.raises(TypeError, match="ShardStream got batch, verify: not loader settings"):
+        ShardStream(uneven_shards, batch=2, verify=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        ShardStream(uneven_shards, batch_size=0)

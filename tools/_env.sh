@@ -1,6 +1,8 @@
 # Sourced by tools/test.sh and tools/demo.sh: a virtualenv in .venv with wds-ocr installed.
-# torch: an existing install is kept (users with GPUs bring their CUDA build); otherwise the
-# CPU build 2.13.0 is installed first, so pip never pulls a multi-GB CUDA build by accident.
+# torch: an existing install in .venv is kept; otherwise `pip install torch==2.13.0` runs, which on
+# Linux from PyPI is the CUDA build (right for GPU users). A CPU-only user installs the CPU build
+# into .venv first (README, "Set up"): .venv/bin/pip install torch==2.13.0 --index-url
+# https://download.pytorch.org/whl/cpu
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"

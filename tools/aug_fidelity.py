@@ -31,7 +31,8 @@ import torch
 from wds_ocr.config import load_config
 from wds_ocr.data.targets import make_targets
 from wds_ocr.loader.device import Augmenter, content_regions, to_device
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.verify import config_from_manifest
 
 

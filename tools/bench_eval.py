@@ -48,7 +48,8 @@ from wds_ocr.infer.detect import run_detection, truth_from_info
 from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.infer.postpool import PostPool
 from wds_ocr.infer.scoring import ImageTruth, MapForm, ScoringSettings, score_image
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.run.runtime import resolve_device, usable_cores
 from wds_ocr.shards.build import build_shards
 
@@ -107,14 +108,14 @@ def blurred_probability(gt: np.ndarray) -> np.ndarray:
 
 def stream_batches(shards: Path, batch: int, loader_workers: int):
     """The shards' batches as (uint8 images, truths), streamed by the loader in manifest order."""
-    for item in make_loader(ShardStream(shards, batch), loader_workers, mode="threads"):
+    for item in make_loader(ShardStream(shards, batch_size=batch), loader_workers, mode="threads"):
         yield item.images, [truth_from_info(info) for info in item.info]
 
 
 def read_split(shards: Path, batch: int) -> tuple[list[ImageTruth], list[np.ndarray]]:
     """Each record's truth and blurred gt map, in loader order."""
     truths, probs = [], []
-    for item in make_loader(ShardStream(shards, batch), 1, mode="threads"):
+    for item in make_loader(ShardStream(shards, batch_size=batch), 1, mode="threads"):
         truths.extend(truth_from_info(info) for info in item.info)
         probs.extend(blurred_probability(gt) for gt in item.gt.numpy())
     return truths, probs

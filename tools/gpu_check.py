@@ -31,7 +31,8 @@ from wds_ocr.config import Config, load_config
 from wds_ocr.data.synth import synthesize
 from wds_ocr.infer.evaluate import evaluate_shards
 from wds_ocr.loader.device import normalize
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.build import build_shards
 from wds_ocr.run.checkpoint import load_model
 from wds_ocr.train.loop import TrainProgress, train
@@ -134,7 +135,7 @@ def event_busy_fraction(checkpoint: Path, shards: Path, config: Config, precisio
                         batch_size: int, workers: int) -> dict:
     """Forward passes over the shards; GPU time from CUDA events over wall time (None on a CPU)."""
     model, _ = load_model(checkpoint, device)
-    loader = make_loader(ShardStream(shards, batch_size), workers, mode=config.loader.mode)
+    loader = make_loader(ShardStream(shards, batch_size=batch_size), workers, mode=config.loader.mode)
     events = []
     images = 0
     started = time.perf_counter()

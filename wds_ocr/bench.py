@@ -45,7 +45,8 @@ from wds_ocr.config import Config
 from wds_ocr.data.pipeline import normalize_image, process_sample
 from wds_ocr.data.sources import SourceSample, list_source
 from wds_ocr.loader.device import normalize, to_device
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.compact import full_bytes
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
 
@@ -362,16 +363,16 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
                          else "not included (no CUDA): expansion and normalization are device ops", None)
     epochs: dict[str, tuple[Callable[[], Iterable[Any]], Callable[[Any], int], int]] = {}
     with tempfile.TemporaryDirectory(prefix="wds-ocr-bench-") as tmp, contextlib.ExitStack() as stack:
-        stream = ShardStream(shards, batch_size=batch_size, train=False)
+        stream = ShardStream(shards, batch_size=batch_size)
         epochs["shards (threads)"] = (_shard_epochs(stream, workers, "threads", device), len, shard_bytes)
         if processes:
             epochs["shards (processes)"] = (_shard_epochs(stream, workers, "processes", device), len, shard_bytes)
         if http is not None:
             url, result.http_server = stack.enter_context(local_server(folder, http))
-            remote = ShardStream(url, batch_size=batch_size, train=False)
+            remote = ShardStream(url, batch_size=batch_size)
             epochs["shards (HTTP, threads)"] = (_shard_epochs(remote, workers, "threads", device), len, shard_bytes)
         for label, verify in INTEGRITY_MODES if integrity else ():
-            checked = ShardStream(shards, batch_size=batch_size, train=False, verify=verify)
+            checked = ShardStream(shards, batch_size=batch_size, verify_hashes=verify)
             epochs[f"threads, verify {label}"] = (_shard_epochs(checked, workers, "threads", device), len, shard_bytes)
         for peer in peers:
             if not bench_peers.available(peer):

@@ -166,14 +166,14 @@ def run_val_shards(run_dir: Path) -> str:
 
 def _batches_from_shards(shards: str, loader, skipped: list[str]) -> tuple[Iterator, int]:
     from wds_ocr.infer.detect import truth_from_info
-    from wds_ocr.loader.stream import ShardStream, make_loader
+    from wds_ocr.loader.loaders import make_loader
+    from wds_ocr.loader.stream import ShardStream
 
-    stream = ShardStream(shards, loader.batch_size, train=False, verify=loader.verify_hashes,
-                         on_error=loader.on_error, rank=0, world_size=1)
+    stream = ShardStream(shards, loader, rank=0, world_size=1)
     total = sum(len(plan.samples) for plan in stream.plans())
 
     def batches() -> Iterator:
-        for batch in make_loader(stream, loader.workers, mode=loader.mode):
+        for batch in make_loader(stream):
             skipped.extend(f"{shard} [{key}]: {reason}" for shard, key, reason in batch.skipped)
             if len(batch):
                 yield batch.images, [truth_from_info(i) for i in batch.info], [i.key for i in batch.info]

@@ -37,7 +37,8 @@ from wds_ocr.eval.metric import DetectionScore
 from wds_ocr.infer.detect import (DetectionRun, EvalProgress, EvalTimes, ImageEval, ImageTruth, detect,
                                   reduce_cleval, reduce_coverage, reduce_metric, resolve_post_workers, run_detection,
                                   truth_from_info)
-from wds_ocr.loader.stream import ShardStream, make_loader
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import Runtime, check_precision, resolve_precision, start_runtime, stop_runtime
 from wds_ocr.shards.codec import decode_record
@@ -98,8 +99,7 @@ def _loader_settings(config: Config, batch_size: int | None, workers: int | None
 
 
 def _open_stream(location: str | Path, loader: LoaderConfig, runtime: Runtime) -> ShardStream:
-    return ShardStream(location, loader.batch_size, train=False, verify=loader.verify_hashes,
-                       on_error=loader.on_error, rank=runtime.rank, world_size=runtime.world_size)
+    return ShardStream(location, loader, rank=runtime.rank, world_size=runtime.world_size)
 
 
 def record_texts(stream: ShardStream) -> dict[str, tuple[str, ...]]:
@@ -149,7 +149,7 @@ def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, con
         skipped: list[str] = []
 
         def batches() -> Iterator[tuple[torch.Tensor, list[ImageTruth]]]:
-            for batch in make_loader(stream, loader.workers, mode=loader.mode):
+            for batch in make_loader(stream):
                 skipped.extend(f"{shard} [{key}]: {reason}" for shard, key, reason in batch.skipped)
                 if len(batch):
                     yield batch.images, [truth_from_info(i, texts.get(i.key) if texts else None) for i in batch.info]

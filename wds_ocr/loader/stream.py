@@ -37,25 +37,24 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import itertools
 import os
 import threading
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import webdataset as wds
 
+from wds_ocr.config import LoaderConfig
 from wds_ocr.errors import IntegrityError, ShardFormatError, ShardsChangedError, WdsOcrError
-from wds_ocr.loader.batch import Batch, Packed, PackedPolygons, SampleInfo, SampleLayout
+from wds_ocr.loader.batch import Batch, Packed, SampleInfo, SampleLayout
+from wds_ocr.loader.decoded import DecodeCache, record_layout, sample_info, shifted_layout
 from wds_ocr.loader.plan import BatchPlan, plan_batches
 from wds_ocr.loader.policy import SkipPolicy, Skipped
 from wds_ocr.loader.remote import Deadline, LocalReader, RangeReader, RemoteSettings, open_shards
 from wds_ocr.loader.ring import BufferRing, Lease, ReleaseBoard, WorkerRing, allocate
-from wds_ocr.shards.codec import CompactPlace, Record, decode_record, recheck_compact
+from wds_ocr.shards.codec import Record, decode_record, recheck_compact
 from wds_ocr.shards.compact import fill_value
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest
 from wds_ocr.shards.naming import MEMBER_EXTENSION
@@ -65,33 +64,40 @@ MAX_SPAN = 1 << 31
 # Bytes of decoded metadata a stream keeps per process (``DecodeCache``): about 6 kB a receipt,
 # so some 40,000 records; a larger dataset decodes the rest every epoch.
 DECODE_CACHE_BYTES = 256 << 20
-_VERIFY = {True: "checksum", False: "off", "checksum": "checksum", "sha256": "sha256", "off": "off"}
+_VERIFY = {True: "checksum", False: "off", "sha256": "sha256"}  # loader.verify_hashes -> the check
 
 
 class ShardStream(wds.DataPipeline):
-    """An IterableDataset of ``Batch`` objects over a shard folder or URL.
+    """An IterableDataset of ``Batch`` objects over a shard folder or URL, read as the config's
+    ``loader`` section says (batch size, order, checks, what to do with a bad record).
 
-    Use with ``torch.utils.data.DataLoader(stream, batch_size=None, num_workers=W)`` (see
-    ``make_loader``). ``rank``/``world_size`` default to torch.distributed, then RANK/WORLD_SIZE.
+    Iterate it through ``loader.loaders.make_loader(stream)`` (threads or DataLoader processes). ``rank``/``world_size`` default to torch.distributed, then RANK/WORLD_SIZE.
     Call ``set_epoch(e, start_batch)`` before iterating each epoch (training).
     """
 
     def __init__(
         self,
         location: str | Path,
-        batch_size: int,
+        loader: LoaderConfig | None = None,
+        *,
         train: bool = False,
-        seed: int = 0,
-        shuffle_block: int = 64,
-        verify: bool | str = True,
-        on_error: "str | SkipPolicy" = "raise",
         rank: int | None = None,
         world_size: int | None = None,
         remote: RemoteSettings | None = None,
+        **settings: Any,
     ):
-        if verify not in _VERIFY:
-            raise ValueError(f"verify must be True (checksum), 'sha256' or False, got {verify!r}")
-        self.policy = SkipPolicy.of(on_error)
+        """``loader``: the config's loader section (default: its defaults); ``settings``: fields
+        of it to change, validated as the config validates them (``batch_size=4``,
+        ``verify_hashes=False``, ``on_error="skip"``)."""
+        loader = loader or LoaderConfig()
+        if settings:
+            unknown = sorted(set(settings) - set(LoaderConfig.model_fields))
+            if unknown:
+                raise TypeError(f"ShardStream got {', '.join(unknown)}: not loader settings "
+                                f"({', '.join(LoaderConfig.model_fields)})")
+            loader = LoaderConfig.model_validate({**loader.model_dump(), **settings})
+        self.loader = loader
+        self.policy = SkipPolicy.of(loader.on_error)
         self.remote = remote or RemoteSettings()
         self.location = open_shards(location, self.remote)
         manifest, reader = self.location.manifest, self.location.reader
@@ -99,11 +105,11 @@ class ShardStream(wds.DataPipeline):
             reader.before_open = self.check_unchanged
         self.manifest: Manifest = manifest
         self.reader: RangeReader = reader
-        self.batch_size = batch_size
+        self.batch_size = loader.batch_size
         self.train = train
-        self.seed = seed
-        self.shuffle_block = shuffle_block
-        self.verify = _VERIFY[verify]
+        self.seed = loader.seed
+        self.shuffle_block = loader.shuffle_block
+        self.verify = _VERIFY[loader.verify_hashes]
         self.on_error = self.policy.mode
         self.rank, self.world_size = _rank_world(rank, world_size)
         # (epoch, start_batch) in shared memory: persistent DataLoader workers read the value the
@@ -162,7 +168,7 @@ class ShardStream(wds.DataPipeline):
             try:
                 batch = self.read_batch(plan, ring=ring)
             except WdsOcrError as exc:  # to the main process as itself (see ProcessLoader)
-                yield _WorkerFailure(exc)
+                yield WorkerFailure(exc)
                 return
             yield batch
 
@@ -305,13 +311,13 @@ class ShardStream(wds.DataPipeline):
                     if fill != self._fill_bits:
                         raise ShardFormatError(entry.name, key, "record thresh_fill differs from the manifest's "
                                                                 "targets.thresh_min")
-                    layout, sample = _shifted(known.layout, offset + BLOCK), known.sample()
+                    layout, sample = shifted_layout(known.layout, offset + BLOCK), known.sample()
                 else:
                     record = decode_record(data, entry.name, key)
                     self._check_record(record, entry.name, key)
-                    layout, sample = _layout(record, offset + BLOCK), _sample_info(key, record)
+                    layout, sample = record_layout(record, offset + BLOCK), sample_info(key, record)
                     known = self.decoded.put(ref.shard, ref.position, record, len(data), bytes(span[:BLOCK]),
-                                             _layout(record, 0), sample)
+                                             record_layout(record, 0), sample)
                     if known is not None:
                         sample = known.sample()  # the kept one is never handed out
             except ShardFormatError as exc:
@@ -406,95 +412,6 @@ def _runs(plan: BatchPlan, slots: list) -> Iterator[tuple[int, int]]:
         yield first, len(slots) - 1
 
 
-def _shifted(layout: SampleLayout, start: int) -> SampleLayout:
-    """A record-relative layout moved to the record starting at byte ``start`` of the buffer."""
-    image, height, width, top, left, bits, wx, wy, ww, wh, values, count = layout
-    return SampleLayout(image + start, height, width, top, left, bits + start, wx, wy, ww, wh, values + start, count)
-
-
-@dataclass(frozen=True)
-class _Known:
-    """A member decoded and validated before: its layout (from byte 0 of its record), where its
-    compact maps lie, and its sample information (read-only arrays, shared by every later read)."""
-
-    place: CompactPlace
-    header: bytes  # the member's tar header block
-    layout: SampleLayout
-    info: SampleInfo
-
-    def sample(self) -> SampleInfo:
-        info = self.info
-        return SampleInfo(info.key, info.name, info.original_size, info.inverse_matrix, info.polygons,
-                          info.dont_care, info.left_out)
-
-
-class DecodeCache:
-    """Decoded members of verified reads, per process, up to ``limit`` bytes (estimated).
-
-    A member read again (next epoch) whose bytes pass the manifest's checksum (or sha256) are the
-    bytes that were decoded and validated: the loader then takes the layout and sample information
-    from here and only re-checks the compact maps' content (``codec.recheck_compact``). With
-    verification off nothing is kept: unverified bytes are always decoded. A pickled stream (a
-    DataLoader worker's copy) starts with an empty cache of its own."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.used = 0
-        self._known: dict[tuple[int, int], _Known] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._known)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"limit": self.limit}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["limit"])
-
-    def get(self, shard: int, position: int) -> _Known | None:
-        return self._known.get((shard, position))
-
-    def put(self, shard: int, position: int, record: Record, length: int, header: bytes, layout: SampleLayout,
-            info: SampleInfo) -> _Known | None:
-        """Keep a decoded member (its arrays become read-only); the entry, or None when full."""
-        cost = 1024 + info.polygons.points.nbytes + 104 * len(info.polygons)
-        with self._lock:
-            if self.used + cost > self.limit or (shard, position) in self._known:
-                return None
-            for array in (info.inverse_matrix, info.dont_care, info.left_out, info.polygons.points,
-                          info.polygons.sizes):
-                array.setflags(write=False)
-            known = self._known[(shard, position)] = _Known(CompactPlace.of(record, length), header, layout, info)
-            self.used += cost
-            return known
-
-
-def _layout(record: Record, start: int) -> SampleLayout:
-    """Where ``record``'s compact arrays lie in the batch buffer, the record starting at ``start``."""
-    a, at = record.arrays, record.offsets
-    height, width = a["image"].shape[:2]
-    wx, wy, ww, wh = a["map_window"].tolist()
-    left, top = record.meta.offset
-    return SampleLayout(start + at["image"], height, width, top, left, start + at["map_bits"], wx, wy, ww, wh,
-                        start + at["thresh_values"], a["thresh_values"].shape[0])
-
-
-def _sample_info(key: str, record: Record) -> SampleInfo:
-    """The metadata evaluation needs, copied out of the batch buffer (which is recycled)."""
-    meta = record.meta
-    return SampleInfo(
-        key=key,
-        name=meta.name,
-        original_size=meta.original_size,
-        inverse_matrix=np.array(record.arrays["inverse_matrix"]),
-        polygons=PackedPolygons(np.array(record.arrays["polygons_original"]),
-                                record.arrays["polygon_sizes"].astype(np.int64)),
-        dont_care=record.arrays["dont_care"].astype(bool),
-        left_out=np.array(record.arrays["left_out"]),
-    )
-
-
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
@@ -503,130 +420,11 @@ def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-class ThreadedLoader:
-    """Batches read by a pool of threads in the main process, in plan order.
-
-    The per-sample work is a positioned read into the batch buffer plus a checksum, both of which
-    release the GIL, so threads scale without worker processes: batches need no shared-memory
-    transfer, and their buffers (pinned when CUDA is present) come from a ring kept across epochs.
-    """
-
-    def __init__(self, stream: ShardStream, threads: int = 2, prefetch: int = 2):
-        self.stream = stream
-        self.threads = max(1, threads)
-        self.depth = max(1, threads * prefetch)
-        self.ring = BufferRing("pinned" if torch.cuda.is_available() else "plain")
-
-    def __len__(self) -> int:
-        return len(self.stream)
-
-    def __iter__(self) -> Iterator[Batch]:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.stream.check_unchanged(local_only=True)
-        plans = iter(self.stream.plans())
-        cancel = threading.Event()
-        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wds-ocr-read")
-        read = self.stream.read_batch
-        ring = self.ring
-        try:
-            pending = deque(pool.submit(read, plan, "plain", cancel, ring) for plan in itertools.islice(plans, self.depth))
-            while pending:
-                batch = pending.popleft().result()
-                plan = next(plans, None)
-                if plan is not None:
-                    pending.append(pool.submit(read, plan, "plain", cancel, ring))
-                self.stream.policy.tally(batch.skipped)
-                yield batch
-                del batch  # the consumer's reference is the only one: its buffer returns when it drops it
-        finally:
-            # An error, or a consumer that stopped early: do not wait for the reads in flight (a slow
-            # server could hold them until their deadlines); cancelling shuts their sockets down.
-            cancel.set()
-            pool.shutdown(wait=False, cancel_futures=True)
-
-
 @dataclass
-class _WorkerFailure:
+class WorkerFailure:
     """An error raised in a DataLoader worker, carried to the main process as an item."""
 
     error: WdsOcrError
 
 
-class ProcessLoader:
-    """A DataLoader over worker processes that re-raises a worker's package error as itself (the
-    DataLoader alone would turn it into a RuntimeError holding the worker's traceback as text),
-    tallies skips in the main process, and releases each worker buffer on the shared board once
-    nothing in this process refers to its batch (with CUDA: once it is copied into a pinned buffer
-    of this process's ring)."""
-
-    def __init__(self, stream: ShardStream, loader: torch.utils.data.DataLoader, board: ReleaseBoard | None = None):
-        self.stream = stream
-        self.loader = loader
-        self.board = board
-        self.pinned = BufferRing("pinned") if torch.cuda.is_available() and loader.num_workers else None
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Batch]:
-        if self.board is not None:
-            self.stream.board = self.board  # the workers (forked at the first iteration) inherit it
-        for item in self.loader:
-            if isinstance(item, _WorkerFailure):
-                raise item.error
-            if self.loader.num_workers:
-                self.stream.policy.tally(item.skipped)
-                self._receive(item)
-            yield item
-            del item
-
-    def _receive(self, batch: Batch) -> None:
-        """Make ``batch`` hold its worker buffer by a lease that frees it on the board."""
-        if batch.packed is None or batch.lease is None or batch.lease.origin is None:
-            return
-        payload = self.board.receive(batch.lease.origin, batch.packed.nbytes)
-        lease = Lease(payload)
-        if self.pinned is not None:
-            lease = self.pinned.acquire(payload.numel())
-            lease.tensor.copy_(payload)
-            payload = lease.tensor
-        batch.packed.payload = payload
-        batch.lease = lease
-
-
-def largest_batch(stream: ShardStream) -> int:
-    """Bytes of the largest batch ``stream`` can read: its batch size's largest manifest members."""
-    sizes = [np.diff(np.array([*entry.offsets[: entry.samples], entry.members_end], dtype=np.int64))
-             for entry in stream.manifest.shards if entry.samples]
-    if not sizes:
-        return 0
-    sizes = np.sort(np.concatenate(sizes))
-    return int(sizes[-stream.batch_size:].sum())
-
-
-def make_loader(stream: ShardStream, workers: int, prefetch: int = 2, mode: str = "processes"):
-    """An iterable of Batches for ``stream``.
-
-    ``mode="processes"``: a torch DataLoader over ready-made batches (batch_size=None);
-    ``workers`` worker processes persist across epochs (``stream.set_epoch`` reaches them through
-    shared memory) and recycle a ring of shared buffers each. ``mode="threads"``: a ThreadedLoader
-    with ``workers`` threads in this process — no shared-memory hand-off, the faster choice for
-    this loader's read-into-place work (see docs/BENCHMARKS.md). Both yield the same batches in
-    the same order.
-    """
-    if mode == "threads":
-        return ThreadedLoader(stream, threads=max(1, workers), prefetch=prefetch)
-    if mode != "processes":
-        raise ValueError(f"loader mode must be 'threads' or 'processes', got {mode!r}")
-    kwargs: dict[str, Any] = {}
-    board = None
-    if workers > 0:
-        kwargs.update(prefetch_factor=prefetch, multiprocessing_context="fork" if os.name == "posix" else None)
-        board = ReleaseBoard(workers, capacity=largest_batch(stream))
-    return ProcessLoader(stream, torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, pin_memory=False, persistent_workers=workers > 0, **kwargs,
-    ), board)
-
-
-__all__ = ["Batch", "ProcessLoader", "SampleInfo", "ShardStream", "Skipped", "ThreadedLoader", "make_loader"]
+__all__ = ["DECODE_CACHE_BYTES", "ShardStream", "WorkerFailure"]

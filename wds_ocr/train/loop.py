@@ -38,7 +38,9 @@ from wds_ocr.infer.detect import reduce_metric, resolve_post_workers, run_detect
 from wds_ocr.eval.metric import DetectionScore
 from wds_ocr.loader.device import Augmenter, content_regions, prepare, to_device
 from wds_ocr.loader.plan import batches_per_epoch
-from wds_ocr.loader.stream import Batch, ShardStream, make_loader
+from wds_ocr.loader.batch import Batch
+from wds_ocr.loader.loaders import make_loader
+from wds_ocr.loader.stream import ShardStream
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.model.loss import DBLoss
 from wds_ocr.model.backbones import resolve_model
@@ -256,9 +258,7 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         allow_tf32(runtime.device)
         torch.manual_seed(tc.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         loader_config = config.loader
-        stream = ShardStream(train_shards, loader_config.batch_size, train=True, seed=loader_config.seed,
-                             shuffle_block=loader_config.shuffle_block, verify=loader_config.verify_hashes,
-                             on_error=loader_config.on_error, rank=runtime.rank, world_size=runtime.world_size)
+        stream = ShardStream(train_shards, loader_config, train=True, rank=runtime.rank, world_size=runtime.world_size)
         _check_shards(stream, config, train_shards)
         if config.augment.crop_size > stream.size:
             raise ConfigError(f"augment.crop_size={config.augment.crop_size} is larger than the records of "
@@ -273,14 +273,12 @@ def train(config: Config, train_shards: str | Path, val_shards: str | Path | Non
         micro_per_epoch = steps_per_epoch * tc.accumulate
         schedule = schedule_for(tc, steps_per_epoch)
         stop_at = schedule.total_steps if stop_after is None else min(stop_after, schedule.total_steps)
-        loader = make_loader(stream, loader_config.workers, mode=loader_config.mode)
+        loader = make_loader(stream)
         val_loader = None
         if val_shards is not None:
-            val_stream = ShardStream(val_shards, loader_config.batch_size, train=False,
-                                     verify=loader_config.verify_hashes, on_error=loader_config.on_error,
-                                     rank=runtime.rank, world_size=runtime.world_size)
+            val_stream = ShardStream(val_shards, loader_config, rank=runtime.rank, world_size=runtime.world_size)
             _check_shards(val_stream, config, val_shards)
-            val_loader = make_loader(val_stream, loader_config.workers, mode=loader_config.mode)
+            val_loader = make_loader(val_stream)
 
         raw_model = DBNet(config.model, load_weights=resume is None and init is None)
         fit = None
