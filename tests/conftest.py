@@ -67,11 +67,11 @@ def single_shard(synth_root, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def serve_folder():
-    """Start a real HTTP server (with Range support, bench_http's) on 127.0.0.1 for a folder;
+    """Start a real HTTP server (with Range support, wds_ocr.bench.http's) on 127.0.0.1 for a folder;
     returns its URL."""
     import contextlib
 
-    from wds_ocr.bench_http import python_server
+    from wds_ocr.bench.http import python_server
 
     with contextlib.ExitStack() as servers:
         yield lambda directory: servers.enter_context(python_server(directory))

@@ -348,7 +348,7 @@ def test_local_members_land_in_the_batch_buffer_with_no_copy_in_between(one_shar
 
 
 def test_http_bodies_land_in_the_batch_buffer_as_they_arrive(one_shard_256, monkeypatch):
-    from wds_ocr.bench_http import python_server
+    from wds_ocr.bench.http import python_server
     from wds_ocr.loader.remote import HttpReader
 
     with python_server(one_shard_256) as url:  # bodies sent with os.sendfile: no allocation server-side
@@ -370,7 +370,7 @@ def test_a_shuffled_batch_keeps_its_range_requests_in_flight_together(one_shard_
     import threading
     import time
 
-    from wds_ocr.bench_http import RangeHandler, RangeServer
+    from wds_ocr.bench.http import RangeHandler, RangeServer
     from wds_ocr.loader.remote import RemoteSettings
 
     lock, state = threading.Lock(), {"open": 0, "most": 0, "requests": 0}
@@ -433,7 +433,7 @@ def test_the_loader_section_travels_whole_and_make_loader_follows_it(uneven_shar
     assert default.stream.batch_size == 8
     changed = ShardStream(uneven_shards, section, batch_size=2)
     assert (changed.batch_size, changed.seed, section.batch_size) == (2, 5, 3)
-    with pytest.raises(TypeError, match="ShardStream got batch, verify: not loader settings"):
+    with pytest.raises(TypeError, match="batch, verify: not loader settings"):
         ShardStream(uneven_shards, batch=2, verify=False)
     with pytest.raises(ValueError, match="batch_size"):
         ShardStream(uneven_shards, batch_size=0)

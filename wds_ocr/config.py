@@ -122,6 +122,15 @@ class LoaderConfig(_Section):
     verify_hashes: bool | Literal["sha256"] = True
     on_error: Literal["raise", "skip"] = "raise"
 
+    def changed(self, **fields: Any) -> "LoaderConfig":
+        """This section with ``fields`` changed (None: left as it is), validated as a config is;
+        a name that is not a loader setting is a TypeError naming it."""
+        unknown = sorted(set(fields) - set(type(self).model_fields))
+        if unknown:
+            raise TypeError(f"{', '.join(unknown)}: not loader settings ({', '.join(type(self).model_fields)})")
+        changes = {name: value for name, value in fields.items() if value is not None}
+        return type(self).model_validate({**self.model_dump(), **changes}) if changes else self
+
 
 class AugmentConfig(_Section):
     """Training augmentation, applied on the device to image and maps together."""

@@ -280,8 +280,8 @@ def bench(source: Path, shards: Path, split: str | None, workers: int, batch_siz
           config_file: Path | None, overrides: tuple[str, ...]) -> None:
     """Side by side: streaming --shards against the raw read rate of their files, the same arrays read
     with webdataset / LitData / Mosaic, HTTP from 127.0.0.1, and the live per-epoch path on SOURCE."""
-    from wds_ocr.bench import run_bench
-    from wds_ocr.bench_peers import PEERS
+    from wds_ocr.bench.loader import run_bench
+    from wds_ocr.bench.peers import PEERS
     from wds_ocr.shards.manifest import load_manifest
     from wds_ocr.shards.verify import config_from_manifest
 

@@ -92,12 +92,6 @@ def _run(model: torch.nn.Module, batches, config: Config, loader: LoaderConfig, 
                          pool_options=pool_options, alternatives=sweep)
 
 
-def _loader_settings(config: Config, batch_size: int | None, workers: int | None) -> LoaderConfig:
-    """The config's loader section with the command's batch size and workers (validated again)."""
-    changes = {name: value for name, value in (("batch_size", batch_size), ("workers", workers)) if value is not None}
-    return LoaderConfig.model_validate({**config.loader.model_dump(), **changes})
-
-
 def _open_stream(location: str | Path, loader: LoaderConfig, runtime: Runtime) -> ShardStream:
     return ShardStream(location, loader, rank=runtime.rank, world_size=runtime.world_size)
 
@@ -138,7 +132,7 @@ def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, con
     check_precision(precision)
     checkpoint = open_checkpoint(checkpoint)
     config = config or checkpoint.config
-    loader = _loader_settings(config, batch_size, workers)
+    loader = config.loader.changed(batch_size=batch_size, workers=workers)
     runtime = start_runtime(device)
     precision = resolve_precision(precision, runtime.device)
     try:
@@ -218,7 +212,7 @@ def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path,
     check_precision(precision)
     checkpoint = open_checkpoint(checkpoint)
     config = config or checkpoint.config
-    loader = _loader_settings(config, batch_size, workers)
+    loader = config.loader.changed(batch_size=batch_size, workers=workers)
     runtime = start_runtime(device)
     precision = resolve_precision(precision, runtime.device)
     try:

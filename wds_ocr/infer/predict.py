@@ -33,7 +33,7 @@ from wds_ocr.infer.detect import content_window, detect, probability_maps
 from wds_ocr.infer.export import OnnxDetector
 from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import check_precision, resolve_device
-from wds_ocr.viz import draw_polygons, write_png
+from wds_ocr.report.draw import draw_polygons, write_png
 
 # Coordinates in the JSON are rounded to this many decimals (1/100 px).
 DECIMALS = 2

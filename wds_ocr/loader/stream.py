@@ -89,13 +89,7 @@ class ShardStream(wds.DataPipeline):
         """``loader``: the config's loader section (default: its defaults); ``settings``: fields
         of it to change, validated as the config validates them (``batch_size=4``,
         ``verify_hashes=False``, ``on_error="skip"``)."""
-        loader = loader or LoaderConfig()
-        if settings:
-            unknown = sorted(set(settings) - set(LoaderConfig.model_fields))
-            if unknown:
-                raise TypeError(f"ShardStream got {', '.join(unknown)}: not loader settings "
-                                f"({', '.join(LoaderConfig.model_fields)})")
-            loader = LoaderConfig.model_validate({**loader.model_dump(), **settings})
+        loader = (loader or LoaderConfig()).changed(**settings)
         self.loader = loader
         self.policy = SkipPolicy.of(loader.on_error)
         self.remote = remote or RemoteSettings()

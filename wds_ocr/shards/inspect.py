@@ -104,7 +104,7 @@ def inspect_shards(location: str | Path, key: str | None = None, png: Path | Non
     record, shard = read_record(path.parent, manifest, None if key is None else resolve_key(manifest, key, str(path.parent)))
     arrays = [(n, a.dtype.str.lstrip("<|"), a.shape, a.nbytes) for n, a in record.arrays.items()]
     if png is not None:
-        from wds_ocr.viz import record_panel, write_png
+        from wds_ocr.report.draw import record_panel, write_png
 
         full = record.expand()
         panel = record_panel(

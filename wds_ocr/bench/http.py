@@ -2,7 +2,7 @@
 HTTP row (and the tests): nginx when it is installed (``sendfile on``, one worker process, keep-alive),
 otherwise a threaded Python server that answers single ``Range: bytes=a-b`` requests with
 ``os.sendfile`` (the body never passes through Python objects). For the benchmark the Python
-server runs in a process of its own (``python -m wds_ocr.bench_http ROOT PORT``), as any real
+server runs in a process of its own (``python -m wds_ocr.bench.http ROOT PORT``), as any real
 server would: in the benchmark's process its request handling would take the GIL from the
 loader's threads. The tests use it in-process (``python_server``).
 """
@@ -133,7 +133,7 @@ def python_process_server(root: Path) -> Iterator[str]:
     port = _free_port()
     package_root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
-    process = subprocess.Popen([sys.executable, "-m", "wds_ocr.bench_http", str(Path(root).resolve()), str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "wds_ocr.bench.http", str(Path(root).resolve()), str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     with _stopping(process):
         _wait_for(port, process, 30.0, "the Python HTTP server")
@@ -200,7 +200,7 @@ def local_server(root: Path, kind: str = "auto") -> Iterator[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m wds_ocr.bench_http ROOT PORT``: serve ROOT on 127.0.0.1:PORT until terminated."""
+    """``python -m wds_ocr.bench.http ROOT PORT``: serve ROOT on 127.0.0.1:PORT until terminated."""
     root, port = (argv if argv is not None else sys.argv[1:])
     server = RangeServer(Path(root), int(port))
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

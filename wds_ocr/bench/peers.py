@@ -39,11 +39,11 @@ from wds_ocr.shards.inspect import read_record
 from wds_ocr.shards.manifest import load_manifest, manifest_path
 
 PEERS = ("webdataset", "litdata", "mosaic")
-_MODULES = {"webdataset": "webdataset", "litdata": "litdata", "mosaic": "streaming"}
+MODULES = {"webdataset": "webdataset", "litdata": "litdata", "mosaic": "streaming"}
 
 
 def available(peer: str) -> bool:
-    return importlib.util.find_spec(_MODULES[peer]) is not None
+    return importlib.util.find_spec(MODULES[peer]) is not None
 
 
 def record_sample(record: Record) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@
     local HTTP server (nginx if installed, else a Python server with sendfile) serving the same
     files. Expanding the records and normalizing are device ops: included when CUDA is present,
     else left out (on a CPU-only machine the "device" would be these same cores);
-(c) peers: stock webdataset, LitData and Mosaic MDS reading the same arrays (``bench_peers``);
+(c) peers: stock webdataset, LitData and Mosaic MDS reading the same arrays (``wds_ocr.bench.peers``);
 (d) live (optional): the receipt project's way — decode, EXIF, resize, pad, targets and normalize
     per sample in a map-style Dataset with the default collate;
 (e) with ``integrity=True``: the threaded shard path once per read-path check — none
@@ -40,7 +40,7 @@ import numpy as np
 import psutil
 import torch
 
-from wds_ocr import bench_peers
+from wds_ocr.bench import peers as bench_peers
 from wds_ocr.config import Config
 from wds_ocr.data.pipeline import normalize_image, process_sample
 from wds_ocr.data.sources import SourceSample, list_source
@@ -351,7 +351,7 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
     """Run the paths side by side (see the module docstring); ``http`` is the local server kind
     (``auto``, ``nginx``, ``python``) or None for no HTTP row; ``peers`` those of
     ``bench_peers.PEERS`` to run."""
-    from wds_ocr.bench_http import local_server
+    from wds_ocr.bench.http import local_server
 
     note = progress or (lambda _: None)
     manifest = load_manifest(shards)
@@ -376,7 +376,7 @@ def run_bench(source: str | Path, split: str, shards: str | Path, config: Config
             epochs[f"threads, verify {label}"] = (_shard_epochs(checked, workers, "threads", device), len, shard_bytes)
         for peer in peers:
             if not bench_peers.available(peer):
-                result.skipped[f"peer: {peer}"] = f"{bench_peers._MODULES[peer]} is not installed"
+                result.skipped[f"peer: {peer}"] = f"{bench_peers.MODULES[peer]} is not installed"
                 continue
             note(f"writing the same arrays with {peer}")
             location = bench_peers.WRITERS[peer](Path(shards), Path(tmp))
