@@ -12,7 +12,7 @@ fi
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[dev,plot,ppocr]"
+.venv/bin/python -m pip install -q -e ".[dev,plot,ppocr,s3]"
 # The PP-OCRv4 detector (import-ppocr, the detector benchmark's peer, the parity tests): the wheel
 # without its dependencies, whose opencv-python would replace opencv-python-headless's cv2.
 if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('rapidocr_onnxruntime') is None)"; then

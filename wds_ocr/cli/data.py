@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
 import click
 
-from wds_ocr.cli.base import cli, config_options, fail, handle_errors, load_settings, load_with_base, plural, shards_phrase
+from wds_ocr.cli.base import (
+    cli,
+    config_options,
+    fail,
+    handle_errors,
+    load_settings,
+    load_with_base,
+    plural,
+    shards_phrase,
+)
+from wds_ocr.errors import UsageError
 
 
 @cli.command()
@@ -58,7 +71,10 @@ class BuildWorkers(click.ParamType):
 @cli.command("build-shards")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--split", required=True, help="Split folder to build, e.g. train or val.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Output folder [shards/<split>].")
+@click.option("--out", help="Output folder or s3://bucket/prefix [shards/<split>].")
+@click.option("--staging", type=click.Path(file_okay=False, path_type=Path),
+              help="With --out s3://...: the local folder shards are built in before upload [a folder in the "
+                   "system temp named after the URL, removed after a finished build].")
 @click.option("--workers", default="auto", show_default=True, type=BuildWorkers(),
               help=f"Worker processes: auto = the usable cores, at most {AUTO_BUILD_WORKERS}. Any count gives the "
                    "same bytes.")
@@ -68,17 +84,22 @@ class BuildWorkers(click.ParamType):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @handle_errors
-def build_shards_command(source: Path, split: str, out: Path | None, workers: int, partition: str | None,
-                         overwrite: bool, quiet: bool, config_file: Path | None, overrides: tuple[str, ...]) -> None:
+def build_shards_command(source: Path, split: str, out: str | None, staging: Path | None, workers: int,
+                         partition: str | None, overwrite: bool, quiet: bool, config_file: Path | None,
+                         overrides: tuple[str, ...]) -> None:
     """Pre-transform SOURCE's SPLIT into WebDataset shards with a manifest.
 
     A folder holding shards built with other settings is refused unless --overwrite; a run
     reading those shards then stops with an error saying they were rebuilt."""
     from wds_ocr.cli.progress import Progress
     from wds_ocr.shards.build import Partition, build_shards
+    from wds_ocr.storage import output_kind
 
     config = load_settings(config_file, overrides)
-    out = out or Path("shards") / split
+    out = out or str(Path("shards") / split)
+    kind = output_kind(out)
+    if staging is not None and kind != "s3":
+        raise UsageError("--staging is for --out s3://bucket/prefix only")
     part = Partition.parse(partition) if partition else None
     started = time.perf_counter()
     bar = Progress("build", "sample", quiet)
@@ -86,14 +107,26 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
     def progress(p) -> None:
         bar.update(p.done, p.total, written=p.written, rejected=p.rejected)
 
+    bucket = None
     try:
-        result = build_shards(source, split, out, config, workers=workers, partition=part, progress=progress,
-                              overwrite=overwrite)
+        if kind == "s3":
+            from wds_ocr.shards.bucket import build_to_bucket
+            from wds_ocr.storage.s3 import S3Url
+
+            bucket = build_to_bucket(source, split, S3Url.parse(out), config, workers=workers, partition=part,
+                                     progress=progress, overwrite=overwrite, staging=staging)
+            result = bucket.result
+        else:
+            result = build_shards(source, split, local_path(out), config, workers=workers, partition=part,
+                                  progress=progress, overwrite=overwrite)
     finally:
         bar.close()
+    if bucket is not None:
+        click.echo(f"{bucket.url}: {bucket.uploaded} shards uploaded, {bucket.kept} already there"
+                   + (f", {bucket.deleted} of an earlier build deleted" if bucket.deleted else ""))
     elapsed = time.perf_counter() - started
     counts = result.manifest.counts
-    if result.up_to_date:
+    if result.up_to_date and bucket is None:
         click.echo(f"{result.manifest_path} is up to date ({counts.written} samples in "
                    f"{len(result.manifest.shards)} shards); nothing to do")
         return
@@ -104,7 +137,7 @@ def build_shards_command(source: Path, split: str, out: Path | None, workers: in
         f"{shards_phrase(result.manifest)}, {nbytes / 1e6:.1f} MB"
         f"{f', {result.reused_shards} reused from an earlier run' if result.reused_shards else ''}; "
         f"{elapsed:.1f} s ({counts.written / max(elapsed, 1e-9):.1f} samples/s)\n"
-        f"manifest: {result.manifest_path}"
+        f"manifest: {result.manifest_path if bucket is None else bucket.url.describe(result.manifest_path.name)}"
     )
     _echo_coverage(result.manifest)
     if counts.rejected or counts.words_skipped:
@@ -155,14 +188,51 @@ def reject_summary(rejects, limit: int = 10, width: int = 160) -> list[str]:
 
 
 @cli.command()
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("folder")
 @handle_errors
-def merge(folder: Path) -> None:
-    """Join the part manifests of a partitioned build in FOLDER into manifest.json."""
-    from wds_ocr.shards.merge import merge_parts
+def merge(folder: str) -> None:
+    """Join the part manifests of a partitioned build in FOLDER (or s3://bucket/prefix) into manifest.json."""
+    from wds_ocr.storage import output_kind
 
-    manifest, path = merge_parts(folder)
+    if output_kind(folder, "FOLDER") == "s3":
+        from wds_ocr.shards.bucket import merge_bucket
+        from wds_ocr.storage.s3 import S3Url
+
+        manifest, path = merge_bucket(S3Url.parse(folder))
+    else:
+        from wds_ocr.shards.merge import merge_parts
+
+        manifest, path = merge_parts(local_path(folder))
     click.echo(f"merged {manifest.counts.written} samples in {len(manifest.shards)} shards into {path}")
+
+
+def local_path(location: str) -> Path:
+    """A local folder or file given as a path or a file:// URL."""
+    if location.lower().startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(location).path))
+    return Path(location)
+
+
+@contextlib.contextmanager
+def readable_copy(location: str, key: str | None = "*"):
+    """A local path for a shard location: itself, or for s3://... a temporary copy of the manifest,
+    the rejects file and the shards (every one, or only the one holding ``key``)."""
+    from wds_ocr.storage import scheme_of
+
+    scheme = scheme_of(location)
+    if scheme == "s3":
+        from wds_ocr.shards.bucket import download
+        from wds_ocr.storage.s3 import S3Url
+
+        with tempfile.TemporaryDirectory(prefix="wds-ocr-copy-") as tmp:
+            yield download(S3Url.parse(location), Path(tmp), key=key)
+        return
+    if scheme not in ("", "file"):
+        raise UsageError(f"{location}: give a shard folder, a manifest or s3://bucket/prefix")
+    path = local_path(location)
+    if not path.exists():
+        raise UsageError(f"{location} does not exist")
+    yield path
 
 
 VERIFY_SHOWN = 20  # problems printed one by one; more are summarized
@@ -191,7 +261,7 @@ def problem_lines(problems, show_all: bool) -> list[str]:
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.argument("shards")
 @click.option("--against-source", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Re-run the live pipeline on this source and require bit-equal records.")
 @click.option("--sample", type=click.IntRange(1), help="With --against-source: compare K random records only.")
@@ -202,7 +272,7 @@ def problem_lines(problems, show_all: bool) -> list[str]:
                    f"the first {VERIFY_EXAMPLES} of each).")
 @config_options
 @handle_errors
-def verify(shards: Path, against_source: Path | None, sample: int | None, seed: int, as_json: bool, show_all: bool,
+def verify(shards: str, against_source: Path | None, sample: int | None, seed: int, as_json: bool, show_all: bool,
            config_file: Path | None, overrides: tuple[str, ...]) -> None:
     """Check SHARDS (folder or manifest): hashes, tar structure, records, staleness.
 
@@ -216,14 +286,15 @@ def verify(shards: Path, against_source: Path | None, sample: int | None, seed: 
     from wds_ocr.shards.manifest import load_manifest
     from wds_ocr.shards.verify import config_from_manifest, verify_shards
 
-    config = None
-    if config_file or overrides:
-        try:
-            base = config_from_manifest(load_manifest(shards)).model_dump(mode="json")
-        except ManifestError:
-            base = {}  # verify reports what is wrong with the manifest; the settings start from the defaults
-        config = load_with_base(base, config_file, overrides)
-    report = verify_shards(shards, config, against_source, sample, seed)
+    with readable_copy(shards) as local:
+        config = None
+        if config_file or overrides:
+            try:
+                base = config_from_manifest(load_manifest(local)).model_dump(mode="json")
+            except ManifestError:
+                base = {}  # verify reports what is wrong with the manifest; the settings start from the defaults
+            config = load_with_base(base, config_file, overrides)
+        report = verify_shards(local, config, against_source, sample, seed)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=1, sort_keys=True))
     else:
@@ -238,15 +309,16 @@ def verify(shards: Path, against_source: Path | None, sample: int | None, seed: 
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(exists=True, path_type=Path))
+@click.argument("shards")
 @click.option("--key", help="Show this record (default: the first).")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), help="Write a labelled picture: image + polygons (legend) | gt | mask | thresh_map (colour bar).")
 @handle_errors
-def inspect(shards: Path, key: str | None, png: Path | None) -> None:
+def inspect(shards: str, key: str | None, png: Path | None) -> None:
     """Counts, sizes, dtypes and bytes per sample of SHARDS; optionally a PNG of one record."""
     from wds_ocr.shards.inspect import inspect_shards
 
-    summary = inspect_shards(shards, key, png)
+    with readable_copy(shards, key) as local:
+        summary = inspect_shards(local, key, png)
     for line in summary.lines():
         click.echo(line)
 

@@ -285,6 +285,10 @@ class HttpReader(RangeReader):
 
     # -- one request --------------------------------------------------------------------------
 
+    def _signed(self, url: str, headers: dict[str, str]) -> dict[str, str]:
+        """The headers of one attempt at ``url`` (``storage.s3.S3Reader`` signs them)."""
+        return headers
+
     def _attempt(self, path: str, headers: dict[str, str], wanted: tuple[int, int] | None, cap: int,
                  deadline: Deadline, url: str, shard: str | None, into: memoryview | None) -> bytes:
         """One GET. ``wanted`` = (start, stop) for a range (body exactly that long), else a whole
@@ -298,7 +302,7 @@ class HttpReader(RangeReader):
             conn.timeout = max(0.001, min(self.settings.stall_timeout, deadline.remaining()))
             conn.sock.settimeout(conn.timeout)
             token = _WATCHDOG.watch(conn.sock, deadline)
-            conn.request("GET", path, headers=headers)
+            conn.request("GET", path, headers=self._signed(url, headers))
             response = conn.getresponse()
             if deadline.over:  # the watchdog cut the headers short: what arrived is not an answer
                 raise OSError("no complete answer by the deadline" if not deadline.cancelled else "cancelled")
@@ -575,6 +579,18 @@ class Location:
         return None
 
 
+def _ranged_location(reader: HttpReader, name: str) -> Location:
+    """An HTTP or S3 location: the manifest fetched (capped), the reader told each shard's size, and
+    Range support checked with the first request."""
+    data = reader.fetch(name)
+    manifest = parse_manifest(data, reader.describe(name))
+    reader.sizes = {e.name: e.bytes for e in manifest.shards}
+    if manifest.shards:
+        reader.check_range_support(manifest.shards[0].name)
+    return Location(reader.describe(name), manifest, reader, hashlib.sha256(data).hexdigest(),
+                    lambda: reader.fetch(name))
+
+
 def open_shards(location: str | Path, remote: RemoteSettings | None = None) -> Location:
     """Open a shard folder, manifest path or URL: manifest validated, reader ready, Range support of
     an HTTP server checked with its first request."""
@@ -593,14 +609,11 @@ def open_shards(location: str | Path, remote: RemoteSettings | None = None) -> L
         return opened
     base, name = (text.rsplit("/", 1) if text.endswith(".json") else (text.rstrip("/"), MANIFEST_NAME))
     if scheme in ("http", "https"):
-        http_reader = HttpReader(base, remote)
-        data = http_reader.fetch(name)
-        manifest = parse_manifest(data, f"{base}/{name}")
-        http_reader.sizes = {e.name: e.bytes for e in manifest.shards}
-        if manifest.shards:
-            http_reader.check_range_support(manifest.shards[0].name)
-        return Location(f"{base}/{name}", manifest, http_reader, hashlib.sha256(data).hexdigest(),
-                        lambda: http_reader.fetch(name))
+        return _ranged_location(HttpReader(base, remote), name)
+    if scheme == "s3":
+        from wds_ocr.storage.s3 import S3Reader, S3Url
+
+        return _ranged_location(S3Reader(S3Url.parse(base), remote), name)
     fs_reader = FsspecReader(base)
     data = fs_reader.fetch(name)
     manifest = parse_manifest(data, f"{base}/{name}")

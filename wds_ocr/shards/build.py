@@ -193,7 +193,7 @@ def _current_manifest(manifest_file: Path, rejects_file: Path, plan: _Plan) -> M
     return manifest
 
 
-def _settings_changes(manifest: Manifest, config: Config, split: str, source_format: str) -> list[str]:
+def settings_changes_of(manifest: Manifest, config: Config, split: str, source_format: str) -> list[str]:
     """What differs between the build a manifest describes and this one (empty: the same kind)."""
     line = "{field}: {built!r} there, {now!r} now"
     changes = []
@@ -224,7 +224,7 @@ def _check_folder(out_dir: Path, prefix: str, plan: _Plan, journal: Journal) -> 
                              "--out") from None
         except ManifestError as exc:
             raise BuildError(refuse % f"{path.name} cannot be used by this wds-ocr: {exc}") from None
-        changes = _settings_changes(existing, config, plan.split, plan.listing.format)
+        changes = settings_changes_of(existing, config, plan.split, plan.listing.format)
         if changes:
             raise BuildError(refuse % f"{path.name}: {'; '.join(changes)}")
         listed.update(entry.name for entry in existing.shards)
@@ -251,23 +251,38 @@ def build_shards(
     partition: Partition | None = None,
     progress: Callable[[Progress], None] | None = None,
     overwrite: bool = False,
+    on_shard: Callable[[Path, ShardEntry], None] | None = None,
 ) -> BuildResult:
     """Build (or resume, or confirm up to date) the shards of one split.
 
     Refuses (BuildError) a folder holding shards built with other settings unless ``overwrite``.
     With ``workers`` > 1 the worker processes start first, in the background, so that its start
     (a fork server importing the pipeline) overlaps the listing and the folder checks.
+    ``on_shard(path, entry)`` is called for each shard once it is final on disk (written and
+    journaled, or kept from an interrupted build), in order: a bucket build uploads it then.
     """
     starting = Workers(workers, config) if workers > 1 else None
     try:
-        return _build(source, split, Path(out_dir), config, starting, partition, progress, overwrite)
+        return _build(source, split, Path(out_dir), config, starting, partition, progress, overwrite, on_shard)
     finally:
         if starting is not None:
             starting.close()
 
 
+class _Announcing:
+    """A journal that calls ``on_shard`` after recording each finished shard."""
+
+    def __init__(self, journal: Journal, out_dir: Path, on_shard: Callable[[Path, ShardEntry], None]):
+        self.journal, self.out_dir, self.on_shard = journal, out_dir, on_shard
+
+    def add(self, entry: Any) -> None:
+        self.journal.add(entry)
+        self.on_shard(self.out_dir / entry.shard.name, entry.shard)
+
+
 def _build(source: str | Path, split: str, out_dir: Path, config: Config, starting: Workers | None,
-           partition: Partition | None, progress: Callable[[Progress], None] | None, overwrite: bool) -> BuildResult:
+           partition: Partition | None, progress: Callable[[Progress], None] | None, overwrite: bool,
+           on_shard: Callable[[Path, ShardEntry], None] | None = None) -> BuildResult:
     listing = list_source(source, split, config.source)
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix, manifest_name, rejects_name = _names(partition)
@@ -301,7 +316,11 @@ def _build(source: str | Path, split: str, out_dir: Path, config: Config, starti
 
         resume_at = kept[-1].next if kept else lo
         reused = [entry.shard for entry in kept]
-        sink = ShardSink(out_dir, prefix, config.shards.max_samples, config.shards.max_bytes, journal, reused)
+        if on_shard is not None:
+            for entry in reused:
+                on_shard(out_dir / entry.name, entry)
+        sink = ShardSink(out_dir, prefix, config.shards.max_samples, config.shards.max_bytes,
+                         journal if on_shard is None else _Announcing(journal, out_dir, on_shard), reused)
         written = sum(entry.samples for entry in reused)
         counts = Progress(resume_at - lo, hi - lo, written, sum(len(e.rejects) for e in kept), written)
         try:
