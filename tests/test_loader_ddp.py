@@ -50,15 +50,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_process_gloo_run_over_uneven_shards_finishes(uneven_shards, tmp_path):
+def run_two_ranks(location: str, tmp_path, env: dict[str, str] | None = None) -> dict:
+    """WORKER on 2 gloo ranks over ``location``; rank 0's JSON."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = free_port()
     procs = []
     for rank in range(2):
-        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                   LOCAL_RANK=str(rank))
-        procs.append(subprocess.Popen([sys.executable, str(script), str(uneven_shards)], env=env,
+        environment = dict(os.environ, **(env or {}), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                           WORLD_SIZE="2", LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, str(script), str(location)], env=environment,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs = []
     try:
@@ -69,8 +70,15 @@ def test_two_process_gloo_run_over_uneven_shards_finishes(uneven_shards, tmp_pat
     finally:
         for proc in procs:
             proc.kill()
-    result = json.loads(outputs[0].strip().splitlines()[-1])
+    return json.loads(outputs[0].strip().splitlines()[-1])
+
+
+def check_disjoint_and_complete(result: dict, manifest) -> None:
     assert result["steps"] == 3 * 2  # 9 samples padded to 10: 5 per rank, 2 full batches, 3 epochs
     keys = [k for part in result["keys"] for k in part]
-    expected = [k for entry in load_manifest(uneven_shards).shards for k in entry.keys]
+    expected = [k for entry in manifest.shards for k in entry.keys]
     assert Counter(keys) == Counter(expected) and len(keys) == 9
+
+
+def test_two_process_gloo_run_over_uneven_shards_finishes(uneven_shards, tmp_path):
+    check_disjoint_and_complete(run_two_ranks(str(uneven_shards), tmp_path), load_manifest(uneven_shards))

@@ -210,6 +210,16 @@ def test_a_partitioned_build_merges_in_the_bucket(s3, synth_root, bucket_build):
     assert [b.keys for b in make_loader(parts)] == [b.keys for b in make_loader(whole)]
 
 
+def test_two_gloo_ranks_read_disjoint_parts_of_a_bucket(s3, uneven_shards, tmp_path):
+    from test_loader_ddp import check_disjoint_and_complete, run_two_ranks
+
+    _, client = s3
+    for path in uneven_shards.iterdir():
+        client.upload_file(str(path), "shards", f"ddp/{path.name}")
+    result = run_two_ranks("s3://shards/ddp", tmp_path)  # the server's environment is inherited
+    check_disjoint_and_complete(result, ShardStream("s3://shards/ddp").manifest)
+
+
 def test_a_replaced_object_is_caught_on_read(s3, synth_root):
     _, client = s3
     assert run("build-shards", synth_root, "--split", "train", "--out", "s3://shards/swap/train", "--workers", "1",
@@ -269,3 +279,44 @@ def test_a_stopped_server_is_a_prompt_error_not_a_hang(synth_root, tmp_path, mon
     gone = run("build-shards", synth_root, "--split", "val", "--out", "s3://shards/t2", "--workers", "1", *SETTINGS)
     assert gone.exit_code == 1, gone.output
     assert "s3://shards/t2" in gone.output and "Traceback" not in gone.output
+
+
+def test_a_server_stopped_mid_upload_stops_the_build_with_an_error_and_a_rerun_resumes_its_work(synth_root, tmp_path,
+                                                                                        monkeypatch):
+    import boto3
+
+    from wds_ocr.config import load_config
+    from wds_ocr.shards.bucket import build_to_bucket
+    from wds_ocr.storage.s3 import S3Url
+
+    server = S3Server()
+    for key, value in _env(server).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    boto3.client("s3").create_bucket(Bucket="shards")
+    config = load_config(None, ["transform.size=64", "shards.max_samples=2"])
+    staging = tmp_path / "staging"
+
+    def stop_midway(progress) -> None:
+        if progress.done == 5:  # two shards are final and queued or sent; the rest are not
+            server.stop()
+
+    try:
+        with pytest.raises(RemoteError, match=r"s3://shards/cut/shard-00000\d\.tar"):
+            build_to_bucket(synth_root, "train", S3Url.parse("s3://shards/cut"), config, progress=stop_midway,
+                            staging=staging)
+    finally:
+        server.stop()
+    assert sorted(p.name for p in staging.glob("shard-*.tar"))[:2] == ["shard-000000.tar", "shard-000001.tar"]
+    assert not (staging / "manifest.json").exists()  # the build stopped before its manifest
+    again = S3Server()  # a new, empty server: every shard is uploaded, none is built again
+    try:
+        for key, value in _env(again).items():
+            monkeypatch.setenv(key, value)
+        boto3.client("s3").create_bucket(Bucket="shards")
+        resumed = build_to_bucket(synth_root, "train", S3Url.parse("s3://shards/cut"), config, staging=staging)
+        assert resumed.result.reused_shards >= 2
+        assert (resumed.uploaded, resumed.kept) == (len(resumed.result.manifest.shards), 0) == (5, 0)
+        assert ShardStream("s3://shards/cut").manifest.total_samples == 9
+    finally:
+        again.stop()
