@@ -611,3 +611,33 @@ def test_real_untagged_receipts_keep_their_stored_size(sroie_root: Path) -> None
         assert read_orientation(data) == 1
         assert (canonical.orientation, canonical.stored_size, canonical.size) == (1, stored, stored), path.name
         assert canonical.pixels.shape == (stored[1], stored[0], 3)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_jpeg_decodes_at_the_smallest_scale_that_still_gives_the_size_asked_for(orientation: int) -> None:
+    """``needed`` picks 1/2, 1/4 or 1/8 (libjpeg's DCT scaling); size stays the full image's."""
+    rng = np.random.default_rng(0)
+    stored = cv2.resize(rng.integers(0, 255, (75, 50, 3), dtype=np.uint8), (1003, 1501))  # W 1003, H 1501
+    ok, encoded = cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    data = _with_app1(encoded.tobytes(), b"Exif\x00\x00" + _exif_block(orientation))
+    full = decode_canonical(data, "big.jpg")
+    displayed = (1501, 1003) if orientation == 6 else (1003, 1501)
+    assert full.size == displayed and full.reduction == 1
+    asked = []
+
+    def needed(width: int, height: int) -> tuple[int, int]:
+        asked.append((width, height))
+        return width // 3, height // 3  # 1/2 still gives it, 1/4 does not
+
+    half = decode_canonical(data, "big.jpg", needed=needed)
+    assert asked == [displayed]
+    assert half.reduction == 2 and half.size == displayed and half.stored_size == (1003, 1501)
+    assert (half.pixels.shape[1], half.pixels.shape[0]) == ((751, 502) if orientation == 6 else (502, 751))
+    small = cv2.resize(full.pixels, (half.pixels.shape[1], half.pixels.shape[0]), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - half.pixels.astype(int)).mean() < 4  # the same picture, smaller
+    eighth = decode_canonical(data, "big.jpg", needed=lambda w, h: (100, 100))
+    assert eighth.reduction == 8 and eighth.pixels.shape[:2] == ((126, 188) if orientation == 6 else (188, 126))
+    whole = decode_canonical(data, "big.jpg", needed=lambda w, h: (w, h))
+    assert whole.reduction == 1 and np.array_equal(whole.pixels, full.pixels)
+    png = decode_canonical(cv2.imencode(".png", stored)[1].tobytes(), "big.png", needed=lambda w, h: (10, 10))
+    assert png.reduction == 1  # only JPEG decoders scale while decoding

@@ -75,6 +75,12 @@ class TransformConfig(_Section):
 
     size: int = Field(default=640, ge=32, le=4096, multiple_of=32)
     pad: Literal["top_left", "center"] = "top_left"
+    # "auto": decode a JPEG at the smallest 1/2, 1/4 or 1/8 scale that still leaves it at least as
+    # large as its resized size here (libjpeg's DCT scaling), then resize as usual: a fraction of
+    # the decode cost of a large photo, other bytes (docs/BENCHMARKS.md, "Build"). "off": decode
+    # whole. Left out of the record settings (and so of the fingerprint) when "off", as every
+    # build before this setting decoded whole.
+    jpeg_reduction: Literal["off", "auto"] = "off"
 
 
 class TargetConfig(_Section):
@@ -290,7 +296,8 @@ class Config(_Section):
                 "max_pixels": self.source.max_pixels,
                 "max_file_bytes": self.source.max_file_bytes,
             },
-            "transform": self.transform.model_dump(mode="json"),
+            "transform": self.transform.model_dump(
+                mode="json", exclude={"jpeg_reduction"} if self.transform.jpeg_reduction == "off" else None),
             "targets": self.targets.model_dump(mode="json"),
         }
 

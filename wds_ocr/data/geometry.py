@@ -72,12 +72,15 @@ def plan_resize(width: int, height: int, config: TransformConfig) -> ResizePlan:
     return ResizePlan((width, height), size, (new_w, new_h), offset)
 
 
-def resize_and_pad(pixels: np.ndarray, plan: ResizePlan) -> np.ndarray:
-    """(size, size, 3) uint8: the image resized with INTER_LINEAR and zero-padded."""
+def resize_and_pad(pixels: np.ndarray, plan: ResizePlan, reduction: int = 1) -> np.ndarray:
+    """(size, size, 3) uint8: the image resized with INTER_LINEAR and zero-padded. ``reduction``:
+    ``pixels`` is the plan's source decoded at 1/reduction (ceil(width / reduction) wide)."""
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected an (H, W, 3) uint8 image, got {pixels.dtype} {pixels.shape}")
-    if (pixels.shape[1], pixels.shape[0]) != plan.source_size:
-        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, plan is for {plan.source_size}")
+    expected = tuple(-(-side // reduction) for side in plan.source_size)
+    if (pixels.shape[1], pixels.shape[0]) != expected:
+        raise ValueError(f"image is {pixels.shape[1]}x{pixels.shape[0]}, plan is for {plan.source_size}"
+                         + (f" at 1/{reduction}" if reduction > 1 else ""))
     resized = cv2.resize(pixels, plan.resized_size, interpolation=cv2.INTER_LINEAR)
     out = np.zeros((plan.size, plan.size, 3), dtype=np.uint8)
     ox, oy = plan.offset

@@ -36,6 +36,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +91,17 @@ class CanonicalImage:
     pixels: np.ndarray  # (H, W, 3) uint8 RGB, C-contiguous, displayed frame
     orientation: int  # EXIF orientation found in the file, 1..8 (1 when absent or invalid)
     stored_size: tuple[int, int]  # (width, height) of the pixel array as stored in the file
+    # 1, or 2, 4, 8 for a JPEG decoded at that fraction of its size (``pixels`` is then
+    # ceil(width / reduction) x ceil(height / reduction); ``size`` stays the full image's)
+    reduction: int = 1
 
     @property
     def size(self) -> tuple[int, int]:
-        """(width, height) of ``pixels``."""
-        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+        """(width, height) of the image in the displayed frame (of ``pixels`` when not reduced)."""
+        if self.reduction == 1:
+            return int(self.pixels.shape[1]), int(self.pixels.shape[0])
+        width, height = self.stored_size
+        return (height, width) if self.orientation in _SWAPPING else (width, height)
 
 
 @dataclass(frozen=True)
@@ -169,11 +176,39 @@ def read_orientation(data: bytes) -> int:
     return _orientation_from_exif(_inspect(data, image_format).exif)
 
 
-def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> CanonicalImage:
+# EXIF orientations whose displayed frame swaps the stored width and height.
+_SWAPPING = (5, 6, 7, 8)
+# OpenCV flags that decode a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT scaling).
+_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def jpeg_reduction(stored: tuple[int, int], needed: tuple[int, int]) -> int:
+    """The largest of 8, 4, 2 (else 1) at which a ``stored`` (width, height) JPEG still decodes to at
+    least ``needed`` (width, height), both in the stored frame."""
+    for reduction in (8, 4, 2):
+        if all(-(-side // reduction) >= want for side, want in zip(stored, needed)):
+            return reduction
+    return 1
+
+
+def reducible_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """The stored (width, height) of a JPEG that ``decode_canonical`` can decode at a reduced scale,
+    else None."""
+    if _sniff_format(data) != "JPEG":
+        return None
+    layout = _inspect(data, "JPEG")
+    return layout.size if layout.defect is None and layout.fast else None
+
+
+def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     needed: Callable[[int, int], tuple[int, int]] | None = None) -> CanonicalImage:
     """Decode image bytes into the canonical upright RGB uint8 image (see the module docstring).
 
-    Raises SampleError(name, reason) for empty, truncated, corrupt, non-image or unsupported data,
-    and for an image whose header declares more than ``max_pixels`` pixels (checked before decoding).
+    ``needed(width, height)``: the size (displayed frame) the caller needs of an image of that full
+    size; a JPEG is then decoded at the smallest 1/2, 1/4 or 1/8 scale that still gives it
+    (``CanonicalImage.reduction``), at a fraction of the cost. Raises SampleError(name, reason)
+    for empty, truncated, corrupt, non-image or unsupported data, and for an image whose header
+    declares more than ``max_pixels`` pixels (checked before decoding).
     """
     if not data:
         raise SampleError(name, f"no image data (0 bytes); {_REEXPORT}")
@@ -185,14 +220,26 @@ def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
         raise SampleError(name, layout.defect)
     if layout.size is not None:
         _check_pixels(layout.size, max_pixels, name, image_format)
+    orientation = _orientation_from_exif(layout.exif)
+    reduction = 1
+    if needed is not None and image_format == "JPEG" and layout.fast and layout.size is not None:
+        width, height = layout.size
+        swapped = orientation in _SWAPPING
+        want = needed(*((height, width) if swapped else (width, height)))
+        reduction = jpeg_reduction(layout.size, want[::-1] if swapped else want)
     if layout.fast:
-        stored = _decode_with_opencv(data, name, image_format)
+        stored = _decode_with_opencv(data, name, image_format, reduction)
     else:
         stored = _decode_with_pillow(data, name, image_format, max_pixels)
-    orientation = _orientation_from_exif(layout.exif)
     pixels = np.ascontiguousarray(orient_array(stored, orientation))
     if not pixels.flags.writeable:  # arrays over Pillow's buffers are read-only; OpenCV's are not
         pixels = pixels.copy()
+    if reduction > 1:
+        expected = tuple(-(-side // reduction) for side in layout.size)
+        if (int(stored.shape[1]), int(stored.shape[0])) != expected:
+            raise SampleError(name, f"corrupt JPEG: decoded at 1/{reduction} to {stored.shape[1]}x{stored.shape[0]}, "
+                                    f"not the {expected[0]}x{expected[1]} its header implies; {_REEXPORT}")
+        return CanonicalImage(pixels=pixels, orientation=orientation, stored_size=layout.size, reduction=reduction)
     stored_size = (int(stored.shape[1]), int(stored.shape[0]))
     return CanonicalImage(pixels=pixels, orientation=orientation, stored_size=stored_size)
 
@@ -435,9 +482,11 @@ def _orientation_from_exif(exif: bytes | None) -> int:
 # ----------------------------------------------------------------------------- decoders
 
 
-def _decode_with_opencv(data: bytes, name: str, image_format: str) -> np.ndarray:
+def _decode_with_opencv(data: bytes, name: str, image_format: str, reduction: int = 1) -> np.ndarray:
     # IGNORE_ORIENTATION: the tag is applied by orient_array, once, for pixels and points alike.
     color = cv2.IMREAD_COLOR if _IMREAD_COLOR_RGB is None else _IMREAD_COLOR_RGB
+    if reduction > 1:  # the reduced-gray flag carries the scale; the colour flag makes it colour
+        color |= _REDUCED[reduction]
     try:
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), color | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as exc:

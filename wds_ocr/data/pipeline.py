@@ -118,7 +118,11 @@ def process_sample(sample: SourceSample, config: Config, data: bytes | None = No
     if data is None:
         data = read_image_bytes(sample.image_path, sample.name, config.source.max_file_bytes)
     digest = hashlib.sha256(data).hexdigest()
-    canonical = decode_canonical(data, sample.name, config.source.max_pixels)
+    needed = None
+    if config.transform.jpeg_reduction == "auto":  # decode no more pixels than the record keeps
+        def needed(width: int, height: int) -> tuple[int, int]:
+            return plan_resize(width, height, config.transform).resized_size
+    canonical = decode_canonical(data, sample.name, config.source.max_pixels, needed)
     width, height = canonical.size
     stored_w, stored_h = canonical.stored_size
 
@@ -135,7 +139,7 @@ def process_sample(sample: SourceSample, config: Config, data: bytes | None = No
             kept.append((word, clipped))
 
     plan: ResizePlan = plan_resize(width, height, config.transform)
-    image = resize_and_pad(canonical.pixels, plan)
+    image = resize_and_pad(canonical.pixels, plan, canonical.reduction)
     forward = plan.matrix()
     originals = tuple(points for _, points in kept)
     transformed = tuple(apply_matrix(points, forward) for points in originals)

@@ -105,7 +105,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, checkpoi
     """Evaluate ``checkpoint`` (default RUN_DIR/best.pt, else last.pt) on validation data (``shards``,
     ``source``/``split``, else run.json's val_shards) and write ``out`` (default RUN_DIR/report)."""
     from wds_ocr import __version__
-    from wds_ocr.config import LoaderConfig
     from wds_ocr.eval.metric import DetectionMetric
     from wds_ocr.run.checkpoint import open_checkpoint
     from wds_ocr.run.runtime import check_precision, resolve_precision, start_runtime, stop_runtime
