@@ -214,7 +214,7 @@ def test_two_gloo_ranks_read_disjoint_parts_of_a_bucket(s3, uneven_shards, tmp_p
     from test_loader_ddp import check_disjoint_and_complete, run_two_ranks
 
     _, client = s3
-    for path in uneven_shards.iterdir():
+    for path in [uneven_shards / "manifest.json", *sorted(uneven_shards.glob("shard-*.tar"))]:
         client.upload_file(str(path), "shards", f"ddp/{path.name}")
     result = run_two_ranks("s3://shards/ddp", tmp_path)  # the server's environment is inherited
     check_disjoint_and_complete(result, ShardStream("s3://shards/ddp").manifest)
