@@ -13,7 +13,7 @@ from wds_ocr.errors import ConfigError
 
 # sha256 of the default record_settings(). Changing it invalidates every shard ever built: only
 # update it together with a deliberate change of record_settings() or PIPELINE_VERSION.
-DEFAULT_FINGERPRINT = "b25d197a031996adf34154f9b5285516a6fc49afd2924b25a26d130ba666b080"
+DEFAULT_FINGERPRINT = "0a31575a49112c8db29e4cca6bab8e2d7571eaea41e1a87b82b82809587d6357"
 
 
 def _error(*overrides: str, path: Path | None = None) -> str:
@@ -219,7 +219,7 @@ def test_unknown_section_and_field_are_named_with_the_known_ones() -> None:
         "postprocess, shards, source, targets, train, transform"
     )
     assert _error("transform.sise=512") == (
-        "invalid configuration:\n  transform.sise: unknown setting; known: pad, size (got 512)"
+        "invalid configuration:\n  transform.sise: unknown setting; known: jpeg_reduction, pad, size (got 512)"
     )
 
 
@@ -308,11 +308,18 @@ def test_fingerprint_ignores_settings_that_do_not_touch_records(override: str) -
     assert load_config(None, [override]).fingerprint() == DEFAULT_FINGERPRINT
 
 
+def test_jpeg_reduction_off_is_left_out_of_the_record_settings() -> None:
+    """Builds before transform.jpeg_reduction decoded whole: "off" keeps their fingerprints."""
+    off = load_config(None, ["transform.jpeg_reduction=off"])
+    assert off.record_settings()["transform"] == {"size": 640, "pad": "top_left"}
+    assert off.fingerprint() == "b25d197a031996adf34154f9b5285516a6fc49afd2924b25a26d130ba666b080"
+
+
 def test_record_settings_content() -> None:
     assert Config().record_settings() == {
         "pipeline_version": PIPELINE_VERSION,
         "source": {"annotation_frame": "displayed", "icdar_coords": "quad", "dont_care": ["###"],
                    "outside_tolerance": 4.0, "max_pixels": 40_000_000, "max_file_bytes": 512 << 20},
-        "transform": {"size": 640, "pad": "top_left"},
+        "transform": {"size": 640, "pad": "top_left", "jpeg_reduction": "auto"},
         "targets": {"shrink_ratio": 0.6, "thresh_min": 0.3, "thresh_max": 0.7, "min_text_size": 3.0},
     }

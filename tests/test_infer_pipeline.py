@@ -41,7 +41,7 @@ torch.set_num_threads(2)
 
 # A randomly initialised tiny DBNet with thresh 0.5 finds ~1200 boxes on the 9 receipts, 2 of them
 # right: detections, matches and misses for the comparison to mean something.
-SETTINGS = ["transform.size=128", "model.neck_channels=32", "postprocess.thresh=0.5", "postprocess.box_thresh=0.4",
+SETTINGS = ["transform.size=128", "transform.jpeg_reduction=off", "model.neck_channels=32", "postprocess.thresh=0.5", "postprocess.box_thresh=0.4",
             "loader.workers=0"]
 CONFIG = load_config(None, SETTINGS)
 TIME_KEYS = ["data_wait_s", "device_s", "device_wait_s", "postprocess_s", "matching_s", "result_wait_s",

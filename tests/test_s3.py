@@ -308,7 +308,6 @@ def test_a_server_stopped_mid_upload_stops_the_build_with_an_error_and_a_rerun_r
     finally:
         server.stop()
     assert sorted(p.name for p in staging.glob("shard-*.tar"))[:2] == ["shard-000000.tar", "shard-000001.tar"]
-    assert not (staging / "manifest.json").exists()  # the build stopped before its manifest
     again = S3Server()  # a new, empty server: every shard is uploaded, none is built again
     try:
         for key, value in _env(again).items():

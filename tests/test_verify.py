@@ -424,17 +424,20 @@ def test_inspect_summarizes_the_shards_and_one_record(clean, tmp_path):
 
 
 def test_reduced_jpeg_decoding_builds_other_bytes_that_verify_against_the_source(synth_root, tmp_path):
-    """transform.jpeg_reduction=auto: its own fingerprint and bytes, proven by the live pipeline;
-    "off" (the default) leaves the record settings, and so every earlier fingerprint, as they were."""
-    whole = build(synth_root, tmp_path / "whole", settings(64))
-    reduced = build(synth_root, tmp_path / "reduced", settings(64, 3, "transform.jpeg_reduction=auto"))
+    """transform.jpeg_reduction=auto (the default): its own fingerprint and bytes, proven by the live
+    pipeline; "off" leaves the record settings, and so every earlier fingerprint, as they were."""
+    whole = build(synth_root, tmp_path / "whole", settings(64, 3, "transform.jpeg_reduction=off"))
+    reduced = build(synth_root, tmp_path / "reduced", settings(64))
     assert "jpeg_reduction" not in whole.manifest.record_settings["transform"]
     assert reduced.manifest.record_settings["transform"]["jpeg_reduction"] == "auto"
     assert reduced.manifest.fingerprint != whole.manifest.fingerprint
-    assert load_config(None, settings(64)).fingerprint() == whole.manifest.fingerprint
+    assert load_config(None, settings(64, 3, "transform.jpeg_reduction=off")).fingerprint() == \
+        whole.manifest.fingerprint
     assert [e.sha256 for e in reduced.manifest.shards] != [e.sha256 for e in whole.manifest.shards]
     report = verify_shards(tmp_path / "reduced", against_source=synth_root)
     assert report.ok, [p.line() for p in report.problems]
     assert report.compared_with_source == reduced.manifest.counts.written == 9
-    stale = verify_shards(tmp_path / "reduced", load_config(None, settings(64)))
+    earlier = verify_shards(tmp_path / "whole", load_config(None, settings(64, 3, "transform.jpeg_reduction=off")))
+    assert earlier.ok, [p.line() for p in earlier.problems]  # a manifest without the setting: decoded whole
+    stale = verify_shards(tmp_path / "reduced", load_config(None, settings(64, 3, "transform.jpeg_reduction=off")))
     assert stale.stale and "transform.jpeg_reduction" in " ".join(p.what for p in stale.problems)

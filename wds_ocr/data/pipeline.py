@@ -13,7 +13,7 @@ import numpy as np
 
 from wds_ocr.config import Config
 from wds_ocr.data.geometry import ResizePlan, apply_matrix, plan_resize, resize_and_pad
-from wds_ocr.data.images import decode_canonical, read_image_bytes
+from wds_ocr.data.images import CanonicalImage, decode_canonical, read_image_bytes
 from wds_ocr.data.orientation import orient_points
 from wds_ocr.data.sources import Skip, SourceSample, Word
 from wds_ocr.data.targets import Targets, make_targets
@@ -110,6 +110,16 @@ def check_word_geometry(
     return clipped, None
 
 
+def decode_for_record(data: bytes, name: str, config: Config) -> CanonicalImage:
+    """The canonical image as the record is made from it: with ``transform.jpeg_reduction=auto`` a
+    JPEG decoded at the smallest scale that still gives its resized size (``reduction`` > 1)."""
+    needed = None
+    if config.transform.jpeg_reduction == "auto":  # decode no more pixels than the record keeps
+        def needed(width: int, height: int) -> tuple[int, int]:
+            return plan_resize(width, height, config.transform).resized_size
+    return decode_canonical(data, name, config.source.max_pixels, needed)
+
+
 def process_sample(sample: SourceSample, config: Config, data: bytes | None = None) -> ProcessedSample:
     """Run the live pipeline on one sample. Raises SampleError for an unusable image.
 
@@ -118,11 +128,7 @@ def process_sample(sample: SourceSample, config: Config, data: bytes | None = No
     if data is None:
         data = read_image_bytes(sample.image_path, sample.name, config.source.max_file_bytes)
     digest = hashlib.sha256(data).hexdigest()
-    needed = None
-    if config.transform.jpeg_reduction == "auto":  # decode no more pixels than the record keeps
-        def needed(width: int, height: int) -> tuple[int, int]:
-            return plan_resize(width, height, config.transform).resized_size
-    canonical = decode_canonical(data, sample.name, config.source.max_pixels, needed)
+    canonical = decode_for_record(data, sample.name, config)
     width, height = canonical.size
     stored_w, stored_h = canonical.stored_size
 

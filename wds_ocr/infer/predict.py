@@ -27,6 +27,7 @@ from wds_ocr.data.paths import write_atomic
 from wds_ocr.config import Config
 from wds_ocr.data.geometry import plan_resize, resize_and_pad
 from wds_ocr.data.images import decode_canonical, read_image_bytes
+from wds_ocr.data.pipeline import decode_for_record
 from wds_ocr.errors import ConfigError, SampleError
 from wds_ocr.eval.postprocess import Detection
 from wds_ocr.infer.detect import content_window, detect, probability_maps
@@ -64,22 +65,24 @@ class PredictResult:
 @dataclass(frozen=True)
 class _Prepared:
     path: Path
-    pixels: np.ndarray  # canonical (displayed-frame) RGB image
-    image: np.ndarray  # (S, S, 3) uint8, transformed
+    pixels: np.ndarray | None  # canonical (displayed-frame) RGB image at full size, for the overlay
+    original_size: tuple[int, int]  # (width, height) in the displayed frame
+    image: np.ndarray  # (S, S, 3) uint8, transformed as a record is (transform.jpeg_reduction included)
     inverse_matrix: np.ndarray
 
-    @property
-    def original_size(self) -> tuple[int, int]:
-        return int(self.pixels.shape[1]), int(self.pixels.shape[0])
 
-
-def _prepare(path: Path, config: Config) -> _Prepared:
+def _prepare(path: Path, config: Config, overlay: bool) -> _Prepared:
     limits = config.source  # the same image limits as a build: source.max_file_bytes, source.max_pixels
-    canonical = decode_canonical(read_image_bytes(path, str(path), limits.max_file_bytes), str(path),
-                                 limits.max_pixels)
+    data = read_image_bytes(path, str(path), limits.max_file_bytes)
+    canonical = decode_for_record(data, str(path), config)
     width, height = canonical.size
     plan = plan_resize(width, height, config.transform)
-    return _Prepared(path, canonical.pixels, resize_and_pad(canonical.pixels, plan), plan.inverse())
+    image = resize_and_pad(canonical.pixels, plan, canonical.reduction)
+    pixels = None
+    if overlay:  # drawn in original coordinates: the whole image
+        pixels = canonical.pixels if canonical.reduction == 1 else decode_canonical(data, str(path),
+                                                                                     limits.max_pixels).pixels
+    return _Prepared(path, pixels, (width, height), image, plan.inverse())
 
 
 def prediction_json(name: str, width: int, height: int, detections: list[Detection]) -> dict:
@@ -109,11 +112,11 @@ def _check_stems(images: list[Path]) -> None:
 
 
 def _batches(images: list[Path], config: Config, batch_size: int, on_error: str,
-             failed: list[str]) -> Iterator[list[_Prepared]]:
+             failed: list[str], overlay: bool) -> Iterator[list[_Prepared]]:
     batch: list[_Prepared] = []
     for path in images:
         try:
-            batch.append(_prepare(path, config))
+            batch.append(_prepare(path, config, overlay))
         except SampleError as exc:
             if on_error == "raise":
                 raise
@@ -156,13 +159,13 @@ def predict(checkpoint: str | Path | Checkpoint | OnnxDetector, images: list[Pat
     predictions: list[Prediction] = []
     failed: list[str] = []
     started = time.perf_counter()
-    for batch in _batches(images, config, batch_size, on_error, failed):
+    for batch in _batches(images, config, batch_size, on_error, failed, overlay):
         stacked = np.stack([p.image for p in batch])
         window = content_window(batch, stacked.shape[1]) if config.evaluation.crop_to_content else None
         prob = maps_of(stacked, window)
         out_dir.mkdir(parents=True, exist_ok=True)
         for sample_prob, prepared in zip(prob, batch):
-            height, width = prepared.pixels.shape[:2]
+            width, height = prepared.original_size
             detections = detect(sample_prob, prepared.inverse_matrix, (width, height), config.postprocess)
             json_path = out_dir / f"{prepared.path.stem}.json"
             _write_json(json_path, prediction_json(prepared.path.name, width, height, detections))

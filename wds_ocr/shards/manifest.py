@@ -229,8 +229,8 @@ def _shard_from(body: Any, where: str) -> ShardEntry:
                       members_end, checksums)
 
 
-# Record settings written only when not at their default (the default is how every earlier build
-# worked, so their fingerprints stay).
+# Record settings that may be absent: written only when not "off" (absent means how every earlier
+# build worked, so their fingerprints stay).
 OPTIONAL_RECORD_SETTINGS = {"transform": {"jpeg_reduction"}}
 
 
@@ -241,9 +241,10 @@ def _check_record_settings(settings: dict[str, Any], where: str) -> None:
         if section == "pipeline_version":
             continue
         given = settings.get(section)
-        missing = sorted(set(names) - set(given)) if isinstance(given, dict) else sorted(names)
-        unknown = sorted(set(given) - set(names) - OPTIONAL_RECORD_SETTINGS.get(section, set())) \
-            if isinstance(given, dict) else []
+        optional = OPTIONAL_RECORD_SETTINGS.get(section, set())
+        required = set(names) - optional
+        missing = sorted(required - set(given)) if isinstance(given, dict) else sorted(required)
+        unknown = sorted(set(given) - required - optional) if isinstance(given, dict) else []
         if missing or unknown:
             details = "; ".join(filter(None, [missing and f"lacks {section}.{', '.join(missing)}",
                                               unknown and f"has unknown {section}.{', '.join(unknown)}"]))
