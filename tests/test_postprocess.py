@@ -249,3 +249,27 @@ def test_valid_region_is_a_view_not_a_copy_and_empty_regions_give_nothing():
     assert boxes_from_prob(prob, CONFIG, valid=(0, 0)) == []
     (kept,) = boxes_from_prob(prob, DB, valid=(100, 60))  # block A only, right edge clipped to 100
     assert kept.polygon.tolist() == [[19.0, 9.0], [100.0, 9.0], [100.0, 50.0], [19.0, 50.0]]
+
+
+def test_min_unclip_gives_a_single_glyph_kernel_a_box_its_word_can_match() -> None:
+    """A 3 x 6 px kernel (a "1" at 1600 px; its contour through the pixel centres is 2 x 5): DB's
+    distance (area * 1.3 / perimeter = 0.93 px) leaves a 3.9 px wide box, under min_size + 2;
+    min_unclip=4 grows it to 10 x 13."""
+    prob = np.zeros((40, 40), dtype=np.float32)
+    prob[17:23, 19:22] = 0.9  # 3 wide, 6 high
+    db_rule = PostprocessConfig(thresh=0.3, box_thresh=0.5, unclip_ratio=1.3, min_size=2)
+    assert boxes_from_prob(prob, db_rule) == []
+    grown = boxes_from_prob(prob, db_rule.model_copy(update={"min_unclip": 4.0}))
+    assert len(grown) == 1
+    xs, ys = grown[0].polygon[:, 0], grown[0].polygon[:, 1]
+    assert xs.max() - xs.min() == pytest.approx(2 + 8, abs=0.1) and ys.max() - ys.min() == pytest.approx(5 + 8, abs=0.1)
+    assert grown[0].score == pytest.approx(0.9)
+    line = np.zeros((40, 200), dtype=np.float32)
+    line[15:25, 20:180] = 0.9  # a text line: DB's distance (about 5.9 px) is above min_unclip, nothing changes
+    same = [d.polygon.tolist() for d in boxes_from_prob(line, db_rule)]
+    assert [d.polygon.tolist() for d in boxes_from_prob(line, db_rule.model_copy(update={"min_unclip": 4.0}))] == same
+
+
+def test_min_unclip_is_refused_with_db_mode() -> None:
+    with pytest.raises(ValueError, match="postprocess.min_unclip applies to mode 'wds' only"):
+        PostprocessConfig(mode="db", min_unclip=2.0)

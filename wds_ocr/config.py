@@ -227,9 +227,20 @@ class PostprocessConfig(_Section):
     # themselves then reach H-mean 0.94 on sroie-dev val instead of 0.98 with 2.
     min_size: float = Field(default=2.0, ge=0.0)
     max_candidates: int = Field(default=1000, ge=1)
+    # The least distance (pixels of the probability map) a box is unclipped by (mode "wds"). DB's
+    # area * unclip_ratio / perimeter is under a pixel for the few-pixel kernel a single narrow
+    # glyph ("1") leaves, so its box stays too small to match its word; 0 keeps DB's rule.
+    min_unclip: float = Field(default=0.0, ge=0.0, le=64.0)
     # "wds": sub-pixel unclip, rounded score mask; "db": MhLiao/DB's boxes exactly (truncation to
     # whole pixels), to compare with published DB numbers (see eval/postprocess.py).
     mode: Literal["wds", "db"] = "wds"
+
+    @model_validator(mode="after")
+    def _db_is_db(self) -> "PostprocessConfig":
+        if self.mode == "db" and self.min_unclip > 0:
+            raise ValueError("postprocess.min_unclip applies to mode 'wds' only (mode 'db' is MhLiao/DB's exact "
+                             "boxes); set min_unclip=0 or mode=wds")
+        return self
 
 
 class EvaluationConfig(_Section):

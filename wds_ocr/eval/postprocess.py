@@ -5,7 +5,7 @@ Steps, per connected region of ``prob > thresh``:
 1. its contour (``cv2.findContours``, RETR_LIST + CHAIN_APPROX_SIMPLE; the first ``max_candidates``);
 2. the minimum-area rectangle of the contour; dropped when its short side is below ``min_size``;
 3. score = mean probability inside that rectangle; dropped when below ``box_thresh``;
-4. unclip: the rectangle offset outwards by ``area * unclip_ratio / perimeter`` (pyclipper, round
+4. unclip: the rectangle offset outwards by ``area * unclip_ratio / perimeter``, at least ``min_unclip`` (pyclipper, round
    joins), which undoes the shrink the training targets applied to the text polygons;
 5. the minimum-area rectangle of the grown shape; dropped when its short side is below
    ``min_size + 2``; finally clipped to the image.
@@ -98,7 +98,7 @@ def boxes_from_prob(
         score = _mean_inside(prob, box)
         if score < config.box_thresh:
             continue
-        grown = _unclip(box, config.unclip_ratio)
+        grown = _unclip(box, config.unclip_ratio, config.min_unclip)
         if grown is None:
             continue
         box, short_side = _min_area_box(grown)
@@ -158,14 +158,15 @@ def _mean_inside(prob: np.ndarray, box: np.ndarray) -> float:
     return float(cv2.mean(prob[y_min : y_max + 1, x_min : x_max + 1], mask)[0])
 
 
-def _unclip(box: np.ndarray, unclip_ratio: float) -> np.ndarray | None:
-    """Offset ``box`` outwards by ``area * unclip_ratio / perimeter``; None for a degenerate box."""
+def _unclip(box: np.ndarray, unclip_ratio: float, at_least: float = 0.0) -> np.ndarray | None:
+    """Offset ``box`` outwards by ``area * unclip_ratio / perimeter`` (at least ``at_least``); None
+    for a degenerate box."""
     xs, ys = box[:, 0], box[:, 1]
     area = 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
     perimeter = float(np.linalg.norm(box - np.roll(box, -1, axis=0), axis=1).sum())
     if area <= 0.0 or perimeter <= 0.0:
         return None
-    distance = area * unclip_ratio / perimeter
+    distance = max(area * unclip_ratio / perimeter, at_least)
     offset = pyclipper.PyclipperOffset()
     offset.ArcTolerance = _ARC_TOLERANCE_PX * _CLIPPER_SCALE
     offset.AddPath(
