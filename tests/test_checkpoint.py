@@ -16,7 +16,8 @@ from wds_ocr.errors import CheckpointError
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.run.checkpoint import (BEST_NAME, LAST_NAME, Checkpoint, load_checkpoint, open_checkpoint,
                                     remove_leftovers, rng_state, save_checkpoint)
-from wds_ocr.train.loop import _optimizer, train
+from wds_ocr.train.loop import train
+from wds_ocr.train.setup import make_optimizer
 from wds_ocr.train.schedule import LrSchedule
 
 from conftest import build_small_shards
@@ -31,7 +32,7 @@ def training_body() -> dict:
     """What the trainer saves after one step: every field a resume reads."""
     torch.manual_seed(0)
     model = DBNet(CONFIG.model)
-    optimizer = _optimizer(model, CONFIG.train, torch.device("cpu"))
+    optimizer = make_optimizer(model, CONFIG.train, torch.device("cpu"))
     model(torch.zeros(1, 3, 64, 64))["prob_logits"].mean().backward()
     optimizer.step()
     return {"config": CONFIG.model_dump(mode="json"), "model": model.state_dict(),
