@@ -20,7 +20,9 @@ import pytest
 
 from conftest import build_small_shards
 from wds_ocr.errors import IntegrityError, ManifestError, RemoteError
-from wds_ocr.loader.remote import HttpReader, RemoteSettings, open_shards
+from wds_ocr.storage.http import HttpReader
+from wds_ocr.storage.location import open_shards
+from wds_ocr.storage.reader import RemoteSettings
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.manifest import load_manifest

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from wds_ocr.cli import cli
 from wds_ocr.errors import IntegrityError, ManifestError, RemoteError, ShardFormatError
 from wds_ocr.loader.loaders import make_loader
-from wds_ocr.loader.remote import RemoteSettings
+from wds_ocr.storage.reader import RemoteSettings
 from wds_ocr.loader.stream import ShardStream
 
 pytest.importorskip("boto3")

@@ -331,7 +331,7 @@ def stored_members(folder: Path, plan) -> tuple[bytes, int]:
 
 
 def test_local_members_land_in_the_batch_buffer_with_no_copy_in_between(one_shard_256, monkeypatch):
-    from wds_ocr.loader.remote import LocalReader
+    from wds_ocr.storage.local import LocalReader
 
     monkeypatch.setattr(LocalReader, "read", lambda *a, **k: pytest.fail("read through an intermediate bytes object"))
     stream = ShardStream(one_shard_256, batch_size=4)
@@ -349,7 +349,7 @@ def test_local_members_land_in_the_batch_buffer_with_no_copy_in_between(one_shar
 
 def test_http_bodies_land_in_the_batch_buffer_as_they_arrive(one_shard_256, monkeypatch):
     from wds_ocr.bench.http import python_server
-    from wds_ocr.loader.remote import HttpReader
+    from wds_ocr.storage.http import HttpReader
 
     with python_server(one_shard_256) as url:  # bodies sent with os.sendfile: no allocation server-side
         stream = ShardStream(url, batch_size=4)
@@ -371,7 +371,7 @@ def test_a_shuffled_batch_keeps_its_range_requests_in_flight_together(one_shard_
     import time
 
     from wds_ocr.bench.http import RangeHandler, RangeServer
-    from wds_ocr.loader.remote import RemoteSettings
+    from wds_ocr.storage.reader import RemoteSettings
 
     lock, state = threading.Lock(), {"open": 0, "most": 0, "requests": 0}
 

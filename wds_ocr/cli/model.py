@@ -52,7 +52,7 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
     --init: the shards', and the model section from the checkpoint); --config/--set go on top.
     Run several processes with: torchrun --nproc-per-node N -m wds_ocr train ...
     """
-    from wds_ocr.loader.remote import open_location
+    from wds_ocr.storage.location import open_location
     from wds_ocr.shards.verify import config_from_manifest
     from wds_ocr.run.checkpoint import load_checkpoint, open_checkpoint
     from wds_ocr.train.loop import train as run_training

@@ -52,7 +52,9 @@ from wds_ocr.loader.batch import Batch, Packed, SampleInfo, SampleLayout
 from wds_ocr.loader.decoded import DecodeCache, record_layout, sample_info, shifted_layout
 from wds_ocr.loader.plan import BatchPlan, plan_batches
 from wds_ocr.loader.policy import SkipPolicy, Skipped
-from wds_ocr.loader.remote import Deadline, LocalReader, RangeReader, RemoteSettings, open_shards
+from wds_ocr.storage.local import LocalReader
+from wds_ocr.storage.location import open_shards
+from wds_ocr.storage.reader import Deadline, RangeReader, RemoteSettings
 from wds_ocr.loader.ring import BufferRing, Lease, ReleaseBoard, WorkerRing, allocate
 from wds_ocr.shards.codec import Record, decode_record, recheck_compact
 from wds_ocr.shards.compact import fill_value

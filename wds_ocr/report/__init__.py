@@ -127,7 +127,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, checkpoi
     skipped: list[str] = []
     fingerprints = [("record settings fingerprint (checkpoint)", config.fingerprint())]
     if shards is not None:
-        from wds_ocr.loader.remote import open_location
+        from wds_ocr.storage.location import open_location
 
         manifest, _ = open_location(shards)
         fingerprints.append(("shards fingerprint", manifest.fingerprint

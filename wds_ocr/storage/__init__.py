@@ -1,14 +1,16 @@
 """Where shards live, by URL scheme.
 
-- a local folder (or ``file://``): ``loader.remote.LocalReader`` reads, ``shards.build`` writes;
-- ``http(s)://``: read-only, ``loader.remote.HttpReader`` (ranges only, bodies capped, deadlines,
+- a local folder (or ``file://``): ``storage.local.LocalReader`` reads, ``shards.build`` writes;
+- ``http(s)://``: read-only, ``storage.http.HttpReader`` (ranges only, bodies capped, deadlines,
   retries with backoff);
 - ``s3://bucket/prefix``: ``storage.s3``: reads are the same HTTP range reads, signed with AWS
   Signature V4 (every guarantee of the HTTP reader holds); writes, listings and deletes go
   through boto3. Credentials and region come from the standard AWS chain; the endpoint from
   ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (MinIO, Ceph, R2, GCS's S3 API, moto).
 
-Any other scheme is an error for a command that writes (``output_kind``).
+Modules: ``reader`` (the ``RangeReader`` interface, ``RemoteSettings``, deadlines), ``local``,
+``http``, ``s3``, ``fsspec`` (one backend per scheme), ``location`` (``open_shards``: a URL to its
+manifest and reader). Any other scheme is an error for a command that writes (``output_kind``).
 """
 
 from __future__ import annotations

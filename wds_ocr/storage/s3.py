@@ -1,6 +1,6 @@
 """Shards in an S3 bucket (AWS S3 or any S3 API: MinIO, Ceph, R2, GCS, moto).
 
-Reads (``S3Reader``) are ``loader.remote.HttpReader`` range reads with each request signed (AWS
+Reads (``S3Reader``) are ``storage.http.HttpReader`` range reads with each request signed (AWS
 Signature V4, botocore's signer): ranges come only from the manifest, bodies are capped, every
 request has a deadline and bounded retries with backoff, and a name can only resolve inside the
 manifest's own bucket and prefix. Why not boto3's ``get_object`` for reads: it offers timeouts per
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from wds_ocr.errors import RemoteError, UsageError
-from wds_ocr.loader.remote import HttpReader, RemoteSettings
+from wds_ocr.storage.http import HttpReader
+from wds_ocr.storage.reader import RemoteSettings
 
 # Bucket names as S3 allows them (3-63 characters of a-z, 0-9, '.', '-').
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]")

@@ -1,4 +1,5 @@
-"""Byte-range access to shard folders: local paths, file://, http(s)://, and fsspec URLs (s3://, gs://).
+"""Shards over HTTP(S): Range requests with caps, deadlines and bounded retries (``storage.s3``
+signs the same requests).
 
 A location is a folder (or its manifest.json) holding the shards. Readers fetch exact byte
 ranges taken from the manifest's per-sample offsets, straight into the caller's buffer
@@ -32,7 +33,6 @@ Hostile manifests and servers (see docs/SECURITY.md):
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -40,14 +40,11 @@ import socket
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 from wds_ocr.errors import ManifestError, RemoteError, ShardFormatError
-from wds_ocr.shards.manifest import MAX_MANIFEST_BYTES, Manifest, manifest_path, parse_manifest, read_manifest_bytes
-from wds_ocr.shards.naming import MANIFEST_NAME, is_shard_name
-from wds_ocr.shards.tario import BLOCK, open_shard
+from wds_ocr.shards.naming import is_shard_name
+from wds_ocr.shards.tario import BLOCK
+from wds_ocr.storage.reader import Deadline, RangeReader, ReadCancelled, RemoteSettings
 
 _CHUNK = 1 << 20
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -56,49 +53,6 @@ _MAX_REDIRECTS = 3
 # digits), at most 19 of them (int64).
 _DECIMAL = re.compile(r"[0-9]{1,19}")
 _CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
-
-
-@dataclass(frozen=True)
-class RemoteSettings:
-    """Timeouts, retries and caps of remote reads (tests shorten them to seconds)."""
-
-    connect_timeout: float = 10.0  # to open a connection
-    stall_timeout: float = 20.0  # an attempt fails when no byte arrives for this long
-    request_deadline: float = 60.0  # one range read: every attempt and backoff together
-    batch_deadline: float = 300.0  # one batch: every read of it together (ShardStream)
-    tries: int = 3
-    backoff: float = 0.5  # seconds before the second try, doubled for each further one
-    max_manifest_bytes: int = MAX_MANIFEST_BYTES
-    # Range requests of one batch in flight at once (each on its own kept-alive connection): a
-    # shuffled batch is one request per member, and one at a time waits a round trip for each.
-    parallel_requests: int = 4
-
-
-class Deadline:
-    """When a read must be over, and an event that cancels it sooner (a loader shutting down)."""
-
-    def __init__(self, seconds: float | None, cancel: threading.Event | None = None, parent: "Deadline | None" = None):
-        at = time.monotonic() + seconds if seconds is not None else float("inf")
-        if parent is not None:
-            at = min(at, parent.at)
-            cancel = cancel or parent.cancel
-        self.at = at
-        self.cancel = cancel
-
-    def remaining(self) -> float:
-        return self.at - time.monotonic()
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel is not None and self.cancel.is_set()
-
-    @property
-    def over(self) -> bool:
-        return self.cancelled or self.remaining() <= 0
-
-
-class ReadCancelled(RemoteError):
-    """A read given up because its loader is shutting down (another batch failed, or it was closed)."""
 
 
 class _Watchdog:
@@ -142,86 +96,6 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
-
-
-class RangeReader:
-    """Reads ``[start, stop)`` of a named shard."""
-
-    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
-        raise NotImplementedError
-
-    def read_into(self, shard: str, start: int, stop: int, out: memoryview, deadline: Deadline | None = None) -> None:
-        """Read ``[start, stop)`` into ``out`` (exactly ``stop - start`` writable bytes)."""
-        out[:] = self.read(shard, start, stop, deadline)
-
-    def describe(self, shard: str) -> str:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release open handles (they reopen on the next read)."""
-
-
-class LocalReader(RangeReader):
-    """``os.pread`` on shard files, each checked once (regular file, the manifest's size) when opened.
-
-    ``before_open`` runs before each new shard is opened (the stream checks there that the manifest
-    is still the one it read, so a shard rebuilt since is not mixed in)."""
-
-    def __init__(self, folder: Path, sizes: dict[str, int] | None = None, before_open: Callable[[], None] | None = None):
-        self.folder = folder
-        self.sizes = sizes or {}
-        self.before_open = before_open
-        self._fds: dict[str, int] = {}
-        self._pid = os.getpid()
-        self._lock = threading.Lock()
-
-    def _fd(self, shard: str) -> int:
-        if self._pid != os.getpid():  # forked into a worker: do not share descriptors' positions/lifetimes
-            self._fds = {}
-            self._pid = os.getpid()
-            self._lock = threading.Lock()
-        fd = self._fds.get(shard)
-        if fd is None:
-            with self._lock:
-                fd = self._fds.get(shard)
-                if fd is None:
-                    if not is_shard_name(shard):
-                        raise ShardFormatError(shard, None, "not a shard name (plain shard-NNNNNN.tar)")
-                    if self.before_open is not None:
-                        self.before_open()
-                    fd = open_shard(self.folder / shard, shard, self.sizes.get(shard))
-                    self._fds[shard] = fd
-        return fd
-
-    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
-        data = os.pread(self._fd(shard), stop - start, start)
-        if len(data) != stop - start:
-            raise ShardFormatError(shard, None, f"truncated: bytes {start}..{stop} requested, {len(data)} read")
-        return data
-
-    def read_into(self, shard: str, start: int, stop: int, out: memoryview, deadline: Deadline | None = None) -> None:
-        fd = self._fd(shard)
-        wanted = stop - start
-        got = 0
-        while got < wanted:  # a regular file gives it all at once; a signal may cut a read short
-            count = os.preadv(fd, [out[got:wanted]], start + got)
-            if count == 0:
-                break
-            got += count
-        if got != wanted:
-            raise ShardFormatError(shard, None, f"truncated: bytes {start}..{stop} requested, {got} read")
-
-    def describe(self, shard: str) -> str:
-        return str(self.folder / shard)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
-
-    def __del__(self) -> None:
-        if getattr(self, "_pid", None) == os.getpid():
-            self.close()
 
 
 class _Attempt(Exception):
@@ -511,117 +385,4 @@ def _read_unsized(response: http.client.HTTPResponse, cap: int, deadline: Deadli
     return bytes(buffer)
 
 
-class FsspecReader(RangeReader):
-    def __init__(self, base_url: str):
-        try:
-            import fsspec
-        except ImportError:
-            raise ManifestError(f"{base_url}: reading this scheme needs fsspec and its backend "
-                                "(pip install 'wds-ocr[remote]' s3fs / gcsfs)") from None
-        self.base = base_url.rstrip("/") + "/"
-        self.fs, self.root = fsspec.core.url_to_fs(self.base)
-
-    def describe(self, shard: str) -> str:
-        return self.base + shard
-
-    def _path(self, name: str) -> str:
-        if name != MANIFEST_NAME and not name.endswith(".json") and not is_shard_name(name):
-            raise RemoteError(f"{name!r}: not a shard name; refused")
-        return self.root.rstrip("/") + "/" + name
-
-    def read(self, shard: str, start: int, stop: int, deadline: Deadline | None = None) -> bytes:
-        data = self.fs.cat_file(self._path(shard), start=start, end=stop)
-        if len(data) != stop - start:
-            raise ShardFormatError(shard, None, f"truncated: {self.describe(shard)} returned {len(data)} of {stop - start} bytes")
-        return data
-
-    def fetch(self, name: str) -> bytes:
-        path = self._path(name)
-        size = self.fs.size(path)
-        if size is not None and size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{self.describe(name)} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-        return self.fs.cat_file(path)
-
-
-@dataclass
-class Location:
-    """An opened shard location: its manifest, a reader, and a way to tell whether the manifest
-    has changed since (the shards were rebuilt while a reader was reading them)."""
-
-    text: str  # where the manifest is, for messages
-    manifest: Manifest
-    reader: RangeReader
-    digest: str  # sha256 of the manifest bytes read at open
-    _refetch: Callable[[], bytes]
-    _path: Path | None = None  # local manifests: stat first, read only when it changed
-    _stat: tuple | None = None
-
-    def changed(self) -> str | None:
-        """None while the manifest is the one read at open; otherwise what happened to it."""
-        if self._path is not None:
-            try:
-                info = os.stat(self._path)
-            except FileNotFoundError:
-                return "it was removed"
-            except OSError as exc:
-                return f"it cannot be read ({exc.strerror})"
-            signature = (info.st_ino, info.st_size, info.st_mtime_ns)
-            if signature == self._stat:
-                return None
-        try:
-            data = self._refetch()
-        except (ManifestError, RemoteError, OSError):
-            return "it was removed" if self._path is not None else None
-        if hashlib.sha256(data).hexdigest() != self.digest:
-            return "it was replaced"
-        if self._path is not None:
-            self._stat = signature
-        return None
-
-
-def _ranged_location(reader: HttpReader, name: str) -> Location:
-    """An HTTP or S3 location: the manifest fetched (capped), the reader told each shard's size, and
-    Range support checked with the first request."""
-    data = reader.fetch(name)
-    manifest = parse_manifest(data, reader.describe(name))
-    reader.sizes = {e.name: e.bytes for e in manifest.shards}
-    if manifest.shards:
-        reader.check_range_support(manifest.shards[0].name)
-    return Location(reader.describe(name), manifest, reader, hashlib.sha256(data).hexdigest(),
-                    lambda: reader.fetch(name))
-
-
-def open_shards(location: str | Path, remote: RemoteSettings | None = None) -> Location:
-    """Open a shard folder, manifest path or URL: manifest validated, reader ready, Range support of
-    an HTTP server checked with its first request."""
-    text = str(location)
-    scheme = urllib.parse.urlparse(text).scheme if "://" in text else ""
-    if scheme in ("", "file"):
-        path = manifest_path(Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)) if scheme == "file"
-                             else Path(text))
-        info = os.stat(path) if path.exists() else None
-        data = read_manifest_bytes(path)
-        manifest = parse_manifest(data, str(path))
-        reader = LocalReader(path.parent, {e.name: e.bytes for e in manifest.shards})
-        opened = Location(str(path), manifest, reader, hashlib.sha256(data).hexdigest(),
-                          lambda: read_manifest_bytes(path), path,
-                          (info.st_ino, info.st_size, info.st_mtime_ns) if info else None)
-        return opened
-    base, name = (text.rsplit("/", 1) if text.endswith(".json") else (text.rstrip("/"), MANIFEST_NAME))
-    if scheme in ("http", "https"):
-        return _ranged_location(HttpReader(base, remote), name)
-    if scheme == "s3":
-        from wds_ocr.storage.s3 import S3Reader, S3Url
-
-        return _ranged_location(S3Reader(S3Url.parse(base), remote), name)
-    fs_reader = FsspecReader(base)
-    data = fs_reader.fetch(name)
-    manifest = parse_manifest(data, f"{base}/{name}")
-    return Location(f"{base}/{name}", manifest, fs_reader, hashlib.sha256(data).hexdigest(),
-                    lambda: fs_reader.fetch(name))
-
-
-def open_location(location: str | Path, remote: RemoteSettings | None = None) -> tuple[Manifest, RangeReader]:
-    """The manifest and a range reader for a shard folder, manifest path or URL."""
-    opened = open_shards(location, remote)
-    return opened.manifest, opened.reader
+__all__ = ["HttpReader"]
