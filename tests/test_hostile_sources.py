@@ -295,7 +295,7 @@ def test_other_decoders_declaring_a_bomb_are_a_reject(data, format_name):
 
 
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
-    from wds_ocr.data.images import MAX_JPEG_SCANS
+    from wds_ocr.data.containers import MAX_JPEG_SCANS
 
     buffer = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buffer, "JPEG", progressive=True)

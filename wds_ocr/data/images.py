@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import stat
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,24 +44,10 @@ from PIL import Image, UnidentifiedImageError
 
 from wds_ocr.data.paths import link_escape, read_at_most
 from wds_ocr.data.orientation import inverse_orientation, orient_array
+from wds_ocr.data.containers import (ORIENTATION_TAG, REEXPORT, check_pixels, inspect_container, not_an_image_reason, orientation_from_exif,
+                                     sniff_format)
 from wds_ocr.errors import SampleError
 
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
-_REEXPORT = "re-export the image as JPEG or PNG"
-_COPY_AGAIN = "copy or download the file again (it is incomplete)"
-_JPEG_HEADER_TRUNCATED = f"truncated JPEG: the file ends inside its header; {_COPY_AGAIN}"
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_EXIF_PREFIX = b"Exif\x00\x00"
-_ORIENTATION_TAG = 0x0112
-# JPEG start-of-frame markers: 0xC0-0xCF except DHT (C4), JPG (C8) and DAC (CC).
-_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-# Markers without a length field: TEM and the restart markers RST0-RST7.
-_STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
-# Inside entropy-coded data 0xFF is followed by 0x00 (stuffing), 0xD0-0xD7 (restart) or 0xFF
-# (fill); anything else is a real marker.
-_MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
-_PNG_GRAY, _PNG_RGB = 0, 2
 # OpenCV >= 4.11 decodes straight to RGB (saves a full-image BGR->RGB pass); older ones give BGR.
 _IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 _SIXTEEN_BIT_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
@@ -73,10 +57,6 @@ _CONVERTIBLE_COLOR_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
 # without a config (predict).
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_FILE_BYTES = 512 << 20
-# Progressive JPEGs carry about 10 scans (libjpeg's default script), rarely a few dozen; each scan is
-# a decoding pass over the whole image (a 36 MP JPEG of 100,000 scans took 84 s). 1000 bounds that
-# work at about 0.2 s per 10 MP.
-MAX_JPEG_SCANS = 1000
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                (stat.S_ISSOCK, "a socket"))
 
@@ -102,16 +82,6 @@ class CanonicalImage:
             return int(self.pixels.shape[1]), int(self.pixels.shape[0])
         width, height = self.stored_size
         return (height, width) if self.orientation in _SWAPPING else (width, height)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """What the container says before any pixel is decoded."""
-
-    exif: bytes | None  # TIFF-structured EXIF block (starts with II*\0 or MM\0*)
-    defect: str | None  # why the container is truncated or malformed; None when intact
-    fast: bool  # 8-bit RGB or gray without alpha: decode with OpenCV
-    size: tuple[int, int] | None = None  # (width, height) the header declares; None: ask Pillow
 
 
 def read_image_bytes(path: Path, name: str, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
@@ -170,10 +140,10 @@ def read_orientation(data: bytes) -> int:
 
     1 when the format is unknown, the tag is absent, malformed or outside 1..8.
     """
-    image_format = _sniff_format(data)
+    image_format = sniff_format(data)
     if image_format is None:
         return 1
-    return _orientation_from_exif(_inspect(data, image_format).exif)
+    return orientation_from_exif(inspect_container(data, image_format).exif)
 
 
 # EXIF orientations whose displayed frame swaps the stored width and height.
@@ -194,9 +164,9 @@ def jpeg_reduction(stored: tuple[int, int], needed: tuple[int, int]) -> int:
 def reducible_jpeg_size(data: bytes) -> tuple[int, int] | None:
     """The stored (width, height) of a JPEG that ``decode_canonical`` can decode at a reduced scale,
     else None."""
-    if _sniff_format(data) != "JPEG":
+    if sniff_format(data) != "JPEG":
         return None
-    layout = _inspect(data, "JPEG")
+    layout = inspect_container(data, "JPEG")
     return layout.size if layout.defect is None and layout.fast else None
 
 
@@ -211,16 +181,16 @@ def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
     declares more than ``max_pixels`` pixels (checked before decoding).
     """
     if not data:
-        raise SampleError(name, f"no image data (0 bytes); {_REEXPORT}")
-    image_format = _sniff_format(data)
+        raise SampleError(name, f"no image data (0 bytes); {REEXPORT}")
+    image_format = sniff_format(data)
     if image_format is None:
-        raise SampleError(name, _not_an_image_reason(data))
-    layout = _inspect(data, image_format)
+        raise SampleError(name, not_an_image_reason(data))
+    layout = inspect_container(data, image_format)
     if layout.defect is not None:
         raise SampleError(name, layout.defect)
     if layout.size is not None:
-        _check_pixels(layout.size, max_pixels, name, image_format)
-    orientation = _orientation_from_exif(layout.exif)
+        check_pixels(layout.size, max_pixels, name, image_format)
+    orientation = orientation_from_exif(layout.exif)
     reduction = 1
     if needed is not None and image_format == "JPEG" and layout.fast and layout.size is not None:
         width, height = layout.size
@@ -238,245 +208,10 @@ def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
         expected = tuple(-(-side // reduction) for side in layout.size)
         if (int(stored.shape[1]), int(stored.shape[0])) != expected:
             raise SampleError(name, f"corrupt JPEG: decoded at 1/{reduction} to {stored.shape[1]}x{stored.shape[0]}, "
-                                    f"not the {expected[0]}x{expected[1]} its header implies; {_REEXPORT}")
+                                    f"not the {expected[0]}x{expected[1]} its header implies; {REEXPORT}")
         return CanonicalImage(pixels=pixels, orientation=orientation, stored_size=layout.size, reduction=reduction)
     stored_size = (int(stored.shape[1]), int(stored.shape[0]))
     return CanonicalImage(pixels=pixels, orientation=orientation, stored_size=stored_size)
-
-
-# ----------------------------------------------------------------------------- containers
-
-
-def _sniff_format(data: bytes) -> str | None:
-    if data.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if data.startswith(_PNG_SIGNATURE):
-        return "PNG"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "TIFF"
-    if data[:2] == b"BM":
-        return "BMP"
-    return None
-
-
-def _not_an_image_reason(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            other_format = image.format
-    except Image.DecompressionBombError:
-        # Pillow names the format only after its bomb check; a GIF, PSD ... header declaring more
-        # pixels than Pillow's own limit ends here.
-        supported = ", ".join(SUPPORTED_FORMATS)
-        return (f"unsupported image format whose header declares more pixels than Pillow will open (supported: "
-                f"{supported}); {_REEXPORT}")
-    except Exception:  # noqa: BLE001 - Pillow's plugins raise many types on data that is not theirs
-        other_format = None
-    if other_format is not None:
-        supported = ", ".join(SUPPORTED_FORMATS)
-        return f"unsupported image format {other_format} (supported: {supported}); {_REEXPORT}"
-    return (
-        f"not an image: the data starts with {data[:8]!r}, not a JPEG, PNG, WebP, TIFF or BMP signature; "
-        "check that the file is really an image"
-    )
-
-
-def _inspect(data: bytes, image_format: str) -> _Layout:
-    if image_format == "JPEG":
-        return _inspect_jpeg(data)
-    if image_format == "PNG":
-        return _inspect_png(data)
-    if image_format == "WEBP":
-        return _inspect_webp(data)
-    # TIFF keeps its tags in the file's own IFD0; BMP has no EXIF. Pillow judges their integrity.
-    return _Layout(exif=data if image_format == "TIFF" else None, defect=None, fast=False)
-
-
-def _inspect_jpeg(data: bytes) -> _Layout:
-    size = len(data)
-    exif: bytes | None = None
-    precision = components = None
-    dimensions: tuple[int, int] | None = None
-    pos = 2
-    while True:
-        if pos < size and data[pos] != 0xFF:
-            return _Layout(exif, f"corrupt JPEG: expected a marker at byte {pos}; {_REEXPORT}", False)
-        while pos < size and data[pos] == 0xFF:
-            pos += 1
-        if pos + 3 > size:
-            return _Layout(exif, _JPEG_HEADER_TRUNCATED, False)
-        marker = data[pos]
-        pos += 1
-        if marker in _STANDALONE_MARKERS:
-            continue
-        if marker == 0xD9:
-            return _Layout(exif, f"corrupt JPEG: end-of-image marker before any image data; {_REEXPORT}", False)
-        end = pos + int.from_bytes(data[pos : pos + 2], "big")
-        if end > size:
-            return _Layout(exif, _JPEG_HEADER_TRUNCATED, False)
-        payload = data[pos + 2 : end]
-        if marker == 0xE1 and exif is None and payload.startswith(_EXIF_PREFIX):
-            exif = payload[len(_EXIF_PREFIX) :]
-        elif marker in _SOF_MARKERS and len(payload) >= 6:
-            precision, components = payload[0], payload[5]
-            dimensions = (int.from_bytes(payload[3:5], "big"), int.from_bytes(payload[1:3], "big"))
-        elif marker == 0xDA:
-            break
-        pos = end
-    if components is None or dimensions is None:
-        return _Layout(exif, f"corrupt JPEG: image data without a frame header; {_REEXPORT}", False)
-    if dimensions[0] == 0 or dimensions[1] == 0:
-        return _Layout(exif, f"unsupported JPEG: its frame header declares {dimensions[0]}x{dimensions[1]} pixels "
-                             f"(a zero height is defined later by a DNL marker); {_REEXPORT}", False)
-    scans = _jpeg_scans_to_end(data, end)
-    if scans is None:
-        return _Layout(
-            exif, f"truncated JPEG: the file ends before its end-of-image marker; {_COPY_AGAIN}", False
-        )
-    if scans > MAX_JPEG_SCANS:
-        return _Layout(exif, f"JPEG with more than {MAX_JPEG_SCANS} scans: decoding costs a pass over the whole "
-                             f"image per scan (a progressive JPEG has about 10); refused before decoding; "
-                             f"{_REEXPORT}", False)
-    return _Layout(exif, None, precision == 8 and components in (1, 3), dimensions)
-
-
-def _jpeg_scans_to_end(data: bytes, scan_start: int) -> int | None:
-    """Follow the scans (several in a progressive JPEG) up to the end-of-image marker: how many
-    there are (None when the file ends first). Counting stops past MAX_JPEG_SCANS."""
-    size = len(data)
-    pos = scan_start
-    scans = 1
-    while True:
-        found = _MARKER_IN_SCAN.search(data, pos)
-        if found is None:
-            return None
-        marker = data[found.start() + 1]
-        if marker == 0xD9:
-            return scans
-        if marker == 0xDA:
-            scans += 1
-            if scans > MAX_JPEG_SCANS:
-                return scans
-        if marker in _STANDALONE_MARKERS:
-            pos = found.end()
-            continue
-        length_at = found.end()
-        if length_at + 2 > size:
-            return None
-        pos = length_at + int.from_bytes(data[length_at : length_at + 2], "big")
-        if pos > size:
-            return None
-
-
-def _inspect_png(data: bytes) -> _Layout:
-    size = len(data)
-    exif: bytes | None = None
-    bit_depth = color_type = None
-    dimensions: tuple[int, int] | None = None
-    transparent = False
-    seen_image_data = False
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= size:
-        length = int.from_bytes(data[pos : pos + 4], "big")
-        chunk_type = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        if end > size:
-            break
-        payload = data[pos + 8 : pos + 8 + length]
-        if chunk_type == b"IHDR" and length >= 10:
-            bit_depth, color_type = payload[8], payload[9]
-            dimensions = (int.from_bytes(payload[0:4], "big"), int.from_bytes(payload[4:8], "big"))
-        elif chunk_type == b"eXIf" and exif is None:
-            exif = payload[len(_EXIF_PREFIX) :] if payload.startswith(_EXIF_PREFIX) else payload
-        elif chunk_type == b"tRNS":
-            transparent = True
-        elif chunk_type == b"IDAT":
-            seen_image_data = True
-        elif chunk_type == b"IEND":
-            if bit_depth is None:
-                return _Layout(exif, f"corrupt PNG: no IHDR header chunk; {_REEXPORT}", False)
-            if not seen_image_data:
-                return _Layout(exif, f"corrupt PNG: no image data (IDAT) chunk; {_REEXPORT}", False)
-            if dimensions is None or dimensions[0] == 0 or dimensions[1] == 0:
-                return _Layout(exif, f"corrupt PNG: its IHDR declares {dimensions} pixels; {_REEXPORT}", False)
-            fast = bit_depth == 8 and color_type in (_PNG_GRAY, _PNG_RGB) and not transparent
-            return _Layout(exif, None, fast, dimensions)
-        pos = end
-    return _Layout(exif, f"truncated PNG: the file ends before its IEND chunk; {_COPY_AGAIN}", False)
-
-
-def _inspect_webp(data: bytes) -> _Layout:
-    size = len(data)
-    declared = 8 + int.from_bytes(data[4:8], "little")
-    exif: bytes | None = None
-    dimensions: tuple[int, int] | None = None
-    pos = 12
-    while pos + 8 <= min(size, declared):
-        chunk_size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        fourcc = data[pos : pos + 4]
-        payload = data[pos + 8 : pos + 8 + chunk_size]
-        if dimensions is None:
-            dimensions = _webp_dimensions(fourcc, payload)
-        if fourcc == b"EXIF":
-            exif = payload[len(_EXIF_PREFIX) :] if payload.startswith(_EXIF_PREFIX) else payload
-            break
-        pos += 8 + chunk_size + (chunk_size & 1)
-    if size < declared:
-        defect = f"truncated WebP: {size} of the {declared} bytes its header declares; {_COPY_AGAIN}"
-        return _Layout(exif, defect, False)
-    return _Layout(exif, None, False, dimensions)
-
-
-def _webp_dimensions(fourcc: bytes, payload: bytes) -> tuple[int, int] | None:
-    """(width, height) from a VP8X canvas, VP8 key frame or VP8L header; None for other chunks."""
-    if fourcc == b"VP8X" and len(payload) >= 10:
-        return 1 + int.from_bytes(payload[4:7], "little"), 1 + int.from_bytes(payload[7:10], "little")
-    if fourcc == b"VP8 " and len(payload) >= 10 and payload[3:6] == b"\x9d\x01\x2a":
-        return int.from_bytes(payload[6:8], "little") & 0x3FFF, int.from_bytes(payload[8:10], "little") & 0x3FFF
-    if fourcc == b"VP8L" and len(payload) >= 5 and payload[0] == 0x2F:
-        bits = int.from_bytes(payload[1:5], "little")
-        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-    return None
-
-
-def _check_pixels(size: tuple[int, int], max_pixels: int, name: str, image_format: str) -> None:
-    width, height = size
-    if width * height > max_pixels:
-        raise SampleError(name, f"image too large: its {image_format} header declares {width}x{height} = "
-                                f"{width * height} pixels, over the limit of {max_pixels} (source.max_pixels); "
-                                "refused before decoding")
-
-
-def _orientation_from_exif(exif: bytes | None) -> int:
-    """The Orientation tag of IFD0 in a TIFF-structured block; 1 when absent or malformed."""
-    if exif is None or len(exif) < 8:
-        return 1
-    if exif[:4] == b"II*\x00":
-        order = "<"
-    elif exif[:4] == b"MM\x00*":
-        order = ">"
-    else:
-        return 1
-    (ifd,) = struct.unpack_from(order + "I", exif, 4)
-    if ifd + 2 > len(exif):
-        return 1
-    (count,) = struct.unpack_from(order + "H", exif, ifd)
-    for index in range(count):
-        entry = ifd + 2 + 12 * index
-        if entry + 12 > len(exif):
-            return 1
-        tag, field_type = struct.unpack_from(order + "HH", exif, entry)
-        if tag != _ORIENTATION_TAG:
-            continue
-        if field_type == 3:  # SHORT, the type the EXIF standard prescribes
-            (value,) = struct.unpack_from(order + "H", exif, entry + 8)
-        elif field_type == 4:  # LONG, written by a few tools
-            (value,) = struct.unpack_from(order + "I", exif, entry + 8)
-        else:
-            return 1
-        return value if 1 <= value <= 8 else 1
-    return 1
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -491,9 +226,9 @@ def _decode_with_opencv(data: bytes, name: str, image_format: str, reduction: in
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), color | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "decoder error"
-        raise SampleError(name, f"corrupt {image_format}: the decoder failed ({reason}); {_REEXPORT}") from None
+        raise SampleError(name, f"corrupt {image_format}: the decoder failed ({reason}); {REEXPORT}") from None
     if pixels is None:
-        raise SampleError(name, f"corrupt {image_format}: the decoder rejected the image data; {_REEXPORT}")
+        raise SampleError(name, f"corrupt {image_format}: the decoder rejected the image data; {REEXPORT}")
     if _IMREAD_COLOR_RGB is None:
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     return pixels
@@ -503,22 +238,22 @@ def _decode_with_pillow(data: bytes, name: str, image_format: str, max_pixels: i
     try:
         with Image.open(io.BytesIO(data), formats=[image_format]) as image:
             # Image.open parsed the header only: refuse a bomb before load() allocates its pixels.
-            _check_pixels(image.size, max_pixels, name, image_format)
-            tag_before = getattr(image, "tag_v2", {}).get(_ORIENTATION_TAG)
+            check_pixels(image.size, max_pixels, name, image_format)
+            tag_before = getattr(image, "tag_v2", {}).get(ORIENTATION_TAG)
             image.load()
             pixels = _pillow_to_rgb(image, name, image_format)
-            tag_after = getattr(image, "tag_v2", {}).get(_ORIENTATION_TAG)
+            tag_after = getattr(image, "tag_v2", {}).get(ORIENTATION_TAG)
     except SampleError:
         raise
     except UnidentifiedImageError:
-        raise SampleError(name, f"corrupt {image_format}: its header cannot be parsed; {_REEXPORT}") from None
+        raise SampleError(name, f"corrupt {image_format}: its header cannot be parsed; {REEXPORT}") from None
     except Image.DecompressionBombError as exc:
         raise SampleError(name, f"image too large to decode safely: {exc}") from None
     except MemoryError:
         raise SampleError(name, f"{image_format} image too large to decode in the memory available; "
                                 "lower source.max_pixels or re-export the image smaller") from None
     except Exception as exc:  # Pillow plugins raise many types on bad data (OSError, SyntaxError, struct.error...)
-        raise SampleError(name, f"corrupt {image_format}: {exc}; {_REEXPORT}") from None
+        raise SampleError(name, f"corrupt {image_format}: {exc}; {REEXPORT}") from None
     # Pillow's TIFF reader applies the Orientation tag itself and then deletes it. Go back to the
     # stored frame, so that orient_array stays the one place where orientation is applied.
     if tag_before in (2, 3, 4, 5, 6, 7, 8) and tag_after is None:
