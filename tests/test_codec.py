@@ -16,18 +16,8 @@ from wds_ocr.config import load_config
 from wds_ocr.data.pipeline import ProcessedSample, process_sample
 from wds_ocr.data.sources import list_source
 from wds_ocr.errors import ShardFormatError
-from wds_ocr.shards.codec import (
-    ALIGN,
-    ARRAY_SPECS,
-    RECORD_FORMAT,
-    RECORD_VERSION,
-    decode_record,
-    encode_arrays,
-    encode_record,
-    full_arrays,
-    sample_arrays,
-    sample_meta,
-)
+from wds_ocr.shards.codec import decode_record, encode_arrays, encode_record, full_arrays, sample_arrays, sample_meta
+from wds_ocr.shards.record import ALIGN, ARRAY_SPECS, RECORD_FORMAT, RECORD_VERSION
 
 SHARD = "shard-000003.tar"
 KEY = "0000002_synth_0003"  # record_key(2, "synth_0003.jpg"): the codec checks it

@@ -16,7 +16,8 @@ from wds_ocr.loader import stream as stream_module
 from wds_ocr.loader.ring import BufferRing
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
-from wds_ocr.shards.codec import CompactPlace, decode_record, recheck_compact
+from wds_ocr.shards.codec import decode_record
+from wds_ocr.shards.record_checks import CompactPlace, recheck_compact
 from wds_ocr.shards.manifest import load_manifest
 from wds_ocr.shards.tario import BLOCK
 

@@ -34,7 +34,7 @@ import msgpack
 import numpy as np
 import torch
 
-from wds_ocr.shards.codec import ARRAY_SPECS, Record
+from wds_ocr.shards.record import ARRAY_SPECS, Record
 from wds_ocr.shards.inspect import read_record
 from wds_ocr.shards.manifest import load_manifest, manifest_path
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from wds_ocr.loader.batch import PackedPolygons, SampleInfo, SampleLayout
-from wds_ocr.shards.codec import CompactPlace, Record
+from wds_ocr.shards.record import Record
+from wds_ocr.shards.record_checks import CompactPlace
 
 __all__ = ["DecodeCache", "Known", "record_layout", "sample_info", "shifted_layout"]
 

@@ -56,7 +56,9 @@ from wds_ocr.storage.local import LocalReader
 from wds_ocr.storage.location import open_shards
 from wds_ocr.storage.reader import Deadline, RangeReader, RemoteSettings
 from wds_ocr.loader.ring import BufferRing, Lease, ReleaseBoard, WorkerRing, allocate
-from wds_ocr.shards.codec import Record, decode_record, recheck_compact
+from wds_ocr.shards.codec import decode_record
+from wds_ocr.shards.record import Record
+from wds_ocr.shards.record_checks import recheck_compact
 from wds_ocr.shards.compact import fill_value
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest
 from wds_ocr.shards.naming import MEMBER_EXTENSION

@@ -15,7 +15,8 @@ from pathlib import Path
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.errors import ManifestError, ShardFormatError, UsageError
 from wds_ocr.shards import compact
-from wds_ocr.shards.codec import Record, decode_record
+from wds_ocr.shards.codec import decode_record
+from wds_ocr.shards.record import Record
 from wds_ocr.shards.manifest import Manifest, load_manifest, manifest_path
 from wds_ocr.shards.naming import record_key
 from wds_ocr.shards.tario import iter_members, read_span

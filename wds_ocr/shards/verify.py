@@ -32,7 +32,8 @@ from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
 from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatError
 from wds_ocr.shards.fingerprint import image_digest, source_fingerprint
-from wds_ocr.shards.codec import ARRAY_SPECS, COMPACT_ARRAYS, Record, decode_record, encode_record, full_arrays
+from wds_ocr.shards.codec import decode_record, encode_record, full_arrays
+from wds_ocr.shards.record import ARRAY_SPECS, COMPACT_ARRAYS, Record
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest, ShardEntry, load_manifest, manifest_path
 from wds_ocr.shards.naming import (MEMBER_EXTENSION, PART_MANIFEST_PATTERN, SHARD_PATTERN, key_index, record_key,
                                    rejects_name)
