@@ -441,3 +441,19 @@ def test_reduced_jpeg_decoding_builds_other_bytes_that_verify_against_the_source
     assert earlier.ok, [p.line() for p in earlier.problems]  # a manifest without the setting: decoded whole
     stale = verify_shards(tmp_path / "reduced", load_config(None, settings(64, 3, "transform.jpeg_reduction=off")))
     assert stale.stale and "transform.jpeg_reduction" in " ".join(p.what for p in stale.problems)
+
+
+def test_shards_and_checkpoints_from_before_jpeg_reduction_read_as_decoded_whole(synth_root, tmp_path):
+    """A manifest or checkpoint without transform.jpeg_reduction was made with whole decoding: the
+    settings taken from it say "off", so its fingerprint, train's shard check and a resume hold."""
+    from wds_ocr.config import recorded
+    from wds_ocr.shards.verify import config_from_manifest
+
+    whole = build(synth_root, tmp_path / "whole", settings(64, 3, "transform.jpeg_reduction=off"))
+    taken = config_from_manifest(load_manifest(tmp_path / "whole"))
+    assert taken.transform.jpeg_reduction == "off"
+    assert taken.fingerprint() == whole.manifest.fingerprint
+    old_checkpoint_config = load_config(None, settings(64)).model_dump(mode="json")
+    del old_checkpoint_config["transform"]["jpeg_reduction"]
+    assert recorded(old_checkpoint_config)["transform"]["jpeg_reduction"] == "off"
+    assert recorded({"loader": {}}) == {"loader": {}}  # only sections the settings hold

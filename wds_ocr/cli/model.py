@@ -54,6 +54,7 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
     """
     from wds_ocr.storage.location import open_location
     from wds_ocr.shards.verify import config_from_manifest
+    from wds_ocr.config import recorded
     from wds_ocr.run.checkpoint import load_checkpoint, open_checkpoint
     from wds_ocr.train.loop import train as run_training
 
@@ -66,7 +67,7 @@ def train(train_shards: str, val_shards: str | None, out: Path, device: str, res
         overrides = (*overrides, f"train.max_steps={max_steps}")
     start = None
     if resume is not None:
-        base = load_checkpoint(resume)["config"]
+        base = recorded(load_checkpoint(resume)["config"])
     else:
         manifest, _ = open_location(train_shards)
         base = config_from_manifest(manifest).model_dump(mode="json")

@@ -12,12 +12,12 @@ choices such as ``train.precision=32``) take the value verbatim; list fields tak
 """
 
 from wds_ocr.config.loading import build_config, format_validation_error, load_config
-from wds_ocr.config.sections import (BUILTIN_BACKBONES, PIPELINE_VERSION, TIMM_PREFIX, AugmentConfig, Config,
+from wds_ocr.config.sections import (ABSENT_MEANS, BUILTIN_BACKBONES, PIPELINE_VERSION, TIMM_PREFIX, AugmentConfig, Config,
                                      EvaluationConfig, LoaderConfig, LossConfig, ModelConfig, PostprocessConfig,
                                      ShardConfig, SourceConfig, TargetConfig, TrainConfig, TransformConfig,
-                                     settings_changes, settings_fingerprint)
+                                     recorded, settings_changes, settings_fingerprint)
 
-__all__ = ["BUILTIN_BACKBONES", "PIPELINE_VERSION", "TIMM_PREFIX", "AugmentConfig", "Config", "EvaluationConfig",
+__all__ = ["ABSENT_MEANS", "BUILTIN_BACKBONES", "PIPELINE_VERSION", "TIMM_PREFIX", "AugmentConfig", "Config", "EvaluationConfig",
            "LoaderConfig", "LossConfig", "ModelConfig", "PostprocessConfig", "ShardConfig", "SourceConfig",
            "TargetConfig", "TrainConfig", "TransformConfig", "build_config", "format_validation_error", "load_config",
-           "settings_changes", "settings_fingerprint"]
+           "recorded", "settings_changes", "settings_fingerprint"]

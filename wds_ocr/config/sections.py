@@ -269,6 +269,29 @@ class TrainConfig(_Section):
     seed: int = Field(default=0, ge=0)
 
 
+# Record settings added after shards and checkpoints were first written, with what their absence
+# means (how every earlier build worked). A record's settings hold them only when they differ from
+# that, so the fingerprints of earlier builds stay; ``recorded`` restores them when reading.
+ABSENT_MEANS: dict[str, dict[str, Any]] = {"transform": {"jpeg_reduction": "off"}}
+
+
+def _without_absent(section: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without the later-added fields that hold what their absence means."""
+    absent = ABSENT_MEANS.get(section, {})
+    return {name: value for name, value in settings.items() if name not in absent or value != absent[name]}
+
+
+def recorded(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings a manifest, checkpoint or exported model stored (a copy), each later-added record
+    setting it lacks set to what its absence means (only in the sections it holds)."""
+    copy = json.loads(json.dumps(data))
+    for section, fields in ABSENT_MEANS.items():
+        if isinstance(copy.get(section), dict):
+            for name, value in fields.items():
+                copy[section].setdefault(name, value)
+    return copy
+
+
 class Config(_Section):
     source: SourceConfig = SourceConfig()
     transform: TransformConfig = TransformConfig()
@@ -294,8 +317,7 @@ class Config(_Section):
                 "max_pixels": self.source.max_pixels,
                 "max_file_bytes": self.source.max_file_bytes,
             },
-            "transform": self.transform.model_dump(
-                mode="json", exclude={"jpeg_reduction"} if self.transform.jpeg_reduction == "off" else None),
+            "transform": _without_absent("transform", self.transform.model_dump(mode="json")),
             "targets": self.targets.model_dump(mode="json"),
         }
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from wds_ocr import jsonio
-from wds_ocr.config import Config, build_config
+from wds_ocr.config import Config, build_config, recorded
 from wds_ocr.errors import CheckpointError, ConfigError
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
@@ -128,7 +128,7 @@ class OnnxDetector:
             raise CheckpointError(f"ONNX model {path} carries no wds-ocr settings ({CONFIG_KEY!r} metadata): "
                                   "export it with `wds-ocr export`")
         try:
-            self.config = build_config(jsonio.loads(raw))
+            self.config = build_config(recorded(jsonio.loads(raw)))
         except (ValueError, ConfigError) as exc:
             raise CheckpointError(f"ONNX model {path}: its wds-ocr settings are not valid here: {exc}") from None
         self.path = path

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wds_ocr.config import Config, build_config, load_config
+from wds_ocr.config import Config, build_config, load_config, recorded
 from wds_ocr.errors import CheckpointError, ConfigError
 from wds_ocr.model.dbnet import DBNet
 from wds_ocr.model.state import StateFit, state_fit
@@ -176,7 +176,7 @@ class Checkpoint:
 
     def configured(self, overrides: tuple[str, ...] | list[str] = ()) -> Config:
         """The stored config with ``section.field=value`` overrides applied, validated again."""
-        return load_config(None, overrides, base=self.body["config"])
+        return load_config(None, overrides, base=recorded(self.body["config"]))
 
     def model(self, device: torch.device) -> DBNet:
         """A DBNet with these weights in eval mode, channels_last on ``device``."""
@@ -198,7 +198,7 @@ def open_checkpoint(path: str | Path | Checkpoint) -> Checkpoint:
 def checkpoint_config(body: dict[str, Any], path: str | Path) -> Config:
     """The Config stored in a checkpoint, validated again."""
     try:
-        return build_config(body["config"])
+        return build_config(recorded(body["config"]))
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path}: its stored configuration is not valid here: {exc}") from None
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from wds_ocr.data.paths import write_atomic
 from wds_ocr import jsonio
-from wds_ocr.config import PIPELINE_VERSION, Config, ShardConfig, build_config
+from wds_ocr.config import ABSENT_MEANS, PIPELINE_VERSION, Config, ShardConfig, build_config
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.sources import read_regular_file
 from wds_ocr.errors import ConfigError, ManifestError, NotAShardFolderError, OlderManifestError
@@ -231,7 +231,7 @@ def _shard_from(body: Any, where: str) -> ShardEntry:
 
 # Record settings that may be absent: written only when not "off" (absent means how every earlier
 # build worked, so their fingerprints stay).
-OPTIONAL_RECORD_SETTINGS = {"transform": {"jpeg_reduction"}}
+OPTIONAL_RECORD_SETTINGS = {section: set(fields) for section, fields in ABSENT_MEANS.items()}
 
 
 def _check_record_settings(settings: dict[str, Any], where: str) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from wds_ocr.config import PIPELINE_VERSION, Config, build_config, settings_changes, settings_fingerprint
+from wds_ocr.config import PIPELINE_VERSION, Config, build_config, recorded, settings_changes, settings_fingerprint
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
@@ -82,7 +82,8 @@ def config_from_manifest(manifest: Manifest) -> Config:
     settings = manifest.record_settings
     try:
         source = dict(settings["source"], format=manifest.source.get("format", "json"))
-        return build_config({"source": source, "transform": settings["transform"], "targets": settings["targets"]})
+        return build_config(recorded({"source": source, "transform": settings["transform"],
+                                      "targets": settings["targets"]}))
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise ManifestError(f"the manifest's record_settings are not a valid configuration: {exc}") from None
 
