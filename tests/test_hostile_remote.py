@@ -521,3 +521,35 @@ def test_a_content_length_that_is_not_an_ascii_byte_count_is_a_remote_error(unev
     assert f"GET {server.url}manifest.json: the server sent Content-Length {declared[:40]!r}, not a byte count" \
         in str(error)
 
+
+
+def test_endless_chunked_trailers_do_not_hold_a_read_to_its_deadline(uneven_shards, serve):
+    """A chunked 206 whose body is the range asked for, then a last chunk followed by trailer lines
+    without end: http.client would read them until the deadline; the reader stops after the body."""
+    def trailers(handler, name, wanted, data) -> bool:
+        if wanted is None:
+            return False
+        start, stop = wanted
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        handler.close_connection = True
+        body = data[start:stop]
+        try:
+            handler.wfile.write(b"%x\r\n" % len(body) + body + b"\r\n0\r\n")
+            while not handler.server.stop.is_set():
+                handler.wfile.write(b"X-Trailer: more\r\n" * 64)
+                handler.wfile.flush()
+                time.sleep(0.01)
+        except OSError:
+            pass
+        return True
+
+    server = serve(uneven_shards, trailers)
+    slow = RemoteSettings(connect_timeout=2.0, stall_timeout=2.0, request_deadline=20.0, batch_deadline=40.0, tries=1,
+                          backoff=0.1)
+    stream = ShardStream(server.url, batch_size=4, remote=slow)
+    keys = bounded(lambda: [k for b in make_loader(stream, 1, mode="threads") for k in b.keys], seconds=8,
+                   megabytes=32)
+    assert sorted(keys) == sorted(k for e in load_manifest(uneven_shards).shards for k in e.keys)

@@ -360,8 +360,16 @@ def _read_body(response: http.client.HTTPResponse, expected: int | None, cap: in
         if deadline.over:  # the watchdog shut the socket down
             raise _Attempt(f"the body was not complete by the deadline ({got} of {expected} bytes)")
         raise _Attempt(f"connection closed after {got} of {expected} bytes of the body")
-    if response.chunked or not has_length:
-        if response.read1(1):  # the last chunk, or the end of the stream, must follow
+    if response.chunked:
+        # The range is here. What follows is the last chunk and its trailer lines, which http.client
+        # reads without a bound on their number (a server sending them without end held every read
+        # to its deadline): more bytes in the current chunk are refused; the rest is left unread and
+        # the connection is dropped rather than kept.
+        if response.chunk_left:
+            raise RemoteError(f"GET {url}: the server sent more than {expected} bytes asked for; refused")
+        response.will_close = True
+    elif not has_length:
+        if response.read1(1):  # the end of the stream must follow
             raise RemoteError(f"GET {url}: the server sent more than {expected} bytes asked for; refused")
     else:
         response.read()  # nothing is left: marks the response complete so the connection is kept
