@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from wds_ocr.config import SourceConfig
-from wds_ocr.data.sources import Skip, SourceListing, list_source, parse_icdar_line, parse_points
+from wds_ocr.data.source_formats import parse_icdar_line
+from wds_ocr.data.sources import Skip, SourceListing, list_source, parse_points
 from wds_ocr.errors import SourceError, UsageError
 
 JSON = SourceConfig(format="json")

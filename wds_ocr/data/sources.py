@@ -21,8 +21,6 @@ that it becomes a reject with its reason rather than vanishing); folders are not
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -32,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from wds_ocr.data.paths import link_escape, read_at_most
-from wds_ocr import jsonio
 from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SourceError, UsageError
 
@@ -75,7 +72,7 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-def _listed_images(folder: Path) -> list[str]:
+def listed_images(folder: Path) -> list[str]:
     """Names in ``folder`` with an image suffix that are not folders (special files included)."""
     return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
 
@@ -124,7 +121,7 @@ class SourceListing:
         return len(self.samples) + len(self.rejects)
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
+def reject_duplicates(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any]:
     seen: dict[str, Any] = {}
     for key, value in pairs:
         if key in seen:
@@ -133,9 +130,9 @@ def _reject_duplicates(pairs: list[tuple[str, Any]], where: str) -> dict[str, An
     return seen
 
 
-def _check_name(name: str, where: str) -> str | None:
+def check_name(name: str, where: str) -> str | None:
     """Reason a file name is unusable, or None."""
-    problem = _text_problem(name, "image name", MAX_NAME_CHARS)
+    problem = text_problem(name, "image name", MAX_NAME_CHARS)
     if problem is not None:
         return f"{problem} (in {where})"
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
@@ -143,7 +140,7 @@ def _check_name(name: str, where: str) -> str | None:
     return None
 
 
-def _text_problem(value: str, what: str, limit: int) -> str | None:
+def text_problem(value: str, what: str, limit: int) -> str | None:
     """Why ``value`` cannot be written into records, rejects and manifests (UTF-8 text of at
     most ``limit`` characters), or None."""
     if len(value) > limit:
@@ -164,16 +161,16 @@ def printable(value: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(value):,} characters)"
 
 
-def _is_coordinate(value: Any) -> bool:
+def is_coordinate(value: Any) -> bool:
     # bool is an int subclass; JSON true/false is never a coordinate. Strings are not either,
     # even numeric ones: a quoted number is a sign of a broken export.
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-_JSON_NUMBERS = (int, float)  # exact types: bool, a subclass of int, is not a coordinate
+JSON_NUMBERS = (int, float)  # exact types: bool, a subclass of int, is not a coordinate
 
 
-def _shown(value: Any, limit: int = 40) -> str:
+def shown(value: Any, limit: int = 40) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -191,8 +188,8 @@ def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
         pts = raw.astype(np.float64)
         if pts.ndim != 2 or pts.shape[1] != 2:
             return None, f"points must be a list of [x, y] pairs, got shape {list(pts.shape)}"
-    elif type(raw) is list and all(type(point) is list and len(point) == 2 and type(point[0]) in _JSON_NUMBERS
-                                   and type(point[1]) in _JSON_NUMBERS for point in raw):
+    elif type(raw) is list and all(type(point) is list and len(point) == 2 and type(point[0]) in JSON_NUMBERS
+                                   and type(point[1]) in JSON_NUMBERS for point in raw):
         # What JSON gives for a good polygon, checked in one pass (listing a large dataset spends
         # its time here); anything else takes the checks below, which say what is wrong.
         try:
@@ -201,14 +198,14 @@ def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
             return None, "points contain numbers too large for float64"
     else:
         if not isinstance(raw, (list, tuple)) or not all(isinstance(point, (list, tuple)) for point in raw):
-            return None, f"points must be a list of [x, y] pairs, got {_shown(raw)}"
+            return None, f"points must be a list of [x, y] pairs, got {shown(raw)}"
         for point in raw:
             for value in point:
-                if not _is_coordinate(value):
-                    return None, f"points are not numbers: {_shown(value)} in {_shown(list(point))}"
+                if not is_coordinate(value):
+                    return None, f"points are not numbers: {shown(value)} in {shown(list(point))}"
         for point in raw:
             if len(point) != 2:
-                return None, f"points must be [x, y] pairs, got a point with {len(point)} values: {_shown(list(point))}"
+                return None, f"points must be [x, y] pairs, got a point with {len(point)} values: {shown(list(point))}"
         try:
             pts = np.array(raw, dtype=np.float64).reshape(-1, 2)
         except OverflowError:
@@ -220,14 +217,14 @@ def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
     return pts, None
 
 
-def _images_dir(root: Path, split: str) -> Path:
+def images_dir(root: Path, split: str) -> Path:
     folder = root / "images" / split
     if not folder.is_dir():
         raise SourceError(f"{folder} does not exist: expected images in ROOT/images/{split}/")
     return folder
 
 
-def _decode_utf8(raw_bytes: bytes) -> str:
+def decode_utf8(raw_bytes: bytes) -> str:
     """UTF-8 text without its optional byte-order mark; a decode error's positions are file offsets."""
     skip = len(_UTF8_BOM) if raw_bytes.startswith(_UTF8_BOM) else 0
     try:
@@ -236,206 +233,15 @@ def _decode_utf8(raw_bytes: bytes) -> str:
         raise UnicodeDecodeError(exc.encoding, raw_bytes, exc.start + skip, exc.end + skip, exc.reason) from None
 
 
-def _undecodable_at(raw_bytes: bytes, exc: UnicodeDecodeError) -> str:
+def undecodable_at(raw_bytes: bytes, exc: UnicodeDecodeError) -> str:
     """Where the first undecodable byte is, as line and column (both from 1, column in bytes)."""
     line = raw_bytes.count(b"\n", 0, exc.start) + 1
     column = exc.start - (raw_bytes.rfind(b"\n", 0, exc.start) + 1) + 1
     return f"byte 0x{raw_bytes[exc.start]:02x} at line {line} column {column} ({exc.reason}); save the file as UTF-8"
 
 
-def _is_dont_care(text: str | None, config: SourceConfig) -> bool:
+def is_dont_care(text: str | None, config: SourceConfig) -> bool:
     return text is not None and text.strip() in config.dont_care
-
-
-def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[Word], list[Skip], str | None]:
-    if not isinstance(entry, dict):
-        return [], [], f"entry for {name} must be an object with a 'words' object"
-    raw_words = entry.get("words", {})
-    if raw_words is None:
-        raw_words = {}
-    if not isinstance(raw_words, dict):
-        return [], [], f"'words' of {name} must be an object keyed by word id"
-    if len(raw_words) > MAX_WORDS_PER_IMAGE:
-        return [], [], f"{len(raw_words):,} words, over the limit of {MAX_WORDS_PER_IMAGE:,} per image"
-    words: list[Word] = []
-    skips: list[Skip] = []
-    for word_id in sorted(raw_words):
-        raw = raw_words[word_id]
-        problem = _text_problem(word_id, "word id", MAX_WORD_ID_CHARS)
-        if problem is not None:
-            skips.append(Skip(name, problem, printable(word_id)))
-            continue
-        if not isinstance(raw, dict):
-            skips.append(Skip(name, f"word must be an object with 'points', got {_shown(raw)}", word_id))
-            continue
-        if "points" not in raw:
-            skips.append(Skip(name, "word has no 'points'", word_id))
-            continue
-        points, problem = parse_points(raw["points"])
-        if problem is not None:
-            skips.append(Skip(name, problem, word_id))
-            continue
-        text = raw.get("transcription")
-        if text is not None and not isinstance(text, str):
-            text = str(text)
-        problem = None if text is None else _text_problem(text, "transcription", MAX_TRANSCRIPTION_CHARS)
-        if problem is not None:
-            skips.append(Skip(name, problem, word_id))
-            continue
-        words.append(Word(word_id, points, text, _is_dont_care(text, config)))
-    return words, skips, None
-
-
-def _list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
-    ann = root / "jsons" / f"{split}.json"
-    try:
-        raw_bytes = read_regular_file(ann, MAX_ANNOTATION_BYTES)
-    except FileNotFoundError:
-        raise SourceError(f"{ann} does not exist: expected annotations in ROOT/jsons/{split}.json") from None
-    except OSError as exc:
-        raise SourceError(f"{ann} cannot be read: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise SourceError(f"{ann} {exc}; annotations must be a regular JSON file") from None
-    try:
-        doc = jsonio.loads(_decode_utf8(raw_bytes), object_pairs_hook=lambda p: _reject_duplicates(p, str(ann)))
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{ann} is not UTF-8 text: {_undecodable_at(raw_bytes, exc)}") from None
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{ann} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise SourceError(f"{ann} is nested too deeply to be an annotation file") from None
-    except jsonio.JsonNumberError as exc:
-        raise SourceError(f"{ann} {exc}; no annotation needs such a number") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("images"), dict):
-        raise SourceError(f'{ann} must hold {{"images": {{name: {{"words": ...}}}}}}')
-    folder = _images_dir(root, split)
-    listing = SourceListing(root, split, "json", hashlib.sha256(raw_bytes).hexdigest())
-    entries = doc["images"]
-    on_disk = set(_listed_images(folder))
-    names = sorted(set(entries) | on_disk)
-    for index, name in enumerate(names):
-        if name not in entries:
-            listing.rejects.append(Skip(printable(name), f"image has no entry in {ann}"))
-            continue
-        problem = _check_name(name, str(ann))
-        if problem is not None:
-            listing.rejects.append(Skip(printable(name), problem))
-            continue
-        words, skips, problem = _words_from_json(name, entries[name], config)
-        if problem is not None:
-            listing.rejects.append(Skip(name, problem))
-            continue
-        listing.samples.append(SourceSample(index, name, folder / name, tuple(words), tuple(skips)))
-    return listing
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def parse_icdar_line(line: str, config: SourceConfig) -> tuple[np.ndarray | None, str | None, str | None]:
-    """(points, transcription, problem) for one ICDAR text line.
-
-    The transcription is everything after the coordinates and may itself hold commas. With
-    ``icdar_coords="quad"`` the first 8 fields are the coordinates (ICDAR 2015); with "polygon"
-    the leading numeric fields are, taken as whole pairs, always leaving the last field as text.
-    """
-    fields = line.split(",")
-    if config.icdar_coords == "quad":
-        count = 8
-    else:
-        numeric = 0
-        while numeric < len(fields) - 1 and _is_number(fields[numeric].strip()):
-            numeric += 1
-        count = numeric - numeric % 2
-    if len(fields) < count or count == 0:
-        return None, None, f"expected {count or 'at least 6'} coordinates then a transcription, got {_shown(line, 200)}"
-    coords = fields[:count]
-    text = ",".join(fields[count:]) if len(fields) > count else None
-    try:
-        values = [float(c) for c in coords]
-    except ValueError:
-        return None, text, f"coordinates are not numbers: {_shown(','.join(coords), 200)}"
-    points, problem = parse_points(np.asarray(values, dtype=np.float64).reshape(-1, 2))
-    return points, text, problem
-
-
-def _list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
-    folder = _images_dir(root, split)
-    gt_dir = root / "gts" / split
-    if not gt_dir.is_dir():
-        raise SourceError(f"{gt_dir} does not exist: expected ground truth in ROOT/gts/{split}/gt_<stem>.txt")
-    images = _listed_images(folder)
-    by_stem: dict[str, str] = {}
-    for name in images:
-        stem = Path(name).stem
-        if stem in by_stem:
-            raise SourceError(
-                f"{folder}: {by_stem[stem]} and {name} share the stem {stem!r}, so both would use "
-                f"{gt_dir / f'gt_{stem}.txt'}; rename one of them"
-            )
-        by_stem[stem] = name
-    gt_files = {p.name for p in gt_dir.iterdir() if not p.is_dir() and p.name.startswith("gt_") and p.suffix == ".txt"}
-    digest = hashlib.sha256()
-    listing = SourceListing(root, split, "icdar", "")
-    orphans = sorted(gt_files - {f"gt_{Path(n).stem}.txt" for n in images})
-    names = sorted(images + orphans)
-    for index, name in enumerate(names):
-        if name in gt_files:
-            listing.rejects.append(Skip(printable(name), f"ground truth {printable(str(gt_dir / name))} has no image in "
-                                                         f"{folder}"))
-            continue
-        problem = _check_name(name, str(folder))
-        if problem is not None:
-            listing.rejects.append(Skip(printable(name), problem))
-            continue
-        gt_path = gt_dir / f"gt_{Path(name).stem}.txt"
-        try:
-            raw_bytes = read_regular_file(gt_path, MAX_GROUND_TRUTH_BYTES)
-        except FileNotFoundError:
-            listing.rejects.append(Skip(name, f"no ground truth file {gt_path}"))
-            continue
-        except OSError as exc:
-            listing.rejects.append(Skip(name, f"ground truth {gt_path} cannot be read: {exc.strerror or exc}"))
-            continue
-        except ValueError as exc:
-            listing.rejects.append(Skip(name, f"ground truth {gt_path} {exc}"))
-            continue
-        digest.update(gt_path.name.encode() + b"\x00" + hashlib.sha256(raw_bytes).digest())
-        try:
-            text = _decode_utf8(raw_bytes)
-        except UnicodeDecodeError as exc:
-            reason = f"ground truth {gt_path} is not UTF-8 text: {_undecodable_at(raw_bytes, exc)}"
-            listing.rejects.append(Skip(name, reason))
-            continue
-        words: list[Word] = []
-        skips: list[Skip] = []
-        lines = sum(1 for line in text.split("\n") if line.strip())
-        if lines > MAX_WORDS_PER_IMAGE:
-            listing.rejects.append(Skip(name, f"{gt_path.name} holds {lines:,} words, over the limit of "
-                                              f"{MAX_WORDS_PER_IMAGE:,} per image"))
-            continue
-        # Split on "\n" only: str.splitlines() also splits on characters a transcription may hold
-        # (U+0085, U+2028, form feed, ...), which would cut a line in two and shift line numbers.
-        for number, line in enumerate(text.split("\n"), start=1):
-            line = line.removesuffix("\r")
-            if not line.strip():
-                continue
-            word_id = f"{number:04d}"
-            points, transcription, problem = parse_icdar_line(line, config)
-            if problem is None and transcription is not None:
-                problem = _text_problem(transcription, "transcription", MAX_TRANSCRIPTION_CHARS)
-            if problem is not None:
-                skips.append(Skip(name, f"{gt_path.name} line {number}: {problem}", word_id))
-                continue
-            words.append(Word(word_id, points, transcription, _is_dont_care(transcription, config)))
-        listing.samples.append(SourceSample(index, name, folder / name, tuple(words), tuple(skips)))
-    listing.annotation_sha256 = digest.hexdigest()
-    return listing
 
 
 def available_splits(root: Path, format: str) -> list[str]:
@@ -469,6 +275,8 @@ def list_source(root: str | Path, split: str, config: SourceConfig) -> SourceLis
             "ROOT/images/<split>/ and ROOT/gts/<split>/"
         have = f"the splits it has: {', '.join(splits)}" if splits else f"it has none ({layout} expected)"
         raise UsageError(f"{root} has no split {split!r} (source.format {config.format}); {have}")
+    from wds_ocr.data.source_formats import list_icdar, list_json  # they build on the helpers above
+
     if config.format == "json":
-        return _list_json(root, split, config)
-    return _list_icdar(root, split, config)
+        return list_json(root, split, config)
+    return list_icdar(root, split, config)
