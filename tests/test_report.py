@@ -267,3 +267,25 @@ def test_a_headless_browser_renders_the_page_with_its_images(report, tmp_path):
     assert images and loaded, dom[:2000]
     expected = WORST + (1 if (out / "curves.png").is_file() else 0)
     assert int(images.group(1)) == int(loaded.group(1)) == expected
+
+
+@pytest.mark.parametrize("post_workers", [0, 2])
+def test_counts_come_from_evaluates_run_and_the_pictures_redraw_the_same_detections(run_dir, post_workers):
+    """The report counts through run_detection (inline or in scoring workers); each worst image's
+    record is read again and its detections made again on its batch's window: as many as counted."""
+    from wds_ocr.report.images import batches_from_shards, batches_from_source, evaluate_images
+    from wds_ocr.run.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(run_dir["run"] / "best.pt")
+    config = checkpoint.configured(["loader.batch_size=2", "evaluation.crop_to_content=true"])
+    runs = []
+    for make in (lambda s: batches_from_shards(str(run_dir["shards"]), config.loader, s),
+                 lambda s: batches_from_source(run_dir["source"], "train", config, config.loader, s)):
+        batches, total, fetch = make([])
+        results, kept = evaluate_images(checkpoint, batches, config, "32", torch.device("cpu"), IMAGES, fetch,
+                                        post_workers=post_workers, capacity=2, total=total)
+        assert total == len(results) == len(kept) == IMAGES
+        assert [len(k.detections) for k in kept] == [k.result.detections for k in kept]
+        assert sum(k.result.detections for k in kept) > IMAGES  # the random model finds boxes
+        runs.append([(r.name, r.matched, r.gt_care, r.det_care) for r in results])
+    assert runs[0] == runs[1]  # shards and the live path: the same counts

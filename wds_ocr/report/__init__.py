@@ -106,6 +106,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, checkpoi
     ``source``/``split``, else run.json's val_shards) and write ``out`` (default RUN_DIR/report)."""
     from wds_ocr import __version__
     from wds_ocr.eval.metric import DetectionMetric
+    from wds_ocr.infer.detect import resolve_post_workers
     from wds_ocr.run.checkpoint import open_checkpoint
     from wds_ocr.run.runtime import check_precision, resolve_precision, start_runtime, stop_runtime
 
@@ -140,10 +141,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, checkpoi
     try:
         precision = resolve_precision(precision, runtime.device)
         if shards is not None:
-            batches, total = batches_from_shards(str(shards), loader, skipped)
+            batches, total, fetch = batches_from_shards(str(shards), loader, skipped)
         else:
-            batches, total = batches_from_source(Path(source), split, config, loader, skipped)
-        results, kept = evaluate_images(opened, batches, config, precision, runtime.device, worst, progress, total)
+            batches, total, fetch = batches_from_source(Path(source), split, config, loader, skipped)
+        post_workers = resolve_post_workers(config.evaluation.post_workers, loader.workers, runtime)
+        results, kept = evaluate_images(opened, batches, config, precision, runtime.device, worst, fetch,
+                                        post_workers=post_workers, capacity=loader.batch_size, progress=progress,
+                                        total=total)
     finally:
         stop_runtime(runtime)
     metric = DetectionMetric()

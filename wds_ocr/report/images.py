@@ -3,7 +3,6 @@ and polygons of the worst ones, drawn as overlays."""
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -80,10 +79,16 @@ class Kept:
 # ---------------------------------------------------------------- evaluation
 
 
-def batches_from_shards(shards: str, loader, skipped: list[str]) -> tuple[Iterator, int]:
+Fetch = Callable[[str | None, str], np.ndarray]  # (record key, image name) -> the record image (S, S, 3)
+
+
+def batches_from_shards(shards: str, loader, skipped: list[str]) -> tuple[Iterator, int, Fetch]:
+    """(images, truths, keys) batches of the shards as evaluate reads them, their count, and a way
+    to read one record's image again by its key."""
     from wds_ocr.infer.detect import truth_from_info
     from wds_ocr.loader.loaders import make_loader
     from wds_ocr.loader.stream import ShardStream
+    from wds_ocr.shards.codec import decode_record
 
     stream = ShardStream(shards, loader, rank=0, world_size=1)
     total = sum(len(plan.samples) for plan in stream.plans())
@@ -94,23 +99,36 @@ def batches_from_shards(shards: str, loader, skipped: list[str]) -> tuple[Iterat
             if len(batch):
                 yield batch.images, [truth_from_info(i) for i in batch.info], [i.key for i in batch.info]
 
-    return batches(), total
+    places = {key: (index, position) for index, entry in enumerate(stream.manifest.shards)
+              for position, key in enumerate(entry.keys)}
+
+    def fetch(key: str | None, name: str) -> np.ndarray:
+        index, position = places[key]
+        _, data = stream.read_member(index, position)
+        return decode_record(data, stream.manifest.shards[index].name, key).expand()["image"]
+
+    return batches(), total, fetch
 
 
-def batches_from_source(source: Path, split: str, config, loader, skipped: list[str]) -> tuple[Iterator, int]:
+def batches_from_source(source: Path, split: str, config, loader, skipped: list[str]) -> tuple[Iterator, int, Fetch]:
+    """The live path's batches exactly as evaluate_source makes them, their count, and a way to
+    make one sample's record image again by its name."""
     from wds_ocr.data.sources import list_source
-    # The live path's batches exactly as evaluate_source makes them.
     from wds_ocr.infer.evaluate import LiveSamples, live_batches
 
     listing = list_source(source, split, config.source)
     skipped.extend(f"{reject.name}: {reject.reason}" for reject in listing.rejects)
+    samples = LiveSamples(listing.samples, config)
+    positions = {sample.name: index for index, sample in enumerate(listing.samples)}
 
     def batches() -> Iterator:
-        for images, truths in live_batches(LiveSamples(listing.samples, config), loader.batch_size,
-                                           loader.workers, skipped):
+        for images, truths in live_batches(samples, loader.batch_size, loader.workers, skipped):
             yield images, truths, [None] * len(truths)
 
-    return batches(), len(listing.samples)
+    def fetch(key: str | None, name: str) -> np.ndarray:
+        return samples[positions[name]][0]
+
+    return batches(), len(listing.samples), fetch
 
 
 def _relative(polygons: Sequence[np.ndarray], forward: np.ndarray, offset: tuple[int, int]) -> tuple[np.ndarray, ...]:
@@ -121,37 +139,50 @@ def _relative(polygons: Sequence[np.ndarray], forward: np.ndarray, offset: tuple
     return tuple(p - shift for p in map_polygons(list(polygons), forward)) if len(polygons) else ()
 
 
-def evaluate_images(checkpoint, batches: Iterator, config, precision: str, device, worst: int,
-                    progress: Progress | None = None, total: int = 0) -> tuple[list[ImageResult], list[Kept]]:
-    """Every image's counts (evaluation order) and the worst ``worst`` images' pictures."""
+def evaluate_images(checkpoint, batches: Iterator, config, precision: str, device, worst: int, fetch: Fetch, *,
+                    post_workers: int = 0, capacity: int | None = None, progress: Progress | None = None,
+                    total: int = 0) -> tuple[list[ImageResult], list[Kept]]:
+    """Every image's counts (evaluation order) through evaluate's own run (``run_detection``: the
+    same batches, content windows, post-processing and matching), then the worst ``worst`` images'
+    pictures: each record image read again (``fetch``) and its detections made again, on its
+    batch's content window, by the functions the scoring workers call."""
+    import torch
+
     from wds_ocr.data.geometry import valid_region
-    from wds_ocr.eval.metric import match_image
-    from wds_ocr.infer.detect import content_window, probability_maps
+    from wds_ocr.infer.detect import content_window, probability_maps, run_detection
     from wds_ocr.infer.scoring import detect
 
     model = checkpoint.model(device)
-    results: list[ImageResult] = []
-    kept: list[Kept] = []  # sorted worst first, at most ``worst`` long
-    for images, truths, keys in batches:
-        window = content_window(truths, int(images.shape[1])) if config.evaluation.crop_to_content else None
-        maps = probability_maps(model, images, device, precision, window)
-        for row, (truth, key) in enumerate(zip(truths, keys)):
-            found = detect(maps[row], truth.inverse_matrix, truth.original_size, config.postprocess)
-            polygons = [d.polygon for d in found]
-            counts = match_image(truth.polygons, truth.dont_care, polygons)
-            result = ImageResult(len(results), truth.name, key, counts.matched, counts.gt_care, counts.det_care,
-                                 len(found), int(np.count_nonzero(truth.dont_care)))
-            results.append(result)
-            if worst and (len(kept) < worst or result.rank_key() < kept[-1].result.rank_key()):
-                (x, y), (width, height) = valid_region(truth.inverse_matrix, truth.original_size)
-                forward = np.linalg.inv(truth.inverse_matrix)
-                pixels = np.array(images[row].numpy()[y : y + height, x : x + width])  # a copy
-                entry = Kept(result, pixels, _relative(truth.polygons, forward, (x, y)),
-                              np.asarray(truth.dont_care, dtype=bool), _relative(polygons, forward, (x, y)))
-                bisect.insort(kept, entry, key=lambda k: k.result.rank_key())
-                del kept[worst:]
-        if progress is not None:
-            progress(len(results), total)
+    crop = config.evaluation.crop_to_content
+    truths: list = []
+    keys: list[str | None] = []
+    windows: list = []
+
+    def counted() -> Iterator:
+        for images, batch_truths, batch_keys in batches:
+            window = content_window(batch_truths, int(images.shape[1])) if crop else None
+            truths.extend(batch_truths)
+            keys.extend(batch_keys)
+            windows.extend([window] * len(batch_truths))
+            yield images, batch_truths
+
+    run = run_detection(model, counted(), config.postprocess, precision, device, post_workers=post_workers,
+                        capacity=capacity, progress=progress, total=total, crop_to_content=crop)
+    results = [ImageResult(index, image.name, keys[index], image.matched, image.gt_care, image.det_care,
+                           image.detections, int(np.count_nonzero(truths[index].dont_care)))
+               for index, image in enumerate(run.per_image)]
+    kept: list[Kept] = []
+    for result in sorted(results, key=ImageResult.rank_key)[:worst]:
+        truth = truths[result.index]
+        image = fetch(result.key, result.name)
+        maps = probability_maps(model, torch.from_numpy(np.ascontiguousarray(image)[None]), device, precision,
+                                windows[result.index])
+        polygons = [d.polygon for d in detect(maps[0], truth.inverse_matrix, truth.original_size, config.postprocess)]
+        (x, y), (width, height) = valid_region(truth.inverse_matrix, truth.original_size)
+        forward = np.linalg.inv(truth.inverse_matrix)
+        kept.append(Kept(result, np.array(image[y : y + height, x : x + width]),
+                         _relative(truth.polygons, forward, (x, y)), np.asarray(truth.dont_care, dtype=bool),
+                         _relative(polygons, forward, (x, y))))
     return results, kept
 
 
