@@ -5,20 +5,20 @@ fetched from elsewhere) holds the run's learning curves, the table of its valida
 ``metrics.jsonl``, the final precision / recall / H-mean of a checkpoint on validation data and
 the worst images by H-mean with overlays of ground truth and detections.
 
-*Same numbers as evaluate.* Images reach the model in the same batches as in ``wds-ocr
-evaluate`` (the shard loader, or the live path's batches), their maps are computed by
-``infer.detect.probability_maps`` (exactly what evaluation scores, under any precision) and each
-map goes through ``infer.scoring.detect`` and ``eval.metric.match_image``: the functions the
-evaluation workers call. The summed counts, so P/R/H, equal evaluate's for the same checkpoint,
-data and settings.
+*Same numbers as evaluate.* The counts come from evaluate's own run (``infer.detect.run_detection``):
+the same batches (the shard loader, or the live path's), content windows, post-processing workers
+and scorer, so P/R/H equal evaluate's for the same checkpoint, data and settings. The pictures of
+the worst images are made afterwards: each record image is read again (by key from the shards, or
+through the live path by name) and its detections made again on its batch's window by the
+functions the scoring workers call.
 
 *Per image.* P = matched / detections and R = matched / ground truth (words that are not
 don't-care), H = 2 matched / (ground truth + detections): the harmonic mean of the two; an image
 with neither ground truth nor detections counts as H 1.0. Images are ranked worst first: lowest H,
 then most missed words, then most false detections, then name.
 
-*Bounded memory.* Only the counts of every image are kept; pixels and polygons are kept for the
-current worst ``worst`` images only (the valid region of the record image, as the model saw it).
+*Bounded memory.* Only the counts and ground truth of every image are kept; pixels are read again
+for the ``worst`` images only (the valid region of the record image, as the model saw it).
 """
 
 from __future__ import annotations
