@@ -8,7 +8,10 @@ bucket, and then, in alternating rounds on the same objects:
 - the same ranges read by boto3's ``get_object(Range=...)``,
 - one epoch of ``ShardStream("s3://...")`` through ``make_loader`` (threads), and one of the local
   folder, for scale.
-Also 512-byte ranges (one per member: the per-request cost of each client). Prints ms per ranged read, MB/s and the ratios. The server is local, so the figures measure the
+Also 512-byte ranges (one per member: the per-request cost of each client). With ``--build
+SOURCE``: ``build-shards`` of SOURCE's ``--split`` into a folder and into the bucket, alternating
+(``--build-set`` settings, e.g. ``transform.size=1600 shards.max_samples=16``), wall time of each.
+Prints ms per ranged read, MB/s and the ratios. The server is local, so the figures measure the
 clients' own cost per request, not a network.
 """
 
@@ -49,6 +52,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("shards", type=Path)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--build", type=Path, help="also time build-shards of this source: folder vs bucket")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--build-set", nargs="*", default=[], help="settings of those builds (section.field=value)")
     args = parser.parse_args()
     process, endpoint = _server()
     os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
@@ -93,6 +99,7 @@ def main() -> None:
                 for _batch in make_loader(stream, 2, mode="threads"):
                     pass
                 rows[label].append(time.perf_counter() - started)
+        builds = _builds(args) if args.build else []
     finally:
         process.terminate()
         process.wait(10)
@@ -106,6 +113,37 @@ def main() -> None:
     print(f"boto3 / S3Reader time, 512-byte ranges: "
           f"{medians['boto3 get_object, 512-byte ranges'] / medians['S3Reader, 512-byte ranges']:.2f}x")
     print(f"boto3 / S3Reader time: {medians['boto3 get_object(Range)'] / medians['S3Reader (signed HTTP range)']:.2f}x")
+    for line in builds:
+        print(line)
+
+
+def _builds(args: argparse.Namespace) -> list[str]:
+    """build-shards into a folder and into the bucket, alternating; one line per build."""
+    import shutil
+    import tempfile
+
+    from wds_ocr.config import load_config
+    from wds_ocr.shards.bucket import build_to_bucket
+    from wds_ocr.shards.build import build_shards
+    from wds_ocr.storage.s3 import S3Url
+
+    config = load_config(None, args.build_set)
+    lines = []
+    for round_ in range(args.rounds):
+        with tempfile.TemporaryDirectory(prefix="wds-ocr-bench-s3-") as tmp:
+            started = time.perf_counter()
+            result = build_shards(args.build, args.split, Path(tmp) / "folder", config, workers=2)
+            folder_s = time.perf_counter() - started
+            size = sum(e.bytes for e in result.manifest.shards)
+            started = time.perf_counter()
+            bucket = build_to_bucket(args.build, args.split, S3Url.parse(f"s3://bench/build{round_}"), config,
+                                     workers=2, staging=Path(tmp) / "staging")
+            bucket_s = time.perf_counter() - started
+            shutil.rmtree(Path(tmp) / "staging", ignore_errors=True)
+        lines.append(f"build round {round_ + 1}: {len(result.manifest.shards)} shards, {size / 1e6:.1f} MB; folder "
+                     f"{folder_s:.2f} s, bucket {bucket_s:.2f} s ({bucket.uploaded} uploaded); the bucket adds "
+                     f"{bucket_s - folder_s:.2f} s")
+    return lines
 
 
 if __name__ == "__main__":
