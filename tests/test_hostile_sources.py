@@ -21,7 +21,7 @@ from PIL import Image
 from wds_ocr.data.images import decode_canonical, read_image_bytes
 from wds_ocr.data.sources import list_source, read_regular_file
 from wds_ocr.config import SourceConfig
-from wds_ocr.errors import SampleError, SourceError
+from wds_ocr.errors import ConfigError, SampleError, SourceError
 
 LIMIT = 40_000_000
 BOMB_MB = 16  # nothing in these tests may allocate more than this while refusing a bomb
@@ -295,7 +295,7 @@ def test_other_decoders_declaring_a_bomb_are_a_reject(data, format_name):
 
 
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
-    from wds_ocr.data.containers import MAX_JPEG_SCANS
+    MAX_JPEG_SCANS = SourceConfig().max_jpeg_scans
 
     buffer = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(buffer, "JPEG", progressive=True)
@@ -307,11 +307,14 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding():
     assert count >= 2
     repeated = data[:first_scan] + scans * (MAX_JPEG_SCANS // count + 1) + b"\xff\xd9"
     started = time.perf_counter()
-    with pytest.raises(SampleError, match=rf"many.jpg: JPEG with more than {MAX_JPEG_SCANS} scans: decoding costs a "
+    with pytest.raises(SampleError, match=rf"many.jpg: JPEG with more than {MAX_JPEG_SCANS} scans \(source.max_jpeg_scans\): "
+                                          r"decoding costs a "
                                           r"pass over the whole image per scan"):
         decode_canonical(repeated, "many.jpg")
     assert time.perf_counter() - started < 10  # refused from the markers, never decoded
     assert decode_canonical(data, "fine.jpg").pixels.shape == (64, 64, 3)  # an ordinary progressive JPEG
+    with pytest.raises(SampleError, match=rf"JPEG with more than {count - 1} scans \(source.max_jpeg_scans\)"):
+        decode_canonical(data, "fine.jpg", max_scans=count - 1)  # the setting, lowered
 
 
 def test_strings_the_files_cannot_hold_are_rejects_and_everything_written_reads_back(tmp_path):
@@ -350,7 +353,7 @@ def test_strings_the_files_cannot_hold_are_rejects_and_everything_written_reads_
     reasons = {(r.kind, r.name, r.word_id): r.reason for r in read_rejects(result.rejects_path)}
     assert reasons[("sample", "", None)].startswith("image name '' in ")
     assert reasons[("sample", "n" * 200 + "... (70,004 characters)", None)].startswith(
-        "image name of 70,004 characters, over the limit of 1,024: ")
+        "image name of 70,004 characters, over the limit of 1,024 (source.max_name_chars): ")
     assert reasons[("sample", "\\ud83d.jpg", None)] == (
         f"image name \\ud83d.jpg is not valid text: character 0 is '\\ud83d' (a lone surrogate); rename it in UTF-8 "
         f"(in {annotations})")
@@ -358,7 +361,7 @@ def test_strings_the_files_cannot_hold_are_rejects_and_everything_written_reads_
     assert reasons[("word", names[0], "\\ud800id")] == (
         "word id \\ud800id is not valid text: character 0 is '\\ud800' (a lone surrogate); rename it in UTF-8")
     assert reasons[("word", names[0], "zz-long-text")].startswith(
-        "transcription of 70,000 characters, over the limit of 65,536: xxxx")
+        "transcription of 70,000 characters, over the limit of 65,536 (source.max_transcription_chars): xxxx")
     assert reasons[("word", names[0], "zz-surrogate")].startswith("transcription bad \\udfff text is not valid text")
     report = verify_shards(tmp_path / "shards")
     assert report.ok, report.problems
@@ -367,7 +370,7 @@ def test_strings_the_files_cannot_hold_are_rejects_and_everything_written_reads_
 def test_work_per_image_is_bounded_before_it_starts(tmp_path):
     """A polygon of a million points is a skipped word and an image of 10,001 words a reject, each
     decided from the counts, in well under a second of work per entry."""
-    from wds_ocr.data.sources import MAX_POLYGON_POINTS, MAX_WORDS_PER_IMAGE
+    MAX_POLYGON_POINTS, MAX_WORDS_PER_IMAGE = SourceConfig().max_polygon_points, SourceConfig().max_words_per_image
 
     root = tmp_path / "src"
     (root / "images" / "train").mkdir(parents=True)
@@ -383,15 +386,16 @@ def test_work_per_image_is_bounded_before_it_starts(tmp_path):
     started = time.perf_counter()
     listing = list_source(root, "train", SourceConfig())
     assert time.perf_counter() - started < 30  # the JSON parse itself; the polygon is never converted
-    assert [r.reason for r in listing.rejects] == ["10,001 words, over the limit of 10,000 per image"]
+    assert [r.reason for r in listing.rejects] == [
+        "10,001 words, over the limit of 10,000 per image (source.max_words_per_image)"]
     (sample,) = listing.samples
     assert [w.word_id for w in sample.words] == ["w2"]
     assert [(s.word_id, s.reason) for s in sample.skips] == [
-        ("w1", f"polygon of 1,000,000 points, over the limit of {MAX_POLYGON_POINTS:,}")]
+        ("w1", f"polygon of 1,000,000 points, over the limit of {MAX_POLYGON_POINTS:,} (source.max_polygon_points)")]
 
 
 def test_an_icdar_file_of_too_many_words_is_a_reject(tmp_path):
-    from wds_ocr.data.sources import MAX_WORDS_PER_IMAGE
+    MAX_WORDS_PER_IMAGE = SourceConfig().max_words_per_image
 
     root = tmp_path / "src"
     (root / "images" / "train").mkdir(parents=True)
@@ -400,4 +404,25 @@ def test_an_icdar_file_of_too_many_words_is_a_reject(tmp_path):
     (root / "gts" / "train" / "gt_a.txt").write_text("0,0,4,0,4,4,0,4,x\n" * (MAX_WORDS_PER_IMAGE + 1))
     listing = list_source(root, "train", SourceConfig(format="icdar"))
     assert [(r.name, r.reason) for r in listing.rejects] == [
-        ("a.jpg", "gt_a.txt holds 10,001 words, over the limit of 10,000 per image")]
+        ("a.jpg", "gt_a.txt holds 10,001 words, over the limit of 10,000 per image (source.max_words_per_image)")]
+
+
+def test_the_limits_are_settings_and_the_defaults_keep_every_fingerprint(synth_root, tmp_path):
+    """source.max_* lowered in a build: the samples over them are rejects naming the setting, the
+    fingerprint changes; at their defaults the record settings do not hold them (earlier builds
+    keep their fingerprints)."""
+    from wds_ocr.config import load_config
+    from wds_ocr.shards.build import build_shards
+
+    assert "max_words_per_image" not in load_config(None, []).record_settings()["source"]
+    strict = load_config(None, ["transform.size=64", "source.max_words_per_image=3",
+                                "source.max_transcription_chars=4", "source.max_polygon_points=4"])
+    assert strict.record_settings()["source"]["max_words_per_image"] == 3
+    assert strict.fingerprint() != load_config(None, ["transform.size=64"]).fingerprint()
+    result = build_shards(synth_root, "train", tmp_path / "strict", strict)
+    reasons = [r.reason for r in result.rejects]
+    assert reasons and all("(source.max_words_per_image)" in r or "(source.max_transcription_chars)" in r
+                           for r in reasons)
+    assert result.manifest.counts.rejected + result.manifest.counts.written == 9
+    with pytest.raises(ConfigError, match="source.max_transcription_chars"):
+        load_config(None, ["source.max_transcription_chars=70000"])  # more than the record reader takes

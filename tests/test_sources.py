@@ -393,13 +393,13 @@ def test_icdar_polygon_mode_reads_any_even_number_of_coordinates(tmp_path: Path)
 
 
 def test_parse_points_accepts_numbers_and_numeric_arrays() -> None:
-    points, problem = parse_points([[1, 2], [3.5, 4], [5, -6]])
+    points, problem = parse_points([[1, 2], [3.5, 4], [5, -6]], 1024)
     assert problem is None and points.dtype == np.float64
     assert points.tolist() == [[1.0, 2.0], [3.5, 4.0], [5.0, -6.0]]
-    points, problem = parse_points(np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32))
+    points, problem = parse_points(np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32), 1024)
     assert problem is None and points.dtype == np.float64
-    assert parse_points(np.array([["a", "b"]] * 3)) == (None, "points are not numbers (array of <U1)")
-    assert parse_points(np.zeros((3, 3))) == (None, "points must be a list of [x, y] pairs, got shape [3, 3]")
+    assert parse_points(np.array([["a", "b"]] * 3), 1024) == (None, "points are not numbers (array of <U1)")
+    assert parse_points(np.zeros((3, 3)), 1024) == (None, "points must be a list of [x, y] pairs, got shape [3, 3]")
 
 
 def test_parse_icdar_line_quad_keeps_commas_in_the_text() -> None:

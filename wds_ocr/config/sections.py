@@ -53,6 +53,20 @@ class SourceConfig(_Section):
     # Image files larger than this are rejected without being read (a decoded 40 MP image is
     # 120 MB; even an uncompressed 16-bit RGBA TIFF of that size fits).
     max_file_bytes: int = Field(default=512 << 20, ge=1, le=1 << 40)
+    # Decode work: a progressive JPEG costs a pass over the whole image per scan (libjpeg writes
+    # about 10; a 36 MP JPEG of 100,000 scans took 84 s). Counted from the file before decoding.
+    max_jpeg_scans: int = Field(default=1000, ge=1, le=1_000_000)
+    # Annotation work, each checked before the work starts: the build spends ~0.2 ms and the IoU
+    # metric ~1 ms per polygon point; targets and matching grow with the words of an image. SROIE
+    # has at most a few hundred words per receipt, and quads or polygons of a few dozen points.
+    max_words_per_image: int = Field(default=10_000, ge=1, le=10_000_000)
+    max_polygon_points: int = Field(default=1024, ge=3, le=1_000_000)
+    # Strings the build writes into records, manifests and rejects (file names, word ids,
+    # transcriptions): longer ones are rejects, with their reason. At most 65,536: the record
+    # reader refuses longer text (a file name cannot exceed 255 bytes on common file systems).
+    max_name_chars: int = Field(default=1024, ge=1, le=65_536)
+    max_word_id_chars: int = Field(default=1024, ge=1, le=65_536)
+    max_transcription_chars: int = Field(default=65_536, ge=1, le=65_536)
 
 
 class TransformConfig(_Section):
@@ -272,7 +286,12 @@ class TrainConfig(_Section):
 # Record settings added after shards and checkpoints were first written, with what their absence
 # means (how every earlier build worked). A record's settings hold them only when they differ from
 # that, so the fingerprints of earlier builds stay; ``recorded`` restores them when reading.
-ABSENT_MEANS: dict[str, dict[str, Any]] = {"transform": {"jpeg_reduction": "off"}}
+ABSENT_MEANS: dict[str, dict[str, Any]] = {
+    "transform": {"jpeg_reduction": "off"},
+    # limits that were constants before they were settings: absent means those constants
+    "source": {"max_jpeg_scans": 1000, "max_words_per_image": 10_000, "max_polygon_points": 1024,
+               "max_name_chars": 1024, "max_word_id_chars": 1024, "max_transcription_chars": 65_536},
+}
 
 
 def _without_absent(section: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -309,14 +328,15 @@ class Config(_Section):
         """The settings that change the bytes of a shard record (and nothing else)."""
         return {
             "pipeline_version": PIPELINE_VERSION,
-            "source": {
+            "source": _without_absent("source", {
                 "annotation_frame": self.source.annotation_frame,
                 "icdar_coords": self.source.icdar_coords,
                 "dont_care": list(self.source.dont_care),
                 "outside_tolerance": self.source.outside_tolerance,
                 "max_pixels": self.source.max_pixels,
                 "max_file_bytes": self.source.max_file_bytes,
-            },
+                **{name: getattr(self.source, name) for name in ABSENT_MEANS["source"]},
+            }),
             "transform": _without_absent("transform", self.transform.model_dump(mode="json")),
             "targets": self.targets.model_dump(mode="json"),
         }

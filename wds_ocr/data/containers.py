@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SampleError
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP")
@@ -29,10 +30,8 @@ _STANDALONE_MARKERS = frozenset({0x01, *range(0xD0, 0xD8)})
 # (fill); anything else is a real marker.
 _MARKER_IN_SCAN = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_GRAY, _PNG_RGB = 0, 2
-# Progressive JPEGs carry about 10 scans (libjpeg's default script), rarely a few dozen; each scan is
-# a decoding pass over the whole image (a 36 MP JPEG of 100,000 scans took 84 s). 1000 bounds that
-# work at about 0.2 s per 10 MP.
-MAX_JPEG_SCANS = 1000
+# The default of source.max_jpeg_scans, for callers without a config (predict of one file, read_orientation).
+DEFAULT_MAX_JPEG_SCANS = SourceConfig().max_jpeg_scans
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,9 @@ def not_an_image_reason(data: bytes) -> str:
     )
 
 
-def inspect_container(data: bytes, image_format: str) -> Layout:
+def inspect_container(data: bytes, image_format: str, max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> Layout:
     if image_format == "JPEG":
-        return _inspect_jpeg(data)
+        return _inspect_jpeg(data, max_scans)
     if image_format == "PNG":
         return _inspect_png(data)
     if image_format == "WEBP":
@@ -91,7 +90,7 @@ def inspect_container(data: bytes, image_format: str) -> Layout:
     return Layout(exif=data if image_format == "TIFF" else None, defect=None, fast=False)
 
 
-def _inspect_jpeg(data: bytes) -> Layout:
+def _inspect_jpeg(data: bytes, max_scans: int) -> Layout:
     size = len(data)
     exif: bytes | None = None
     precision = components = None
@@ -127,21 +126,21 @@ def _inspect_jpeg(data: bytes) -> Layout:
     if dimensions[0] == 0 or dimensions[1] == 0:
         return Layout(exif, f"unsupported JPEG: its frame header declares {dimensions[0]}x{dimensions[1]} pixels "
                              f"(a zero height is defined later by a DNL marker); {REEXPORT}", False)
-    scans = _jpeg_scans_to_end(data, end)
+    scans = _jpeg_scans_to_end(data, end, max_scans)
     if scans is None:
         return Layout(
             exif, f"truncated JPEG: the file ends before its end-of-image marker; {COPY_AGAIN}", False
         )
-    if scans > MAX_JPEG_SCANS:
-        return Layout(exif, f"JPEG with more than {MAX_JPEG_SCANS} scans: decoding costs a pass over the whole "
+    if scans > max_scans:
+        return Layout(exif, f"JPEG with more than {max_scans} scans (source.max_jpeg_scans): decoding costs a pass over the whole "
                              f"image per scan (a progressive JPEG has about 10); refused before decoding; "
                              f"{REEXPORT}", False)
     return Layout(exif, None, precision == 8 and components in (1, 3), dimensions)
 
 
-def _jpeg_scans_to_end(data: bytes, scan_start: int) -> int | None:
+def _jpeg_scans_to_end(data: bytes, scan_start: int, max_scans: int) -> int | None:
     """Follow the scans (several in a progressive JPEG) up to the end-of-image marker: how many
-    there are (None when the file ends first). Counting stops past MAX_JPEG_SCANS."""
+    there are (None when the file ends first). Counting stops past ``max_scans``."""
     size = len(data)
     pos = scan_start
     scans = 1
@@ -154,7 +153,7 @@ def _jpeg_scans_to_end(data: bytes, scan_start: int) -> int | None:
             return scans
         if marker == 0xDA:
             scans += 1
-            if scans > MAX_JPEG_SCANS:
+            if scans > max_scans:
                 return scans
         if marker in _STANDALONE_MARKERS:
             pos = found.end()
@@ -277,5 +276,5 @@ def orientation_from_exif(exif: bytes | None) -> int:
     return 1
 
 
-__all__ = ["COPY_AGAIN", "MAX_JPEG_SCANS", "ORIENTATION_TAG", "REEXPORT", "SUPPORTED_FORMATS", "Layout",
+__all__ = ["COPY_AGAIN", "DEFAULT_MAX_JPEG_SCANS", "ORIENTATION_TAG", "REEXPORT", "SUPPORTED_FORMATS", "Layout",
            "check_pixels", "inspect_container", "not_an_image_reason", "orientation_from_exif", "sniff_format"]

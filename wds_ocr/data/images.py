@@ -42,10 +42,11 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wds_ocr.config import SourceConfig
 from wds_ocr.data.paths import link_escape, read_at_most
 from wds_ocr.data.orientation import inverse_orientation, orient_array
-from wds_ocr.data.containers import (ORIENTATION_TAG, REEXPORT, check_pixels, inspect_container, not_an_image_reason, orientation_from_exif,
-                                     sniff_format)
+from wds_ocr.data.containers import (DEFAULT_MAX_JPEG_SCANS, ORIENTATION_TAG, REEXPORT, check_pixels,
+                                     inspect_container, not_an_image_reason, orientation_from_exif, sniff_format)
 from wds_ocr.errors import SampleError
 
 # OpenCV >= 4.11 decodes straight to RGB (saves a full-image BGR->RGB pass); older ones give BGR.
@@ -55,8 +56,8 @@ _ALPHA_OR_PALETTE_MODES = frozenset({"LA", "La", "PA", "P", "RGBA", "RGBa"})
 _CONVERTIBLE_COLOR_MODES = frozenset({"CMYK", "YCbCr", "LAB", "HSV"})
 # Defaults of source.max_pixels / source.max_file_bytes (wds_ocr.config.SourceConfig), for callers
 # without a config (predict).
-DEFAULT_MAX_PIXELS = 40_000_000
-DEFAULT_MAX_FILE_BYTES = 512 << 20
+DEFAULT_MAX_PIXELS = SourceConfig().max_pixels
+DEFAULT_MAX_FILE_BYTES = SourceConfig().max_file_bytes
 _FILE_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                (stat.S_ISSOCK, "a socket"))
 
@@ -171,7 +172,8 @@ def reducible_jpeg_size(data: bytes) -> tuple[int, int] | None:
 
 
 def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     needed: Callable[[int, int], tuple[int, int]] | None = None) -> CanonicalImage:
+                     needed: Callable[[int, int], tuple[int, int]] | None = None,
+                     max_scans: int = DEFAULT_MAX_JPEG_SCANS) -> CanonicalImage:
     """Decode image bytes into the canonical upright RGB uint8 image (see the module docstring).
 
     ``needed(width, height)``: the size (displayed frame) the caller needs of an image of that full
@@ -185,7 +187,7 @@ def decode_canonical(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
     image_format = sniff_format(data)
     if image_format is None:
         raise SampleError(name, not_an_image_reason(data))
-    layout = inspect_container(data, image_format)
+    layout = inspect_container(data, image_format, max_scans)
     if layout.defect is not None:
         raise SampleError(name, layout.defect)
     if layout.size is not None:

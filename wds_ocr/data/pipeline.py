@@ -117,7 +117,7 @@ def decode_for_record(data: bytes, name: str, config: Config) -> CanonicalImage:
     if config.transform.jpeg_reduction == "auto":  # decode no more pixels than the record keeps
         def needed(width: int, height: int) -> tuple[int, int]:
             return plan_resize(width, height, config.transform).resized_size
-    return decode_canonical(data, name, config.source.max_pixels, needed)
+    return decode_canonical(data, name, config.source.max_pixels, needed, config.source.max_jpeg_scans)
 
 
 def process_sample(sample: SourceSample, config: Config, data: bytes | None = None) -> ProcessedSample:

@@ -15,8 +15,7 @@ from wds_ocr import jsonio
 from wds_ocr.config import SourceConfig
 from wds_ocr.errors import SourceError
 
-from wds_ocr.data.sources import (MAX_ANNOTATION_BYTES, MAX_GROUND_TRUTH_BYTES, MAX_TRANSCRIPTION_CHARS,
-                                  MAX_WORDS_PER_IMAGE, MAX_WORD_ID_CHARS, Skip, SourceListing, SourceSample, Word,
+from wds_ocr.data.sources import (MAX_ANNOTATION_BYTES, MAX_GROUND_TRUTH_BYTES, Skip, SourceListing, SourceSample, Word,
                                   check_name, decode_utf8, images_dir, is_dont_care, listed_images, parse_points,
                                   printable, read_regular_file, reject_duplicates, shown, text_problem, undecodable_at)
 
@@ -29,13 +28,14 @@ def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[
         raw_words = {}
     if not isinstance(raw_words, dict):
         return [], [], f"'words' of {name} must be an object keyed by word id"
-    if len(raw_words) > MAX_WORDS_PER_IMAGE:
-        return [], [], f"{len(raw_words):,} words, over the limit of {MAX_WORDS_PER_IMAGE:,} per image"
+    if len(raw_words) > config.max_words_per_image:
+        return [], [], (f"{len(raw_words):,} words, over the limit of {config.max_words_per_image:,} per image "
+                        "(source.max_words_per_image)")
     words: list[Word] = []
     skips: list[Skip] = []
     for word_id in sorted(raw_words):
         raw = raw_words[word_id]
-        problem = text_problem(word_id, "word id", MAX_WORD_ID_CHARS)
+        problem = text_problem(word_id, "word id", config.max_word_id_chars, "source.max_word_id_chars")
         if problem is not None:
             skips.append(Skip(name, problem, printable(word_id)))
             continue
@@ -45,14 +45,15 @@ def _words_from_json(name: str, entry: Any, config: SourceConfig) -> tuple[list[
         if "points" not in raw:
             skips.append(Skip(name, "word has no 'points'", word_id))
             continue
-        points, problem = parse_points(raw["points"])
+        points, problem = parse_points(raw["points"], config.max_polygon_points)
         if problem is not None:
             skips.append(Skip(name, problem, word_id))
             continue
         text = raw.get("transcription")
         if text is not None and not isinstance(text, str):
             text = str(text)
-        problem = None if text is None else text_problem(text, "transcription", MAX_TRANSCRIPTION_CHARS)
+        problem = None if text is None else text_problem(text, "transcription", config.max_transcription_chars,
+                                                          "source.max_transcription_chars")
         if problem is not None:
             skips.append(Skip(name, problem, word_id))
             continue
@@ -91,7 +92,7 @@ def list_json(root: Path, split: str, config: SourceConfig) -> SourceListing:
         if name not in entries:
             listing.rejects.append(Skip(printable(name), f"image has no entry in {ann}"))
             continue
-        problem = check_name(name, str(ann))
+        problem = check_name(name, str(ann), config.max_name_chars)
         if problem is not None:
             listing.rejects.append(Skip(printable(name), problem))
             continue
@@ -134,7 +135,7 @@ def parse_icdar_line(line: str, config: SourceConfig) -> tuple[np.ndarray | None
         values = [float(c) for c in coords]
     except ValueError:
         return None, text, f"coordinates are not numbers: {shown(','.join(coords), 200)}"
-    points, problem = parse_points(np.asarray(values, dtype=np.float64).reshape(-1, 2))
+    points, problem = parse_points(np.asarray(values, dtype=np.float64).reshape(-1, 2), config.max_polygon_points)
     return points, text, problem
 
 
@@ -163,7 +164,7 @@ def list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
             listing.rejects.append(Skip(printable(name), f"ground truth {printable(str(gt_dir / name))} has no image in "
                                                          f"{folder}"))
             continue
-        problem = check_name(name, str(folder))
+        problem = check_name(name, str(folder), config.max_name_chars)
         if problem is not None:
             listing.rejects.append(Skip(printable(name), problem))
             continue
@@ -189,9 +190,9 @@ def list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
         words: list[Word] = []
         skips: list[Skip] = []
         lines = sum(1 for line in text.split("\n") if line.strip())
-        if lines > MAX_WORDS_PER_IMAGE:
+        if lines > config.max_words_per_image:
             listing.rejects.append(Skip(name, f"{gt_path.name} holds {lines:,} words, over the limit of "
-                                              f"{MAX_WORDS_PER_IMAGE:,} per image"))
+                                              f"{config.max_words_per_image:,} per image (source.max_words_per_image)"))
             continue
         # Split on "\n" only: str.splitlines() also splits on characters a transcription may hold
         # (U+0085, U+2028, form feed, ...), which would cut a line in two and shift line numbers.
@@ -202,7 +203,8 @@ def list_icdar(root: Path, split: str, config: SourceConfig) -> SourceListing:
             word_id = f"{number:04d}"
             points, transcription, problem = parse_icdar_line(line, config)
             if problem is None and transcription is not None:
-                problem = text_problem(transcription, "transcription", MAX_TRANSCRIPTION_CHARS)
+                problem = text_problem(transcription, "transcription", config.max_transcription_chars,
+                                             "source.max_transcription_chars")
             if problem is not None:
                 skips.append(Skip(name, f"{gt_path.name} line {number}: {problem}", word_id))
                 continue

@@ -37,17 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _UTF8_BOM = b"\xef\xbb\xbf"
 MAX_ANNOTATION_BYTES = 1 << 30
 MAX_GROUND_TRUTH_BYTES = 16 << 20
-# Strings the build writes into records, rejects.jsonl and manifests. A file name cannot exceed 255
-# bytes on common file systems; a transcription is capped where the record reader stops (codec).
-MAX_NAME_CHARS = 1024
-MAX_WORD_ID_CHARS = 1024
-MAX_TRANSCRIPTION_CHARS = 1 << 16
-# Work per image, bounded before it starts: each polygon point costs ~0.2 ms in the build and ~1 ms
-# in IoU matching, each word a target polygon and a match row. Real datasets stay far below both
-# (SROIE: quadrilaterals, at most 153 words a receipt; CTW1500: 14 points; Total-Text: tens of
-# points; a dense A4 page: a few thousand words).
-MAX_POLYGON_POINTS = 1024
-MAX_WORDS_PER_IMAGE = 10_000
+# The limits on strings, words and polygon points are settings (source.max_*, config.sections).
 
 
 def read_regular_file(path: Path, max_bytes: int) -> bytes:
@@ -130,9 +120,9 @@ def reject_duplicates(pairs: list[tuple[str, Any]], where: str) -> dict[str, Any
     return seen
 
 
-def check_name(name: str, where: str) -> str | None:
-    """Reason a file name is unusable, or None."""
-    problem = text_problem(name, "image name", MAX_NAME_CHARS)
+def check_name(name: str, where: str, max_chars: int) -> str | None:
+    """Reason a file name is unusable (``max_chars``: source.max_name_chars), or None."""
+    problem = text_problem(name, "image name", max_chars, "source.max_name_chars")
     if problem is not None:
         return f"{problem} (in {where})"
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
@@ -140,11 +130,12 @@ def check_name(name: str, where: str) -> str | None:
     return None
 
 
-def text_problem(value: str, what: str, limit: int) -> str | None:
+def text_problem(value: str, what: str, limit: int, setting: str) -> str | None:
     """Why ``value`` cannot be written into records, rejects and manifests (UTF-8 text of at
-    most ``limit`` characters), or None."""
+    most ``limit`` characters, the value of ``setting``), or None."""
     if len(value) > limit:
-        return f"{what} of {len(value):,} characters, over the limit of {limit:,}: {printable(value, 60)}"
+        return (f"{what} of {len(value):,} characters, over the limit of {limit:,} ({setting}): "
+                f"{printable(value, 60)}")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -175,13 +166,14 @@ def shown(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def parse_points(raw: Any) -> tuple[np.ndarray | None, str | None]:
-    """(points, None) for a valid polygon, else (None, reason).
+def parse_points(raw: Any, max_points: int) -> tuple[np.ndarray | None, str | None]:
+    """(points, None) for a valid polygon of at most ``max_points`` (source.max_polygon_points),
+    else (None, reason).
 
     ``raw`` is a list of [x, y] pairs of JSON numbers, or a numeric (K, 2) array.
     """
-    if isinstance(raw, (list, tuple, np.ndarray)) and len(raw) > MAX_POLYGON_POINTS:
-        return None, f"polygon of {len(raw):,} points, over the limit of {MAX_POLYGON_POINTS:,}"
+    if isinstance(raw, (list, tuple, np.ndarray)) and len(raw) > max_points:
+        return None, f"polygon of {len(raw):,} points, over the limit of {max_points:,} (source.max_polygon_points)"
     if isinstance(raw, np.ndarray):
         if raw.dtype.kind not in "iuf":
             return None, f"points are not numbers (array of {raw.dtype})"

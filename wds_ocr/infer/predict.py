@@ -80,8 +80,8 @@ def _prepare(path: Path, config: Config, overlay: bool) -> _Prepared:
     image = resize_and_pad(canonical.pixels, plan, canonical.reduction)
     pixels = None
     if overlay:  # drawn in original coordinates: the whole image
-        pixels = canonical.pixels if canonical.reduction == 1 else decode_canonical(data, str(path),
-                                                                                     limits.max_pixels).pixels
+        pixels = canonical.pixels if canonical.reduction == 1 else decode_canonical(
+            data, str(path), limits.max_pixels, max_scans=limits.max_jpeg_scans).pixels
     return _Prepared(path, pixels, (width, height), image, plan.inverse())
 
 
