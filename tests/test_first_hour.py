@@ -158,9 +158,9 @@ def test_inspect_png_has_four_labelled_panels_on_white(shards, tmp_path):
 
 
 def test_verify_summarizes_many_problems_and_all_prints_each(shards, tmp_path, monkeypatch):
-    from wds_ocr.cli import data
+    from wds_ocr.cli import shards as shard_commands
 
-    monkeypatch.setattr(data, "VERIFY_SHOWN", 5)  # these small shards give fewer than the default 20
+    monkeypatch.setattr(shard_commands, "VERIFY_SHOWN", 5)  # these small shards give fewer than the default 20
     other = tmp_path / "other"
     from wds_ocr.data.synth import synthesize
 

@@ -4,7 +4,7 @@ Commands import their modules lazily so ``wds-ocr --help`` stays fast and light.
 Exit codes: 0 success, 1 a problem found or an operation failed, 2 bad usage or configuration.
 """
 
-from wds_ocr.cli import data, demo, model, pretrained, report  # noqa: F401  (importing registers the commands)
+from wds_ocr.cli import bench, data, demo, model, pretrained, report, shards  # noqa: F401  (importing registers the commands)
 from wds_ocr.cli.base import cli
 
 __all__ = ["cli", "main"]

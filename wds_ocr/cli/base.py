@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from wds_ocr.cli.progress import Progress
-
 from wds_ocr.errors import WdsOcrError
 
 
@@ -138,3 +138,10 @@ def train_bar(quiet: bool):
     """(bar, callback) for training's progress events; call bar.close() when training ends."""
     bar = _TrainBar(quiet)
     return bar, bar
+
+
+def local_path(location: str) -> Path:
+    """A local folder or file given as a path or a file:// URL."""
+    if location.lower().startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(location).path))
+    return Path(location)
