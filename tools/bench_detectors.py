@@ -16,7 +16,8 @@ scores) with wds-ocr's ICDAR 2015 IoU metric, and the counts are summed over the
 - **a checkpoint**: resize and pad per ``transform`` (the checkpoint's settings, ``--set`` on top),
   one forward pass (on the image's part of the record with ``evaluation.crop_to_content``), DB
   post-processing, boxes mapped back through the inverse matrix: what ``wds-ocr predict`` does for
-  one image.
+  one image. With ``transform.jpeg_reduction=auto`` (the default) the checkpoint decodes the file
+  again at the reduced scale its records use, inside its clock.
 
 images/s and CPU-s per image cover only the detector's own work on the decoded image (its resize,
 normalization, network and post-processing; decoding and ground truth are outside the clock), one
@@ -40,6 +41,7 @@ import torch
 from wds_ocr.config import Config, load_config
 from wds_ocr.data.geometry import plan_resize, resize_and_pad
 from wds_ocr.data.images import decode_canonical, read_image_bytes
+from wds_ocr.data.pipeline import decode_for_record
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import list_source
 from wds_ocr.errors import SampleError
@@ -47,7 +49,7 @@ from wds_ocr.eval.metric import DetectionMetric
 from wds_ocr.infer.detect import ImageTruth, content_window, detect, probability_maps
 from wds_ocr.run.checkpoint import open_checkpoint
 
-Detector = Callable[[np.ndarray], list[np.ndarray]]
+Detector = Callable[[np.ndarray, bytes], list[np.ndarray]]  # (canonical RGB image, file bytes) -> polygons
 
 
 @dataclass
@@ -77,7 +79,7 @@ def ppocr_detector() -> Detector:
 
     engine = RapidOCR()
 
-    def run(pixels: np.ndarray) -> list[np.ndarray]:
+    def run(pixels: np.ndarray, data: bytes) -> list[np.ndarray]:
         result, _ = engine(np.ascontiguousarray(pixels[:, :, ::-1]), use_det=True, use_cls=False, use_rec=False)
         return [np.asarray(box, dtype=np.float64).reshape(-1, 2) for box in (result or [])]
 
@@ -90,10 +92,14 @@ def checkpoint_detector(path: Path, overrides: list[str]) -> tuple[Detector, Con
     device = torch.device("cpu")
     model = checkpoint.model(device)
 
-    def run(pixels: np.ndarray) -> list[np.ndarray]:
+    def run(pixels: np.ndarray, data: bytes) -> list[np.ndarray]:
         height, width = pixels.shape[:2]
         plan = plan_resize(width, height, config.transform)
-        image = resize_and_pad(pixels, plan)
+        reduction = 1
+        if config.transform.jpeg_reduction != "off":  # as predict and the records do: timed here, the
+            canonical = decode_for_record(data, "", config)  # peer's decode is not
+            pixels, reduction = canonical.pixels, canonical.reduction
+        image = resize_and_pad(pixels, plan, reduction)
         window = None
         if config.evaluation.crop_to_content:
             window = content_window([ImageTruth("", (width, height), plan.inverse(), (), np.zeros(0, bool),
@@ -104,12 +110,12 @@ def checkpoint_detector(path: Path, overrides: list[str]) -> tuple[Detector, Con
     return run, config
 
 
-def score(name: str, detector: Detector, samples: list[tuple[np.ndarray, object]]) -> Row:
+def score(name: str, detector: Detector, samples: list[tuple[np.ndarray, bytes, object]]) -> Row:
     metric = DetectionMetric()
     wall = cpu = 0.0
-    for pixels, meta in samples:
+    for pixels, data, meta in samples:
         wall_start, cpu_start = time.perf_counter(), time.process_time()
-        polygons = detector(pixels)
+        polygons = detector(pixels, data)
         wall += time.perf_counter() - wall_start
         cpu += time.process_time() - cpu_start
         metric.update(meta.polygons_original, meta.dont_care, polygons)
@@ -151,7 +157,7 @@ def main() -> None:
         except SampleError as exc:
             skipped.append(str(exc))
             continue
-        samples.append((pixels, meta))
+        samples.append((pixels, data, meta))
     print(f"{args.source} split {args.split}: {len(samples)} images ({len(skipped)} skipped); "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores")
