@@ -260,3 +260,31 @@ def test_a_compressed_archive_is_refused_before_it_is_unpacked(tmp_path):
         for member in source.infolist():
             out.writestr(member, source.read(member.filename))
     assert "model" in open_checkpoint(stored).body  # re-stored without compression: still a checkpoint
+
+
+def test_a_storage_declared_larger_than_its_record_is_refused_before_allocating(tmp_path):
+    """A 4-element tensor whose pickle declares 2e9 elements (8 GB): refused from the record's size,
+    at once, with a message naming the file."""
+    import re
+    import struct
+    import time
+    import zipfile
+
+    small = tmp_path / "small.pt"
+    torch.save({"config": {}, "model": {"w": torch.zeros(4)}}, small)
+    crafted = tmp_path / "declared.pt"
+    with zipfile.ZipFile(small) as source, zipfile.ZipFile(crafted, "w", compression=zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # the storage's element count and the tensor's size
+                huge = struct.pack("<i", 2_000_000_000)
+                data, found = re.subn(rb"cpuq(.)K\x04tq(.)QK\x00K\x04\x85q",
+                                      lambda m: b"cpuq" + m.group(1) + b"J" + huge + b"tq" + m.group(2) + b"QK\x00J"
+                                      + huge + b"\x85q", data, flags=re.S)
+                assert found == 1
+            out.writestr(info, data)
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"declared\.pt cannot be read .*record size \(16 bytes\) does not match "
+                                              r"expected size \(8000000000 bytes"):
+        load_checkpoint(crafted)
+    assert time.perf_counter() - started < 5  # nothing of 8 GB was allocated or read
