@@ -318,3 +318,15 @@ def test_a_server_stopped_mid_upload_stops_the_build_with_an_error_and_a_rerun_r
         assert ShardStream("s3://shards/cut").manifest.total_samples == 9
     finally:
         again.stop()
+
+
+def test_missing_objects_and_misused_options_are_one_clear_error(s3, synth_root, tmp_path):
+    verified = run("verify", "s3://shards/nothing-here")
+    assert verified.exit_code == 1 and "Traceback" not in verified.output
+    assert "s3://shards/nothing-here/manifest.json does not exist" in verified.output
+    merged = run("merge", "s3://shards/nothing-here")
+    assert merged.exit_code == 1
+    assert "s3://shards/nothing-here holds no part manifests (manifest.part-i-of-n.json)" in merged.output
+    staged = run("build-shards", synth_root, "--split", "val", "--out", tmp_path / "folder", "--staging", tmp_path / "s")
+    assert staged.exit_code == 2 and "--staging is for --out s3://bucket/prefix only" in staged.output
+    assert not (tmp_path / "folder").exists()
