@@ -75,3 +75,45 @@ def serve_folder():
 
     with contextlib.ExitStack() as servers:
         yield lambda directory: servers.enter_context(python_server(directory))
+
+
+def copy_shards(folder: Path, dest: Path) -> Path:
+    """A copy of a shard folder that a test may damage."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def rewrite_record(folder: Path, key: str, edit) -> None:
+    """Re-encode one record with ``edit(header)`` applied and make the manifest consistent again."""
+    import dataclasses
+
+    import msgpack
+
+    from wds_ocr.shards.manifest import load_manifest, write_manifest
+    from wds_ocr.shards.tario import TarWriter, iter_members
+
+    manifest = load_manifest(folder)
+    index = next(i for i, e in enumerate(manifest.shards) if key in e.keys)
+    entry = manifest.shards[index]
+    with open(folder / entry.name, "rb") as handle:
+        members = list(iter_members(handle, entry.name))
+    with open(folder / entry.name, "wb") as handle:
+        writer = TarWriter(handle)
+        digests, checksums = [], []
+        for member in members:
+            data = member.data
+            if member.key == key:
+                header, blob = msgpack.unpackb(data)
+                edit(header)
+                data = b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + blob
+            _, sha, checksum = writer.add(f"{member.key}.{member.extension}", data)
+            digests.append(sha[:16])
+            checksums.append(checksum)
+        total, sha = writer.close()
+    shards = list(manifest.shards)
+    shards[index] = dataclasses.replace(entry, bytes=total, sha256=sha, offsets=tuple(writer.offsets),
+                                        digests=tuple(digests), members_end=writer.members_end,
+                                        checksums=tuple(checksums))
+    write_manifest(folder / "manifest.json", dataclasses.replace(manifest, shards=tuple(shards)))

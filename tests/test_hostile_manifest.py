@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_small_shards
-from test_stream import copy_shards
+from conftest import build_small_shards, copy_shards
 from wds_ocr.cli import cli
 from wds_ocr.config import load_config
 from wds_ocr.errors import ManifestError, ShardFormatError, ShardsChangedError

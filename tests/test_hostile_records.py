@@ -14,7 +14,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from test_stream import copy_shards
+from conftest import copy_shards
 from wds_ocr.config import load_config
 from wds_ocr.data.geometry import valid_region
 from wds_ocr.errors import IntegrityError, ShardFormatError

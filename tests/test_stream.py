@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import shutil
 from collections import Counter
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import psutil
 import pytest
@@ -18,10 +15,10 @@ from wds_ocr.errors import IntegrityError, ManifestError, ShardFormatError
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.inspect import read_record
-from wds_ocr.shards.manifest import load_manifest, write_manifest
-from wds_ocr.shards.tario import BLOCK, TarWriter, iter_members
+from wds_ocr.shards.manifest import load_manifest
+from wds_ocr.shards.tario import BLOCK
 
-from conftest import build_small_shards
+from conftest import build_small_shards, copy_shards, rewrite_record
 
 
 def all_keys(folder: Path) -> list[str]:
@@ -98,11 +95,6 @@ def test_batches_hold_exactly_the_records(uneven_shards):
 # --- hostile and damaged shards ---------------------------------------------------------------
 
 
-def copy_shards(folder: Path, dest: Path) -> Path:
-    shutil.copytree(folder, dest)
-    return dest
-
-
 def patch_header_name(shard: Path, offset: int, name: str) -> None:
     data = bytearray(shard.read_bytes())
     header = data[offset : offset + BLOCK]
@@ -111,33 +103,6 @@ def patch_header_name(shard: Path, offset: int, name: str) -> None:
     header[148:156] = f"{sum(header):06o}\x00 ".encode()
     data[offset : offset + BLOCK] = header
     shard.write_bytes(bytes(data))
-
-
-def rewrite_record(folder: Path, key: str, edit) -> None:
-    """Re-encode one record with ``edit(header)`` applied and make the manifest consistent again."""
-    manifest = load_manifest(folder)
-    index = next(i for i, e in enumerate(manifest.shards) if key in e.keys)
-    entry = manifest.shards[index]
-    with open(folder / entry.name, "rb") as handle:
-        members = list(iter_members(handle, entry.name))
-    with open(folder / entry.name, "wb") as handle:
-        writer = TarWriter(handle)
-        digests, checksums = [], []
-        for member in members:
-            data = member.data
-            if member.key == key:
-                header, blob = msgpack.unpackb(data)
-                edit(header)
-                data = b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + blob
-            _, sha, checksum = writer.add(f"{member.key}.{member.extension}", data)
-            digests.append(sha[:16])
-            checksums.append(checksum)
-        total, sha = writer.close()
-    shards = list(manifest.shards)
-    shards[index] = dataclasses.replace(entry, bytes=total, sha256=sha, offsets=tuple(writer.offsets),
-                                        digests=tuple(digests), members_end=writer.members_end,
-                                        checksums=tuple(checksums))
-    write_manifest(folder / "manifest.json", dataclasses.replace(manifest, shards=tuple(shards)))
 
 
 def first_batch(folder: Path, **kwargs):

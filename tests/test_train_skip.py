@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import build_small_shards
-from test_stream import copy_shards, rewrite_record
+from conftest import build_small_shards, copy_shards, rewrite_record
 from wds_ocr.config import load_config
 from wds_ocr.shards.manifest import load_manifest
 from wds_ocr.train.loop import train
