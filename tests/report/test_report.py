@@ -28,7 +28,7 @@ from wds_ocr.shards.build import build_shards
 torch.set_num_threads(2)
 
 # A random tiny model at 64 px finds plenty of (mostly wrong) boxes with box_thresh 0.3: images with
-# different H-means to rank. Same settings as test_infer_evaluate's RANDOM_MODEL.
+# different H-means to rank. Same settings as infer/test_evaluate.py's RANDOM_MODEL.
 SETTINGS = ["transform.size=64", "model.neck_channels=32", "postprocess.box_thresh=0.3", "loader.workers=0"]
 ODD_NAME = "<b>rec&\"1'.jpg"
 WORST = 3

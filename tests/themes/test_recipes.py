@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from wds_ocr.cli import cli
 from wds_ocr.config import Config, load_config
 
-RECIPES = Path(__file__).resolve().parents[1] / "tools" / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "tools" / "recipes"
 
 
 @pytest.mark.parametrize("name", ["sroie-cpu", "sroie-gpu"])

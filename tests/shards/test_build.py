@@ -27,7 +27,7 @@ from wds_ocr.shards.journal import Journal
 from wds_ocr.shards.manifest import load_manifest
 from wds_ocr.shards.tario import BLOCK, iter_members, member_span
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DOTTED = "drp.en_ko.in_house.selectstar_000058.jpg"
 
 

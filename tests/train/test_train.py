@@ -269,7 +269,7 @@ def test_gpu_check_smoke_runs_on_the_cpu_and_prints_a_json_summary(tmp_path):
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    script = Path(__file__).resolve().parents[2] / "tools" / "gpu_check.py"
     completed = subprocess.run([sys.executable, str(script), "--smoke", "--device", "cpu", "--work", str(tmp_path)],
                                capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]

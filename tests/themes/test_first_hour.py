@@ -238,7 +238,7 @@ def test_train_run_record_names_its_shards(shards, tmp_path):
 
 def test_the_readme_loader_example_runs_as_written_on_this_machine(shards):
     """The README's "loader in your own training code" block, run on CPU torch (the set-up's)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## The loader in your own training code", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'to_device(batch, device)' in code and 'torch.cuda.is_available()' in code

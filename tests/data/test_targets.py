@@ -28,7 +28,7 @@ from wds_ocr.data.targets import Targets, _area_and_perimeter, _clip_and_orient,
 
 # MhLiao/DB's own settings (the package defaults are tuned for receipts: shrink 0.6, min size 3)
 CONFIG = TargetConfig(shrink_ratio=0.4, min_text_size=8.0)  # thresh 0.3..0.7
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # 476 and 500 carry EXIF rotations; 463 is 4961 x 7016; 479 has pixels where the reference gets NaN.
 RECEIPTS = ("sroie_463.jpg", "sroie_469.jpg", "sroie_476.jpg", "sroie_479.jpg", "sroie_500.jpg")
 LOW = np.float16(np.float32(0.3))  # thresh_min as stored: 0.2998046875
