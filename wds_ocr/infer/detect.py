@@ -43,6 +43,7 @@ from wds_ocr.infer.postpool import PostPool
 from wds_ocr.infer.scoring import ImageOutcome, ImageTruth, MapForm, ScoringSettings, detect, score_image
 from wds_ocr.data.geometry import valid_region
 from wds_ocr.data.pipeline import IMAGENET, Normalization
+from wds_ocr.loader.batch import SampleInfo
 from wds_ocr.loader.device import normalize
 from wds_ocr.model.dbnet import STRIDE, DBNet
 from wds_ocr.run.runtime import Runtime, autocast, autocast_dtype, cpu_threads_beside, usable_cores
@@ -116,12 +117,14 @@ class DetectionRun:
     alternatives: list[tuple[PostprocessConfig, DetectionMetric]] = field(default_factory=list)
 
 
-def truth_from_info(info: Any, texts: Sequence[str] | None = None) -> ImageTruth:
-    """An ImageTruth from the loader's SampleInfo (or anything with its fields)."""
+def truth_from_info(info: SampleInfo, texts: bool = False) -> ImageTruth:
+    """The ground truth of one image, from the loader's SampleInfo (a record's, or the live
+    pipeline's: ``info_from_meta``); the only place an ImageTruth is made from a sample.
+    ``texts``: carry the transcriptions (CLEval counts characters; the IoU metric needs none)."""
     return ImageTruth(info.name, (int(info.original_size[0]), int(info.original_size[1])),
                       np.asarray(info.inverse_matrix, dtype=np.float64), tuple(info.polygons),
                       np.asarray(info.dont_care, dtype=bool), np.asarray(info.left_out, dtype=np.uint8),
-                      None if texts is None else tuple(texts))
+                      tuple(info.texts) if texts else None)
 
 
 def resolve_post_workers(setting: int | None, loader_workers: int, runtime: Runtime | None = None) -> int:

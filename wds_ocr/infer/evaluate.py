@@ -31,17 +31,17 @@ from wds_ocr.config import Config, LoaderConfig, PostprocessConfig
 from wds_ocr.data.coverage import Coverage
 from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceSample, list_source
-from wds_ocr.errors import SampleError, ShardFormatError
+from wds_ocr.errors import SampleError
 from wds_ocr.eval.cleval import CLEvalScore
 from wds_ocr.eval.metric import DetectionScore
 from wds_ocr.infer.detect import (DetectionRun, EvalProgress, EvalTimes, ImageEval, ImageTruth, detect,
                                   reduce_cleval, reduce_coverage, reduce_metric, resolve_post_workers, run_detection,
                                   truth_from_info)
+from wds_ocr.loader.batch import info_from_meta
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
 from wds_ocr.run.checkpoint import Checkpoint, open_checkpoint
 from wds_ocr.run.runtime import Runtime, check_precision, resolve_precision, start_runtime, stop_runtime
-from wds_ocr.shards.codec import decode_record
 
 __all__ = ["EvalResult", "ImageEval", "LiveSamples", "detect", "evaluate_shards", "evaluate_source", "live_batches",
            "postprocess_grid"]
@@ -96,27 +96,6 @@ def _open_stream(location: str | Path, loader: LoaderConfig, runtime: Runtime) -
     return ShardStream(location, loader, rank=runtime.rank, world_size=runtime.world_size)
 
 
-def record_texts(stream: ShardStream) -> dict[str, tuple[str, ...]]:
-    """Key -> transcriptions of this rank's records (CLEval counts characters; the loader's
-    SampleInfo does not carry the texts, so their metadata is read once more). A record that
-    cannot be read is left out here: the loader raises or skips it when it reaches it."""
-    texts = {}
-    for plan in stream.plans():
-        for ref in plan.samples:
-            entry = stream.manifest.shards[ref.shard]
-            try:
-                key, data = stream.read_member(ref.shard, ref.position)
-                texts[key] = _texts(decode_record(data, entry.name, key).meta.texts)
-            except ShardFormatError:
-                continue
-    return texts
-
-
-def _texts(texts) -> tuple[str, ...]:
-    """Transcriptions as CLEval counts them: a word without one has no characters."""
-    return tuple("" if text is None else str(text) for text in texts)
-
-
 def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, config: Config | None = None,
                     precision: str = "auto", batch_size: int | None = None, workers: int | None = None,
                     device: str = "auto", progress: EvalProgress | None = None, *, metric: str = "iou",
@@ -139,14 +118,13 @@ def evaluate_shards(checkpoint: str | Path | Checkpoint, shards: str | Path, con
         model = checkpoint.model(runtime.device)
         stream = _open_stream(shards, loader, runtime)
         total = sum(len(plan.samples) for plan in stream.plans())
-        texts = record_texts(stream) if metric == "cleval" else {}
         skipped: list[str] = []
 
         def batches() -> Iterator[tuple[torch.Tensor, list[ImageTruth]]]:
             for batch in make_loader(stream):
                 skipped.extend(f"{shard} [{key}]: {reason}" for shard, key, reason in batch.skipped)
                 if len(batch):
-                    yield batch.images, [truth_from_info(i, texts.get(i.key) if texts else None) for i in batch.info]
+                    yield batch.images, [truth_from_info(i, texts=metric == "cleval") for i in batch.info]
 
         run = _run(model, batches(), config, loader, precision, runtime, metric, progress, total, pool_options, sweep)
         return _result(run, runtime, precision, skipped, config)
@@ -169,12 +147,7 @@ class LiveSamples(torch.utils.data.Dataset):
             processed = process_sample(self.samples[index], self.config)
         except SampleError as exc:
             return None, str(exc)
-        meta = processed.meta
-        truth = ImageTruth(meta.name, (int(meta.original_size[0]), int(meta.original_size[1])),
-                           np.asarray(meta.inverse_matrix, dtype=np.float64), tuple(meta.polygons_original),
-                           np.asarray(meta.dont_care, dtype=bool), np.asarray(meta.left_out, dtype=np.uint8),
-                           _texts(meta.texts))
-        return processed.image, truth
+        return processed.image, truth_from_info(info_from_meta(processed.meta), texts=True)
 
 
 def _as_is(item: Any) -> Any:

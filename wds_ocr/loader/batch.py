@@ -48,6 +48,7 @@ class SampleInfo:
     polygons: Sequence[np.ndarray]  # original-image frame: a list, or PackedPolygons from a worker
     dont_care: np.ndarray  # (P,) bool, from the annotations
     left_out: np.ndarray  # (P,) uint8 LeftOut codes: why a polygon is not in the training targets (0: it is)
+    texts: tuple[str, ...] = ()  # (P,) transcriptions as CLEval counts them ("" where a word has none)
 
     def __reduce__(self) -> tuple[Any, tuple]:
         # To another process (DataLoader workers): the polygons as one vertex array and their
@@ -55,13 +56,28 @@ class SampleInfo:
         # 0.3 ms a sample, more than reading it).
         points, sizes = _polygon_arrays(self.polygons)
         return _unpickle_sample_info, (self.key, self.name, self.original_size, self.inverse_matrix, points, sizes,
-                                       self.dont_care, self.left_out)
+                                       self.dont_care, self.left_out, self.texts)
 
 
 def _unpickle_sample_info(key: str, name: str, original_size: tuple[int, int], inverse_matrix: np.ndarray,
                           points: np.ndarray, sizes: np.ndarray, dont_care: np.ndarray,
-                          left_out: np.ndarray) -> SampleInfo:
-    return SampleInfo(key, name, original_size, inverse_matrix, PackedPolygons(points, sizes), dont_care, left_out)
+                          left_out: np.ndarray, texts: tuple[str, ...]) -> SampleInfo:
+    return SampleInfo(key, name, original_size, inverse_matrix, PackedPolygons(points, sizes), dont_care, left_out,
+                      texts)
+
+
+def word_texts(texts: Sequence[str | None]) -> tuple[str, ...]:
+    """Transcriptions as CLEval counts them: a word without one has no characters."""
+    return tuple("" if text is None else str(text) for text in texts)
+
+
+def info_from_meta(meta: Any, key: str | None = None) -> SampleInfo:
+    """The SampleInfo of a live-pipeline sample (a ``SampleMeta``): what its record would give."""
+    return SampleInfo(key if key is not None else meta.name, meta.name,
+                      (int(meta.original_size[0]), int(meta.original_size[1])),
+                      np.asarray(meta.inverse_matrix, dtype=np.float64), tuple(meta.polygons_original),
+                      np.asarray(meta.dont_care, dtype=bool), np.asarray(meta.left_out, dtype=np.uint8),
+                      word_texts(meta.texts))
 
 
 def _polygon_arrays(polygons: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +104,13 @@ def pack_info(info: Sequence[SampleInfo]) -> tuple:
             joined([p for p, _ in polygons], np.zeros((0, 2), dtype=np.float64)),
             joined([s for _, s in polygons], np.zeros(0, dtype=np.int64)),
             joined([i.dont_care for i in info], np.zeros(0, dtype=bool)),
-            joined([i.left_out for i in info], np.zeros(0, dtype=np.uint8)))
+            joined([i.left_out for i in info], np.zeros(0, dtype=np.uint8)),
+            [i.texts for i in info])
 
 
 def unpack_info(packed: tuple) -> list[SampleInfo]:
     """The SampleInfos ``pack_info`` packed: views into its arrays, polygons as PackedPolygons."""
-    keys, names, sizes_hw, inverse, counts, points, sizes, dont_care, left_out = packed
+    keys, names, sizes_hw, inverse, counts, points, sizes, dont_care, left_out, texts = packed
     ends = np.cumsum(counts).tolist()
     starts = [0, *ends[:-1]]
     vertex_ends = np.cumsum(sizes).tolist()
@@ -103,7 +120,7 @@ def unpack_info(packed: tuple) -> list[SampleInfo]:
         last = vertex_ends[end - 1] if end else 0
         out.append(SampleInfo(keys[index], names[index], sizes_hw[index], inverse[index],
                               PackedPolygons(points[first:last], sizes[start:end]), dont_care[start:end],
-                              left_out[start:end]))
+                              left_out[start:end], texts[index]))
     return out
 
 

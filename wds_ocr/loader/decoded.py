@@ -9,12 +9,12 @@ A member read again whose bytes pass the manifest's check takes both from the ``
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from wds_ocr.loader.batch import PackedPolygons, SampleInfo, SampleLayout
+from wds_ocr.loader.batch import PackedPolygons, SampleInfo, SampleLayout, word_texts
 from wds_ocr.shards.record import Record
 from wds_ocr.shards.record_checks import CompactPlace
 
@@ -38,9 +38,7 @@ class Known:
     info: SampleInfo
 
     def sample(self) -> SampleInfo:
-        info = self.info
-        return SampleInfo(info.key, info.name, info.original_size, info.inverse_matrix, info.polygons,
-                          info.dont_care, info.left_out)
+        return replace(self.info)
 
 
 class DecodeCache:
@@ -107,4 +105,5 @@ def sample_info(key: str, record: Record) -> SampleInfo:
                                 record.arrays["polygon_sizes"].astype(np.int64)),
         dont_care=record.arrays["dont_care"].astype(bool),
         left_out=np.array(record.arrays["left_out"]),
+        texts=word_texts(meta.texts),
     )
