@@ -68,6 +68,40 @@ def test_shards_and_live_path_give_identical_scores_on_synthetic_receipts(receip
     assert [image.name for image in live.per_image] == [name for name in names if name != "synth_0001b.jpg"]
 
 
+def test_a_records_ground_truth_is_the_live_pipelines_texts_included(receipts, tmp_path):
+    """One ground truth: truth_from_info of a record's SampleInfo equals that of the live sample's
+    (info_from_meta), transcriptions included, through both loader modes."""
+    from wds_ocr.infer.detect import truth_from_info
+    from wds_ocr.infer.evaluate import LiveSamples
+    from wds_ocr.loader.loaders import make_loader
+    from wds_ocr.loader.stream import ShardStream
+
+    config = load_config(None, ["transform.size=128"])
+    build_shards(receipts, "train", tmp_path / "shards", config)
+    live = LiveSamples(list_source(receipts, "train", config.source).samples, config)
+    expected = {}
+    for index in range(len(live)):
+        image, truth = live[index]
+        if image is not None:
+            expected[truth.name] = truth
+    assert len(expected) == 7 and sum(len(t.texts) for t in expected.values()) > 20
+    for mode in ("threads", "processes"):
+        stream = ShardStream(tmp_path / "shards", config.loader, batch_size=3, workers=1, mode=mode)
+        seen = 0
+        for batch in make_loader(stream):
+            for info in batch.info:
+                truth, want = truth_from_info(info, texts=True), expected[info.name]
+                assert truth.texts == want.texts and any(truth.texts)
+                assert truth.original_size == want.original_size
+                assert np.array_equal(truth.inverse_matrix, want.inverse_matrix)
+                assert [p.tolist() for p in truth.polygons] == [p.tolist() for p in want.polygons]
+                assert truth.dont_care.tolist() == want.dont_care.tolist()
+                assert truth.left_out.tolist() == want.left_out.tolist()
+                assert truth_from_info(info).texts is None  # the IoU metric carries none
+                seen += 1
+        assert seen == 7
+
+
 def test_valid_region_recovers_the_resize_plan(receipts):
     for pad in ("top_left", "center"):
         config = load_config(None, ["transform.size=128", f"transform.pad={pad}"])

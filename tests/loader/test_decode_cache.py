@@ -13,6 +13,7 @@ import pytest
 
 from wds_ocr.errors import IntegrityError, ShardFormatError
 from wds_ocr.loader import stream as stream_module
+from wds_ocr.loader.batch import pack_info, unpack_info
 from wds_ocr.loader.ring import BufferRing
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
@@ -163,6 +164,11 @@ def test_sample_information_crosses_processes_as_one_vertex_array(shards_128):
     assert all(p.dtype == np.float64 and p.shape[1] == 2 for p in back.polygons)
     assert back.inverse_matrix.tolist() == many.inverse_matrix.tolist()
     assert back.dont_care.tolist() == many.dont_care.tolist() and back.left_out.tolist() == many.left_out.tolist()
+    # the transcriptions travel too (CLEval counts their characters): one per polygon
+    assert len(many.texts) == len(many.polygons) and all(isinstance(t, str) for t in many.texts)
+    assert any(many.texts) and back.texts == many.texts
+    unpacked = unpack_info(pickle.loads(pickle.dumps(pack_info(info))))
+    assert [i.texts for i in unpacked] == [i.texts for i in info] and [i.key for i in unpacked] == [i.key for i in info]
     empty = pickle.loads(pickle.dumps(dataclasses.replace(many, polygons=[], dont_care=many.dont_care[:0],
                                                           left_out=many.left_out[:0])))
     assert empty.polygons == []
