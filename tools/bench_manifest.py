@@ -64,8 +64,9 @@ def main() -> None:
         write_manifest(path, args.shards, args.per)
         print(f"{path.stat().st_size / 1e6:.1f} MB manifest, {args.shards * args.per} samples")
         for what in ("parse", "stream"):
-            print(subprocess.run([sys.executable, "-c", MEASURE, what, str(path)], capture_output=True, text=True,
-                                 check=True).stdout.strip())
+            done = subprocess.run([sys.executable, "-c", MEASURE, what, str(path)], capture_output=True, text=True)
+            print(done.stdout.strip() if done.returncode == 0 else
+                  f"{what}: failed: {(done.stderr.strip().splitlines() or ['(no message)'])[-1]}")
 
 
 if __name__ == "__main__":
