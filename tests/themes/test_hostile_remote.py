@@ -553,3 +553,26 @@ def test_endless_chunked_trailers_do_not_hold_a_read_to_its_deadline(uneven_shar
     keys = bounded(lambda: [k for b in make_loader(stream, 1, mode="threads") for k in b.keys], seconds=8,
                    megabytes=32)
     assert sorted(keys) == sorted(k for e in load_manifest(uneven_shards).shards for k in e.keys)
+
+
+def test_the_manifest_cap_is_one_setting_for_folders_and_fsspec_urls(uneven_shards):
+    """``RemoteSettings.max_manifest_bytes`` caps a local manifest and an fsspec one as it caps
+    an HTTP one; the check runs on the size before anything is read."""
+    fsspec = pytest.importorskip("fsspec")
+    size = (uneven_shards / "manifest.json").stat().st_size
+    small = RemoteSettings(**{**FAST.__dict__, "max_manifest_bytes": size - 1})
+    path = uneven_shards / "manifest.json"
+    error = raises(ManifestError, lambda: ShardStream(uneven_shards, batch_size=2, remote=small))
+    assert str(error) == f"{path} is {size} bytes, over the {size - 1}-byte limit; a manifest is a regular JSON file"
+    assert ShardStream(uneven_shards, batch_size=2, remote=RemoteSettings(max_manifest_bytes=size)).manifest.total_samples
+    memory = fsspec.filesystem("memory")
+    for item in uneven_shards.iterdir():
+        memory.pipe(f"/cap/{item.name}", item.read_bytes())
+    try:
+        error = raises(ManifestError, lambda: open_shards("memory://cap", small))
+        assert str(error) == (f"memory://cap/manifest.json is {size} bytes, over the {size - 1}-byte limit "
+                              "(RemoteSettings.max_manifest_bytes)")
+        opened = open_shards("memory://cap", RemoteSettings(max_manifest_bytes=size))
+        assert opened.manifest.total_samples == load_manifest(uneven_shards).total_samples
+    finally:
+        memory.rm("/cap", recursive=True)

@@ -111,10 +111,10 @@ def manifest_path(location: str | Path) -> Path:
     return path / MANIFEST_NAME
 
 
-def read_manifest_bytes(path: Path) -> bytes:
-    """A manifest file's bytes: a regular file of at most MAX_MANIFEST_BYTES. Raises ManifestError."""
+def read_manifest_bytes(path: Path, limit: int = MAX_MANIFEST_BYTES) -> bytes:
+    """A manifest file's bytes: a regular file of at most ``limit`` bytes. Raises ManifestError."""
     try:
-        return read_regular_file(path, MAX_MANIFEST_BYTES)
+        return read_regular_file(path, limit)
     except FileNotFoundError:
         raise ManifestError(f"{path} does not exist: build the shards first (wds-ocr build-shards) "
                             "or merge the parts (wds-ocr merge)") from None

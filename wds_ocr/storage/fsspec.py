@@ -11,7 +11,8 @@ from wds_ocr.storage.reader import Deadline, RangeReader
 
 
 class FsspecReader(RangeReader):
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, max_manifest_bytes: int = MAX_MANIFEST_BYTES):
+        self.max_manifest_bytes = max_manifest_bytes
         try:
             import fsspec
         except ImportError:
@@ -37,9 +38,15 @@ class FsspecReader(RangeReader):
     def fetch(self, name: str) -> bytes:
         path = self._path(name)
         size = self.fs.size(path)
-        if size is not None and size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"{self.describe(name)} is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit")
-        return self.fs.cat_file(path)
+        if size is None or size > self.max_manifest_bytes:
+            raise ManifestError(f"{self.describe(name)} is {size} bytes, over the {self.max_manifest_bytes}-byte "
+                                "limit (RemoteSettings.max_manifest_bytes)" if size is not None else
+                                f"{self.describe(name)}: its size is not known, so it is not read (a manifest "
+                                f"is read only when its size is known to be at most {self.max_manifest_bytes} bytes)")
+        data = self.fs.cat_file(path)
+        if len(data) != size:
+            raise ManifestError(f"{self.describe(name)} changed size while it was read ({len(data)} bytes, not {size})")
+        return data
 
 
 __all__ = ["FsspecReader"]

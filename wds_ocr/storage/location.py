@@ -76,11 +76,12 @@ def open_shards(location: str | Path, remote: RemoteSettings | None = None) -> L
         path = manifest_path(Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)) if scheme == "file"
                              else Path(text))
         info = os.stat(path) if path.exists() else None
-        data = read_manifest_bytes(path)
+        limit = (remote or RemoteSettings()).max_manifest_bytes  # the same cap wherever the manifest is
+        data = read_manifest_bytes(path, limit)
         manifest = parse_manifest(data, str(path))
         reader = LocalReader(path.parent, {e.name: e.bytes for e in manifest.shards})
         opened = Location(str(path), manifest, reader, hashlib.sha256(data).hexdigest(),
-                          lambda: read_manifest_bytes(path), path,
+                          lambda: read_manifest_bytes(path, limit), path,
                           (info.st_ino, info.st_size, info.st_mtime_ns) if info else None)
         return opened
     base, name = (text.rsplit("/", 1) if text.endswith(".json") else (text.rstrip("/"), MANIFEST_NAME))
@@ -90,7 +91,7 @@ def open_shards(location: str | Path, remote: RemoteSettings | None = None) -> L
         from wds_ocr.storage.s3 import S3Reader, S3Url
 
         return _ranged_location(S3Reader(S3Url.parse(base), remote), name)
-    fs_reader = FsspecReader(base)
+    fs_reader = FsspecReader(base, (remote or RemoteSettings()).max_manifest_bytes)
     data = fs_reader.fetch(name)
     manifest = parse_manifest(data, f"{base}/{name}")
     return Location(f"{base}/{name}", manifest, fs_reader, hashlib.sha256(data).hexdigest(),
