@@ -28,12 +28,12 @@ import numpy as np
 
 from wds_ocr.config import PIPELINE_VERSION, Config, build_config, recorded, settings_changes, settings_fingerprint
 from wds_ocr.data.coverage import Coverage
-from wds_ocr.data.pipeline import process_sample
 from wds_ocr.data.sources import SourceListing, list_source
-from wds_ocr.errors import ConfigError, ManifestError, SampleError, ShardFormatError
+from wds_ocr.errors import ConfigError, ManifestError, ShardFormatError
+from wds_ocr.shards.against_source import SourceCheck
 from wds_ocr.shards.fingerprint import image_digest, source_fingerprint
-from wds_ocr.shards.codec import decode_record, encode_record, full_arrays
-from wds_ocr.shards.record import ARRAY_SPECS, COMPACT_ARRAYS, Record
+from wds_ocr.shards.codec import decode_record
+from wds_ocr.shards.record import Record
 from wds_ocr.shards.manifest import DIGEST_HEX, Manifest, ShardEntry, load_manifest, manifest_path
 from wds_ocr.shards.naming import (MEMBER_EXTENSION, PART_MANIFEST_PATTERN, SHARD_PATTERN, key_index, record_key,
                                    rejects_name)
@@ -116,66 +116,6 @@ def check_record(record: Record, size: int, thresh_range: tuple[float, float]) -
     return problems
 
 
-def describe_difference(shard: Record, live: Record) -> str:
-    """Which fields of a shard record differ from the live pipeline's record: the full image and
-    maps (as expanded), then the other arrays and the metadata."""
-    diffs = []
-    if shard.meta.side != live.meta.side:
-        return f"meta.side {shard.meta.side} vs live {live.meta.side}"
-    for name, expanded in shard.expand().items():
-        other = live.expand()[name]
-        if expanded.tobytes() != other.tobytes():
-            diffs.append(f"{name} differs at {int(np.count_nonzero(expanded != other))} elements")
-    for name in ARRAY_SPECS:
-        if name in COMPACT_ARRAYS:
-            continue
-        x, y = shard.arrays[name], live.arrays[name]
-        if x.shape != y.shape:
-            diffs.append(f"{name} shape {list(x.shape)} vs live {list(y.shape)}")
-        elif x.tobytes() != y.tobytes():
-            diffs.append(f"{name} differs at {int(np.count_nonzero(x != y))} elements")
-    for name in shard.meta.__dataclass_fields__:
-        if getattr(shard.meta, name) != getattr(live.meta, name):
-            diffs.append(f"meta.{name} {getattr(shard.meta, name)!r} vs live {getattr(live.meta, name)!r}")
-    return "; ".join(diffs) or "record bytes differ (header encoding)"
-
-
-class _SourceCheck:
-    """Re-runs the live pipeline for selected records and compares bytes."""
-
-    def __init__(self, listing: SourceListing, config: Config, wanted: set[str] | None):
-        self.listing = listing
-        self.config = config
-        self.wanted = wanted
-        self.by_key = {record_key(s.index, s.name): s for s in listing.samples}
-        self.seen: set[str] = set()
-
-    def compare(self, shard: str, key: str, data: bytes, report: VerifyReport) -> None:
-        self.seen.add(key)
-        if self.wanted is not None and key not in self.wanted:
-            return
-        sample = self.by_key.get(key)
-        if sample is None:
-            report.add(shard, key, "record has no sample in the source listing (built from another source?)")
-            return
-        try:
-            processed = process_sample(sample, self.config)
-        except SampleError as exc:
-            report.add(shard, key, f"live pipeline rejects this sample now: {exc.reason}")
-            return
-        live = encode_record(processed, key, self.config.targets.thresh_min)
-        report.compared_with_source += 1
-        if live != data:
-            what = describe_difference(decode_record(data, shard, key), decode_record(live, "<live>", key))
-            report.add(shard, key, f"differs from the live pipeline: {what}")
-            return
-        # Equal bytes; and what they expand to is the live pipeline's full arrays (lossless layout).
-        expanded = decode_record(data, shard, key).expand()
-        for name, array in full_arrays(processed).items():
-            if expanded[name].dtype != array.dtype or expanded[name].tobytes() != array.tobytes():
-                report.add(shard, key, f"{name} expanded from the record differs from the live pipeline's")
-
-
 @dataclass
 class _ShardState:
     next_position: int = 0  # the manifest position after the furthest member seen
@@ -214,7 +154,7 @@ def _member_problems(member: Member, entry: ShardEntry, listed: dict[str, list[i
 
 def _verify_shard(
     folder: Path, entry: ShardEntry, manifest: Manifest, report: VerifyReport, seen_keys: dict[str, str],
-    source: _SourceCheck | None,
+    source: SourceCheck | None,
 ) -> None:
     path = folder / entry.name
     if not path.exists():
@@ -345,7 +285,7 @@ def _check_rejects(manifest: Manifest, rejects: list[Reject], report: VerifyRepo
                                    "(a shard entry removed from the manifest?)")
 
 
-def _check_source_coverage(manifest: Manifest, listing: SourceListing, source: _SourceCheck, folder: Path,
+def _check_source_coverage(manifest: Manifest, listing: SourceListing, source: SourceCheck, folder: Path,
                            report: VerifyReport) -> None:
     """Every source sample of the manifest's range is in the shards or the rejects; images unchanged."""
     lo, hi = (manifest.partition.lo, manifest.partition.hi) if manifest.partition else (0, len(listing.samples))
@@ -399,7 +339,7 @@ def verify_shards(
             if sample is not None:
                 keys = [k for entry in manifest.shards for k in entry.keys]
                 wanted = set(random.Random(seed).sample(keys, min(sample, len(keys))))
-            source = _SourceCheck(listing, built_with, wanted)
+            source = SourceCheck(listing, built_with, wanted)
     seen: dict[str, str] = {}
     for entry in manifest.shards:
         _verify_shard(path.parent, entry, manifest, report, seen, source)
