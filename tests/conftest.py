@@ -85,8 +85,10 @@ def copy_shards(folder: Path, dest: Path) -> Path:
     return dest
 
 
-def rewrite_record(folder: Path, key: str, edit) -> None:
-    """Re-encode one record with ``edit(header)`` applied and make the manifest consistent again."""
+def rewrite_record(folder: Path, key: str, edit, with_blob: bool = False) -> None:
+    """Re-encode one record with ``edit(header)`` applied (``with_blob``: ``edit(header, blob)``, the
+    array bytes as a bytearray it may change) and make the manifest agree with the new bytes
+    (digests, checksums, sizes): what someone who controls both shard and manifest can do."""
     import dataclasses
 
     import msgpack
@@ -106,8 +108,9 @@ def rewrite_record(folder: Path, key: str, edit) -> None:
             data = member.data
             if member.key == key:
                 header, blob = msgpack.unpackb(data)
-                edit(header)
-                data = b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + blob
+                blob = bytearray(blob)
+                edit(header, blob) if with_blob else edit(header)
+                data = b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + bytes(blob)
             _, sha, checksum = writer.add(f"{member.key}.{member.extension}", data)
             digests.append(sha[:16])
             checksums.append(checksum)

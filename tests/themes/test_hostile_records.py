@@ -5,16 +5,14 @@ crash one."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import tracemalloc
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
-from conftest import copy_shards
+from conftest import copy_shards, rewrite_record
 from wds_ocr.config import load_config
 from wds_ocr.data.geometry import valid_region
 from wds_ocr.errors import IntegrityError, ShardFormatError
@@ -22,38 +20,13 @@ from wds_ocr.loader.device import content_regions
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
 from wds_ocr.shards.inspect import inspect_shards
-from wds_ocr.shards.manifest import load_manifest, write_manifest
-from wds_ocr.shards.tario import TarWriter, iter_members
+from wds_ocr.shards.manifest import load_manifest
 from wds_ocr.shards.verify import verify_shards
 
 
 def rewrite(folder: Path, key: str, edit) -> None:
-    """Re-encode one record after ``edit(header, blob)`` and make the manifest agree with the new
-    bytes (digests, checksums, sizes): what someone who controls both shard and manifest can do."""
-    manifest = load_manifest(folder)
-    index = next(i for i, e in enumerate(manifest.shards) if key in e.keys)
-    entry = manifest.shards[index]
-    with open(folder / entry.name, "rb") as handle:
-        members = list(iter_members(handle, entry.name))
-    with open(folder / entry.name, "wb") as handle:
-        writer = TarWriter(handle)
-        digests, checksums = [], []
-        for member in members:
-            data = member.data
-            if member.key == key:
-                header, blob = msgpack.unpackb(data)
-                blob = bytearray(blob)
-                edit(header, blob)
-                data = b"\x92" + msgpack.packb(header) + b"\xc6" + len(blob).to_bytes(4, "big") + bytes(blob)
-            _, sha, checksum = writer.add(f"{member.key}.{member.extension}", data)
-            digests.append(sha[:16])
-            checksums.append(checksum)
-        total, sha = writer.close()
-    shards = list(manifest.shards)
-    shards[index] = dataclasses.replace(entry, bytes=total, sha256=sha, offsets=tuple(writer.offsets),
-                                        digests=tuple(digests), checksums=tuple(checksums),
-                                        members_end=writer.members_end)
-    write_manifest(folder / "manifest.json", dataclasses.replace(manifest, shards=tuple(shards)))
+    """Re-encode one record after ``edit(header, blob)``, manifest made to agree."""
+    rewrite_record(folder, key, edit, with_blob=True)
 
 
 def all_batches(folder: Path, **kwargs):
