@@ -11,7 +11,8 @@ detector did there:
 - split: two or more detections cover it;
 - low IoU: one detection of about the right place and the wrong size.
 Each class is also counted for words of at most 2 characters (single digits, "SR", "*"), and
-unmatched detections are counted as touching a word or not.
+unmatched detections are counted as touching a word or not. The most often missed transcriptions
+follow, with the images that hold them (a convention one vendor's receipts share shows up there).
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ def main() -> None:
     parser.add_argument("source", type=Path)
     parser.add_argument("--split", default="val")
     parser.add_argument("--examples", type=int, default=8)
+    parser.add_argument("--texts", type=int, default=10, help="list the N most often missed transcriptions")
     args = parser.parse_args()
     config = load_config(None, ["transform.size=320"])  # ground truth in original coordinates only
     counts: collections.Counter = collections.Counter()
     short: collections.Counter = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
+    missed_texts: collections.Counter = collections.Counter()
+    missed_in: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for sample in list_source(args.source, args.split, config.source).samples:
         found = args.predictions / f"{Path(sample.name).stem}.json"
         if not found.is_file():
@@ -82,6 +86,8 @@ def main() -> None:
                              for k, (t, _) in enumerate(truths))
                 kind = "merged" if others else "low IoU"
             counts[kind] += 1
+            missed_texts[text.strip()] += 1
+            missed_in[text.strip()][sample.name] += 1
             if len(text.strip()) <= 2:
                 short[kind] += 1
             if len(examples[kind]) < args.examples:
@@ -98,6 +104,12 @@ def main() -> None:
             print(f"      {line}")
     for kind in ("false, touching a word", "false, on nothing"):
         print(f"  {kind}: {counts[kind]}")
+    if args.texts:
+        print(f"most often missed transcriptions (the {args.texts} most frequent; images holding them):")
+        for text, count in missed_texts.most_common(args.texts):
+            images = ", ".join(f"{name} x{n}" for name, n in missed_in[text].most_common(4))
+            more = len(missed_in[text]) - 4
+            print(f"  {text!r:14s} {count:4d}  in {images}{f' and {more} more' if more > 0 else ''}")
 
 
 if __name__ == "__main__":
