@@ -47,7 +47,6 @@ def main() -> None:
     counts: collections.Counter = collections.Counter()
     short: collections.Counter = collections.Counter()
     examples: dict[str, list[str]] = collections.defaultdict(list)
-    missed_texts: collections.Counter = collections.Counter()
     missed_in: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     for sample in list_source(args.source, args.split, config.source).samples:
         found = args.predictions / f"{Path(sample.name).stem}.json"
@@ -86,7 +85,6 @@ def main() -> None:
                              for k, (t, _) in enumerate(truths))
                 kind = "merged" if others else "low IoU"
             counts[kind] += 1
-            missed_texts[text.strip()] += 1
             missed_in[text.strip()][sample.name] += 1
             if len(text.strip()) <= 2:
                 short[kind] += 1
@@ -106,7 +104,8 @@ def main() -> None:
         print(f"  {kind}: {counts[kind]}")
     if args.texts:
         print(f"most often missed transcriptions (the {args.texts} most frequent; images holding them):")
-        for text, count in missed_texts.most_common(args.texts):
+        totals = collections.Counter({text: sum(images.values()) for text, images in missed_in.items()})
+        for text, count in totals.most_common(args.texts):
             images = ", ".join(f"{name} x{n}" for name, n in missed_in[text].most_common(4))
             more = len(missed_in[text]) - 4
             print(f"  {text!r:14s} {count:4d}  in {images}{f' and {more} more' if more > 0 else ''}")
