@@ -273,3 +273,51 @@ def test_min_unclip_gives_a_single_glyph_kernel_a_box_its_word_can_match() -> No
 def test_min_unclip_is_refused_with_db_mode() -> None:
     with pytest.raises(ValueError, match="postprocess.min_unclip applies to mode 'wds' only"):
         PostprocessConfig(mode="db", min_unclip=2.0)
+
+
+def _lines_and_a_glyph(lines: int) -> np.ndarray:
+    """``lines`` text-line kernels 10 px high and 140 wide, and a lone 4 x 8 px glyph kernel below."""
+    prob = np.zeros((130, 200), dtype=np.float32)
+    for i in range(lines):
+        prob[10 + 30 * i : 20 + 30 * i, 40:180] = 0.9
+    prob[104:112, 20:24] = 0.9
+    return prob
+
+
+def _extent(polygon: np.ndarray) -> tuple[float, float, float, float]:
+    xs, ys = polygon[:, 0], polygon[:, 1]
+    return float(xs.max() - xs.min()), float(ys.max() - ys.min()), float(xs.mean()), float(ys.mean())
+
+
+def test_glyph_height_grows_a_lone_glyph_to_the_text_height_and_leaves_lines_alone() -> None:
+    rule = PostprocessConfig(thresh=0.3, box_thresh=0.5, unclip_ratio=1.5, min_size=2)
+    prob = _lines_and_a_glyph(3)
+    plain = boxes_from_prob(prob, rule)
+    grown = boxes_from_prob(prob, rule.model_copy(update={"glyph_height": 0.9}))
+    assert len(plain) == len(grown) == 4
+    glyph = min(range(4), key=lambda i: _extent(plain[i].polygon)[0])
+    line_height = _extent(plain[(glyph + 1) % 4].polygon)[1]
+    assert line_height == pytest.approx(9 + 2 * 139 * 9 * 1.5 / (2 * 148), abs=0.1)  # DB's unclip of a line
+    width, high, cx, cy = _extent(plain[glyph].polygon)
+    assert high < 0.6 * line_height  # DB's box of the glyph: half the line's height
+    new_width, new_high, new_cx, new_cy = _extent(grown[glyph].polygon)
+    assert new_high == pytest.approx(0.9 * line_height, abs=1e-6)
+    assert (new_width, new_cx, new_cy) == pytest.approx((width, cx, cy), abs=1e-6)
+    assert grown[glyph].score == plain[glyph].score
+    for i in range(4):
+        if i != glyph:
+            assert grown[i].polygon.tolist() == plain[i].polygon.tolist()
+    # A box counts as a glyph only under glyph_size x the text height; a box already as high is kept.
+    assert boxes_from_prob(prob, rule.model_copy(update={"glyph_height": 0.9, "glyph_size": 0.4}))[glyph].polygon.tolist() \
+        == plain[glyph].polygon.tolist()
+    assert boxes_from_prob(prob, rule.model_copy(update={"glyph_height": 0.3}))[glyph].polygon.tolist() \
+        == plain[glyph].polygon.tolist()
+
+
+def test_glyph_height_needs_three_text_lines_and_mode_wds() -> None:
+    rule = PostprocessConfig(thresh=0.3, box_thresh=0.5, unclip_ratio=1.5, min_size=2)
+    prob = _lines_and_a_glyph(2)  # two lines: no text height to trust
+    same = [d.polygon.tolist() for d in boxes_from_prob(prob, rule)]
+    assert [d.polygon.tolist() for d in boxes_from_prob(prob, rule.model_copy(update={"glyph_height": 0.9}))] == same
+    with pytest.raises(ValueError, match="postprocess.glyph_height applies to mode 'wds' only"):
+        PostprocessConfig(mode="db", glyph_height=0.8)

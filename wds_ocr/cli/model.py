@@ -193,7 +193,8 @@ def _cleval_line(cleval) -> str:
 @click.option("--sweep", "sweeps", multiple=True, metavar="FIELD=V1,V2,...",
               help="Also score every combination of these post-processing values on the same maps, e.g. "
                    "--sweep thresh=0.3,0.5,0.7 --sweep unclip_ratio=1.2,1.5 (fields: thresh, box_thresh, "
-                   "unclip_ratio, min_size; at most 256 combinations); prints the best as --set options.")
+                   "unclip_ratio, min_size, min_unclip, glyph_height, glyph_size; at most 256 combinations); "
+                   "prints the best as --set options.")
 @click.option("--save-best", type=click.Path(dir_okay=False, path_type=Path),
               help="With --sweep: write a copy of the checkpoint (weights and config, no optimizer state) whose "
                    "postprocess section is the best setting found, for evaluate, predict and export.")

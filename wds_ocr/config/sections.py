@@ -230,6 +230,12 @@ class PostprocessConfig(_Section):
     # area * unclip_ratio / perimeter is under a pixel for the few-pixel kernel a single narrow
     # glyph ("1") leaves, so its box stays too small to match its word; 0 keeps DB's rule.
     min_unclip: float = Field(default=0.0, ge=0.0, le=64.0)
+    # Lone glyphs (mode "wds"): a box whose long side is under glyph_size x the image's median text
+    # height (the short side of its boxes at least twice as long as high) is grown, along the text's
+    # height direction, to at least glyph_height x that height. A narrow "1" leaves a kernel a few
+    # pixels across whose unclipped box is too short as well as too narrow for its word; 0: off.
+    glyph_height: float = Field(default=0.0, ge=0.0, le=4.0)
+    glyph_size: float = Field(default=1.0, gt=0.0, le=10.0)
     # "wds": sub-pixel unclip, rounded score mask; "db": MhLiao/DB's boxes exactly (truncation to
     # whole pixels), to compare with published DB numbers (see eval/postprocess.py).
     mode: Literal["wds", "db"] = "wds"
@@ -239,6 +245,9 @@ class PostprocessConfig(_Section):
         if self.mode == "db" and self.min_unclip > 0:
             raise ValueError("postprocess.min_unclip applies to mode 'wds' only (mode 'db' is MhLiao/DB's exact "
                              "boxes); set min_unclip=0 or mode=wds")
+        if self.mode == "db" and self.glyph_height > 0:
+            raise ValueError("postprocess.glyph_height applies to mode 'wds' only (mode 'db' is MhLiao/DB's exact "
+                             "boxes); set glyph_height=0 or mode=wds")
         return self
 
 

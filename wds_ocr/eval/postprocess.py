@@ -8,7 +8,14 @@ Steps, per connected region of ``prob > thresh``:
 4. unclip: the rectangle offset outwards by ``area * unclip_ratio / perimeter``, at least ``min_unclip`` (pyclipper, round
    joins), which undoes the shrink the training targets applied to the text polygons;
 5. the minimum-area rectangle of the grown shape; dropped when its short side is below
-   ``min_size + 2``; finally clipped to the image.
+   ``min_size + 2``; finally clipped to the image;
+6. with ``glyph_height`` > 0, lone glyphs grow (``_grow_glyphs``): the image's text height is the
+   median short side of its line boxes (long side more than twice the short), the text direction
+   their mean orientation; a box whose long side is under ``glyph_size`` x that height and whose
+   extent across the text direction is under ``glyph_height`` x that height is redrawn as the
+   rectangle along the text direction that holds it, ``glyph_height`` x the text height high
+   (centred). DB's unclip grows a box by about half its *narrow* side, so the few-pixel
+   kernel of a "1" comes back too short as well as too narrow for its word.
 
 Coordinates are in the map's pixel frame with cv2's convention: a pixel's (column, row) index is its
 coordinate, so a region covering columns 30..89 yields a contour from x=30 to x=89.
@@ -108,7 +115,54 @@ def boxes_from_prob(
         box[:, 1] = np.clip(box[:, 1], 0.0, float(height))
         box.setflags(write=False)
         detections.append(Detection(polygon=box, score=score))
+    if config.glyph_height > 0:
+        detections = _grow_glyphs(detections, config, width, height)
     return detections
+
+
+# Boxes at least this many times as long as high are text lines; this many make a text height.
+_LINE_ASPECT = 2.0
+_MIN_LINES = 3
+
+
+def _grow_glyphs(detections: list[Detection], config: PostprocessConfig, width: int, height: int) -> list[Detection]:
+    """Step 6 of the module docstring: lone glyphs' boxes grown to the image's text height."""
+    sides, doubled = [], []
+    for detection in detections:
+        edges = np.diff(np.vstack([detection.polygon, detection.polygon[:1]]), axis=0)
+        lengths = np.linalg.norm(edges, axis=1)
+        longest = int(np.argmax(lengths))
+        if lengths.min() > 0 and lengths[longest] > _LINE_ASPECT * lengths.min():
+            angle = float(np.arctan2(edges[longest, 1], edges[longest, 0]))
+            sides.append(float(lengths.min()))
+            doubled.append((np.cos(2 * angle), np.sin(2 * angle)))
+    if len(sides) < _MIN_LINES:
+        return detections
+    text_height = float(np.median(sides))
+    cos2, sin2 = np.mean(doubled, axis=0)
+    angle = 0.5 * float(np.arctan2(sin2, cos2))
+    along = np.array([np.cos(angle), np.sin(angle)])
+    across = np.array([-along[1], along[0]])
+    grown = []
+    for detection in detections:
+        polygon = detection.polygon
+        lengths = np.linalg.norm(np.diff(np.vstack([polygon, polygon[:1]]), axis=0), axis=1)
+        if lengths.max() >= config.glyph_size * text_height:
+            grown.append(detection)
+            continue
+        u, v = polygon @ along, polygon @ across
+        if v.max() - v.min() >= config.glyph_height * text_height:
+            grown.append(detection)
+            continue
+        centre, half = 0.5 * (v.min() + v.max()), 0.5 * config.glyph_height * text_height
+        ends = ((u.min(), centre - half), (u.max(), centre - half), (u.max(), centre + half), (u.min(), centre + half))
+        corners = np.array([a * along + b * across for a, b in ends])
+        box = _order_clockwise(corners)
+        box[:, 0] = np.clip(box[:, 0], 0.0, float(width))
+        box[:, 1] = np.clip(box[:, 1], 0.0, float(height))
+        box.setflags(write=False)
+        grown.append(Detection(polygon=box, score=detection.score))
+    return grown
 
 
 def map_polygons(polygons: list[np.ndarray], matrix: np.ndarray) -> list[np.ndarray]:

@@ -201,7 +201,7 @@ def evaluate_source(checkpoint: str | Path | Checkpoint, source_dir: str | Path,
 
 
 # The post-processing fields ``evaluate --sweep`` can vary (``mode`` and ``max_candidates`` stay).
-SWEEP_FIELDS = ("thresh", "box_thresh", "unclip_ratio", "min_size", "min_unclip")
+SWEEP_FIELDS = ("thresh", "box_thresh", "unclip_ratio", "min_size", "min_unclip", "glyph_height", "glyph_size")
 
 
 def postprocess_grid(base: PostprocessConfig, specs: Sequence[str]) -> list[PostprocessConfig]:
