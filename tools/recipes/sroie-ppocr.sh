@@ -11,9 +11,10 @@
 # Stages: import the detector from the rapidocr-onnxruntime wheel (tools/_env.sh installs it),
 # build the shards at the recipe's transform.size, fine-tune with train --init, choose the
 # post-processing thresholds of the imported and of the fine-tuned detector on the TRAIN split
-# (evaluate --sweep --save-best: pretrained-tuned.pt, tuned.pt), evaluate tuned.pt on val from the
-# shards and through the live path (they must agree), then tools/bench_detectors.py: PP-OCRv4 as
-# shipped, the imported detector, and the fine-tuned one, side by side on val.
+# (evaluate --sweep --save-best: pretrained-thresholds.pt, tuned.pt; for the imported one, then
+# the growth of lone glyphs' boxes at its thresholds: pretrained-tuned.pt), evaluate tuned.pt on
+# val from the shards and through the live path (they must agree), then tools/bench_detectors.py:
+# PP-OCRv4 as shipped, the imported detector, and the fine-tuned one, side by side on val.
 set -euo pipefail
 recipe="${1:-cpu}"
 case "$recipe" in
@@ -45,6 +46,11 @@ stage "post-processing chosen on the train split"
 sweep=(--sweep thresh=0.2,0.3,0.4,0.5,0.6,0.7,0.8 --sweep box_thresh=0.5,0.6,0.7
        --sweep unclip_ratio=1.1,1.2,1.3,1.4,1.5,1.6)
 "$wds" evaluate --checkpoint "$pretrained" --shards "$shards/train" --quiet "${sweep[@]}" \
+  --save-best "$out/pretrained-thresholds.pt" | tail -4
+# Then, at those thresholds, how far lone glyphs' boxes grow (postprocess.glyph_height; 0 keeps
+# DB's boxes): PP-OCR's box of a narrow "1" is too short for its word.
+"$wds" evaluate --checkpoint "$out/pretrained-thresholds.pt" --shards "$shards/train" --quiet \
+  --sweep glyph_height=0,0.7,0.8,0.9,1.0 --sweep glyph_size=0.8,1.0,1.3 \
   --save-best "$out/pretrained-tuned.pt" | tail -4
 "$wds" evaluate --checkpoint "$out/last.pt" --shards "$shards/train" --quiet "${sweep[@]}" \
   --save-best "$out/tuned.pt" | tail -4
