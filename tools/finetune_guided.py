@@ -18,7 +18,8 @@ the imported model's kernels and changes only where the ground truth disagrees w
   labelled; with ``--add-missed``, plus the DB kernels of labelled words in which its largest
   probability is under 0.1 (words it does not see at all); with ``--short-words N``, plus the DB
   kernels (``targets.shrink_ratio``) of words of at most N characters, whose boxes it draws too
-  small (a "1" of 16 x 22 px comes out 8 x 14);
+  small (a "1" of 16 x 22 px comes out 8 x 14), each of their pixels counted ``--short-weight``
+  times in the BCE;
 - DB's balanced BCE (3 hard negatives per positive, weight 5) plus dice on the probability map;
   the threshold head and every BatchNorm's statistics stay as imported; SGD with momentum 0.9,
   linear warmup over 20 steps, then cosine decay;
@@ -96,9 +97,13 @@ def missed_kernels(gt: torch.Tensor, teacher: torch.Tensor, below: float) -> tor
     return missed
 
 
-def guided_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """DB's balanced BCE (3 hardest negatives per positive) x 5 plus dice, on probability logits."""
+def guided_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """DB's balanced BCE (3 hardest negatives per positive) x 5 plus dice, on probability logits;
+    ``weight`` (default 1) scales each pixel's BCE, so a few pixels can count as many."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none") * valid
+    if weight is not None:
+        bce = bce * weight
     positive, negative = target * valid, (1 - target) * valid
     count = int(positive.sum())
     hardest = (bce * negative).flatten().topk(min(int(negative.sum()), 3 * max(count, 1))).values
@@ -121,6 +126,8 @@ def main() -> None:
     parser.add_argument("--add-missed", action="store_true", help="words it does not see become positives")
     parser.add_argument("--short-words", type=int, default=0, metavar="N",
                         help="the DB kernels of words of at most N characters become positives")
+    parser.add_argument("--short-weight", type=float, default=1.0, metavar="W",
+                        help="each pixel of those kernels counts W times in the BCE")
     parser.add_argument("--config", type=Path, default=RECIPE, help="loader and augmentation settings")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -180,7 +187,10 @@ def run(args: argparse.Namespace) -> None:
             target = torch.maximum((teacher_prob > 0.5).float() * (slot & 1).float(), ((slot >> 1) & 1).float())
             if args.add_missed:
                 target = torch.maximum(target, missed_kernels(maps["gt"].float(), teacher_prob, 0.1).float())
-            loss = guided_loss(model(images)["prob_logits"][:, 0].float(), target, valid)
+            weight = None
+            if args.short_weight != 1.0:
+                weight = 1 + (args.short_weight - 1) * ((slot >> 1) & 1).float()
+            loss = guided_loss(model(images)["prob_logits"][:, 0].float(), target, valid, weight)
             optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trained, 5.0)

@@ -48,6 +48,14 @@ def test_the_guided_loss_is_small_for_the_target_and_large_against_it(guided):
     assert float(oppose) > 5 * 11.9  # every counted pixel wrong by a logit of 12, plus dice near 1
     masked = guided.guided_loss(torch.where(target > 0, -12.0, 12.0), target, torch.zeros_like(target))
     assert float(masked) == pytest.approx(1.0, abs=1e-3)  # nothing valid: only dice's constant remains
+    one_wrong = torch.where(target > 0, 12.0, -12.0)
+    one_wrong[0, 2, 2] = -12.0  # one positive pixel wrong by a logit of 12
+    weight = torch.ones_like(target)
+    weight[0, 2, 2] = 10.0  # --short-weight 10 on that pixel
+    plain = guided.guided_loss(one_wrong, target, valid)
+    weighted = guided.guided_loss(one_wrong, target, valid, weight)
+    # 24 positives and their 72 hardest negatives share the BCE's denominator; x5 for the BCE's weight
+    assert float(weighted - plain) == pytest.approx(5 * 9 * 12.0 / 96, rel=1e-3)
 
 
 def test_word_masks_hold_the_word_polygons_and_the_pipelines_kernels(guided, synth_root):
