@@ -291,7 +291,7 @@ def test_record_that_differs_from_the_live_pipeline_only(folder, synth_root):
 
 def test_record_missing_from_shards_and_rejects(folder, synth_root):
     kept = members(folder)
-    dropped = kept.pop(2)
+    del kept[2]
     rewrite_shard(folder, [(m.key, m.data) for m in kept])
     # rewrite_shard lowered counts.written and counts.samples_in to match: the listing still counts 9
     refused = [(None, None, f"{folder / 'manifest.json'}: counts.samples_in=8 but the source lists 9 samples for "
