@@ -321,3 +321,27 @@ def test_glyph_height_needs_three_text_lines_and_mode_wds() -> None:
     assert [d.polygon.tolist() for d in boxes_from_prob(prob, rule.model_copy(update={"glyph_height": 0.9}))] == same
     with pytest.raises(ValueError, match="postprocess.glyph_height applies to mode 'wds' only"):
         PostprocessConfig(mode="db", glyph_height=0.8)
+
+
+def test_glyph_height_grows_across_the_text_direction_on_a_rotated_receipt() -> None:
+    rule = PostprocessConfig(thresh=0.3, box_thresh=0.5, unclip_ratio=1.5, min_size=2)
+    upright = np.zeros((260, 260), dtype=np.float32)
+    upright[65:195, 30:230] = _lines_and_a_glyph(3)
+    turn = cv2.getRotationMatrix2D((130.0, 130.0), 20.0, 1.0)
+    prob = cv2.warpAffine(upright, turn, (260, 260), flags=cv2.INTER_NEAREST)
+    plain = boxes_from_prob(prob, rule)
+    grown = boxes_from_prob(prob, rule.model_copy(update={"glyph_height": 0.9}))
+    assert len(plain) == len(grown) == 4
+    sides = [np.linalg.norm(np.diff(np.vstack([d.polygon, d.polygon[:1]]), axis=0), axis=1) for d in plain]
+    glyph = int(np.argmin([s.max() for s in sides]))
+    line = (glyph + 1) % 4
+    edges = np.diff(np.vstack([plain[line].polygon, plain[line].polygon[:1]]), axis=0)
+    along = edges[int(np.argmax(sides[line]))] / sides[line].max()
+    across = np.array([-along[1], along[0]])
+    text_height = float(np.median([s.min() for i, s in enumerate(sides) if i != glyph]))
+    before, after = plain[glyph].polygon @ across, grown[glyph].polygon @ across
+    assert before.max() - before.min() < 0.6 * text_height
+    assert after.max() - after.min() == pytest.approx(0.9 * text_height, abs=0.1)
+    assert after.mean() == pytest.approx(before.mean(), abs=0.1)  # centred where the glyph is
+    width_before, width_after = plain[glyph].polygon @ along, grown[glyph].polygon @ along
+    assert width_after.max() - width_after.min() == pytest.approx(width_before.max() - width_before.min(), abs=0.5)
