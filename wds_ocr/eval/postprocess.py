@@ -125,12 +125,17 @@ _LINE_ASPECT = 2.0
 _MIN_LINES = 3
 
 
+def _edges(polygon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A closed polygon's edge vectors and their lengths."""
+    edges = np.diff(np.vstack([polygon, polygon[:1]]), axis=0)
+    return edges, np.linalg.norm(edges, axis=1)
+
+
 def _grow_glyphs(detections: list[Detection], config: PostprocessConfig, width: int, height: int) -> list[Detection]:
     """Step 6 of the module docstring: lone glyphs' boxes grown to the image's text height."""
     sides, doubled = [], []
     for detection in detections:
-        edges = np.diff(np.vstack([detection.polygon, detection.polygon[:1]]), axis=0)
-        lengths = np.linalg.norm(edges, axis=1)
+        edges, lengths = _edges(detection.polygon)
         longest = int(np.argmax(lengths))
         if lengths.min() > 0 and lengths[longest] > _LINE_ASPECT * lengths.min():
             angle = float(np.arctan2(edges[longest, 1], edges[longest, 0]))
@@ -146,8 +151,7 @@ def _grow_glyphs(detections: list[Detection], config: PostprocessConfig, width: 
     grown = []
     for detection in detections:
         polygon = detection.polygon
-        lengths = np.linalg.norm(np.diff(np.vstack([polygon, polygon[:1]]), axis=0), axis=1)
-        if lengths.max() >= config.glyph_size * text_height:
+        if _edges(polygon)[1].max() >= config.glyph_size * text_height:
             grown.append(detection)
             continue
         u, v = polygon @ along, polygon @ across
