@@ -14,7 +14,8 @@
 # (evaluate --sweep --save-best: pretrained-thresholds.pt, tuned.pt; for the imported one, then
 # the growth of lone glyphs' boxes at its thresholds: pretrained-tuned.pt), evaluate tuned.pt on
 # val from the shards and through the live path (they must agree), then tools/bench_detectors.py:
-# PP-OCRv4 as shipped, the imported detector, and the fine-tuned one, side by side on val.
+# PP-OCRv4 as shipped, the imported detector, and the fine-tuned one, side by side on val. Last,
+# final.pt: the better on val of pretrained-tuned.pt and tuned.pt (the detector to deploy).
 set -euo pipefail
 recipe="${1:-cpu}"
 case "$recipe" in
@@ -63,7 +64,7 @@ stage "side by side with PP-OCRv4"
   --json "$out/detectors.json" | tee "$out/detectors.txt"
 stage "done"
 .venv/bin/python - "$out" "$((SECONDS - started))" <<'PY'
-import json, sys
+import json, shutil, sys
 from pathlib import Path
 out, seconds = Path(sys.argv[1]), int(sys.argv[2])
 a, b = (json.loads((out / f"eval-{kind}.json").read_text()) for kind in ("shards", "source"))
@@ -74,11 +75,19 @@ peer, imported, imported_tuned, fine_tuned, tuned = rows
 print(f"tuned.pt, val from shards:    P {a['precision']:.4f}  R {a['recall']:.4f}  H-mean {a['hmean']:.4f}")
 print(f"tuned.pt, val from live path: P {b['precision']:.4f}  R {b['recall']:.4f}  H-mean {b['hmean']:.4f}")
 print(f"shards and live path agree: {'yes' if same else 'NO'}")
-for label, row in (("imported", imported), ("imported, thresholds from train", imported_tuned),
+for label, row in (("imported", imported), ("imported, post-processing from train", imported_tuned),
                    ("fine-tuned", fine_tuned), ("fine-tuned, thresholds from train", tuned)):
-    print(f"{label:34s} {row['hmean']:.4f} vs PP-OCRv4 {peer['hmean']:.4f}: {row['hmean'] - peer['hmean']:+.4f} H-mean")
+    print(f"{label:37s} {row['hmean']:.4f} vs PP-OCRv4 {peer['hmean']:.4f}: {row['hmean'] - peer['hmean']:+.4f} H-mean")
+# The detector this recipe hands over: of the two whose post-processing was chosen on train, the one
+# that scores higher on val (the held-out split; score final.pt on receipts neither split holds).
+candidates = {"pretrained-tuned.pt": imported_tuned, "tuned.pt": tuned}
+chosen = max(candidates, key=lambda name: candidates[name]["hmean"])
+shutil.copyfile(out / chosen, out / "final.pt")
+print(f"final.pt: a copy of {chosen} (val H-mean {candidates[chosen]['hmean']:.4f}, "
+      f"{candidates[chosen]['hmean'] - peer['hmean']:+.4f} against PP-OCRv4)")
 print(f"wall time {seconds} s ({seconds / 60:.1f} min)")
 (out / "recipe.json").write_text(json.dumps({"shards": a, "source": b, "agree": same, "detectors": rows,
-                                             "wall_seconds": seconds}, indent=1, sort_keys=True) + "\n")
+                                             "final": chosen, "wall_seconds": seconds},
+                                            indent=1, sort_keys=True) + "\n")
 sys.exit(0 if same else 1)
 PY
