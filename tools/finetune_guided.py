@@ -57,6 +57,7 @@ from wds_ocr.loader.device import Augmenter, content_regions, normalize, to_devi
 from wds_ocr.loader.loaders import make_loader
 from wds_ocr.loader.stream import ShardStream
 from wds_ocr.run.checkpoint import open_checkpoint, save_checkpoint
+from wds_ocr.run.runtime import resolve_device
 
 RECIPE = Path(__file__).parent / "recipes" / "sroie-ppocr.toml"
 
@@ -129,7 +130,13 @@ def main() -> None:
     parser.add_argument("--short-weight", type=float, default=1.0, metavar="W",
                         help="each pixel of those kernels counts W times in the BCE")
     parser.add_argument("--config", type=Path, default=RECIPE, help="loader and augmentation settings")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a setting of --config (repeatable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... [auto: CUDA where present]")
+    parser.add_argument("--max-seconds", type=float, default=0.0, metavar="S",
+                        help="a time budget (0: none): the cosine decay follows whichever of steps and seconds "
+                             "is further along, and the run stops when either is used up")
     args = parser.parse_args()
     try:
         run(args)
@@ -139,10 +146,11 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
-    config = load_config(args.config, ["augment.hflip=0", "augment.rotate_degrees=5"])
+    device = resolve_device(args.device)
+    config = load_config(args.config, ["augment.hflip=0", "augment.rotate_degrees=5", *args.overrides])
     start = open_checkpoint(args.init)
-    model = start.model(torch.device("cpu"))
-    teacher = open_checkpoint(args.init).model(torch.device("cpu")).eval()
+    model = start.model(device)
+    teacher = open_checkpoint(args.init).model(device).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     for name, parameter in model.named_parameters():
@@ -159,25 +167,32 @@ def run(args: argparse.Namespace) -> None:
     masks = word_masks(args.source, args.split, size, [f"transform.jpeg_reduction={reduction}"], args.short_words)
     augmenter = Augmenter(config.augment, config.targets.thresh_min, seed=args.seed)
     step, epoch, started = 0, 0, time.perf_counter()
-    while step < args.steps:
+    out_of_time = False
+    while step < args.steps and not out_of_time:
         stream.set_epoch(epoch)
         for batch in make_loader(stream):
             if step >= args.steps:
                 break
+            along = step / args.steps
+            if args.max_seconds:
+                along = max(along, (time.perf_counter() - started) / args.max_seconds)
+                if along >= 1.0:
+                    out_of_time = True
+                    break
             model.train()
             for module in model.modules():
                 if isinstance(module, torch.nn.BatchNorm2d):
                     module.eval()
-            lr = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            lr = args.lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(1.0, along)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            on_device = to_device(batch, "cpu")
+            on_device = to_device(batch, device)
             maps = on_device.maps()
             missing = [info.name for info in batch.info if info.name not in masks]
             if missing:
                 raise ValueError(f"records {missing[:3]} of {args.shards} are not in {args.source} split "
                                  f"{args.split!r}: give the source and split the shards were built from")
-            maps["thresh_mask"] = torch.stack([masks[info.name] for info in batch.info]).to(maps["thresh_mask"].dtype)
+            maps["thresh_mask"] = torch.stack([masks[info.name] for info in batch.info]).to(device, maps["thresh_mask"].dtype)
             raw = on_device.images.permute(0, 3, 1, 2).float()
             raw, maps = augmenter(raw, maps, epoch, batch.index, 0, content_regions(batch.info))
             images = normalize(raw.permute(0, 2, 3, 1), model.normalization)
@@ -201,8 +216,10 @@ def run(args: argparse.Namespace) -> None:
                       f"{time.perf_counter() - started:.0f} s", flush=True)
         epoch += 1
     model.eval()
-    save_checkpoint(args.out, {"config": start.body["config"], "model": model.state_dict()})
-    print(f"wrote {args.out} after {step} steps in {time.perf_counter() - started:.0f} s")
+    state = {name: tensor.cpu() for name, tensor in model.state_dict().items()}
+    save_checkpoint(args.out, {"config": start.body["config"], "model": state})
+    stopped = f" (the --max-seconds {args.max_seconds:g} budget ended it; {args.steps} were planned)" if out_of_time else ""
+    print(f"wrote {args.out} after {step} steps in {time.perf_counter() - started:.0f} s{stopped}")
 
 
 if __name__ == "__main__":

@@ -85,3 +85,78 @@ def test_word_masks_hold_the_word_polygons_and_the_pipelines_kernels(guided, syn
         assert not np.any(((few >> 1) & 1) > ((mask >> 1) & 1))  # short words' kernels are a part
         shorter += int(((few >> 1) & 1).sum() < ((mask >> 1) & 1).sum())
     assert shorter == len(samples)  # each synthetic receipt has words longer than 3 characters
+
+
+# ---------------------------------------------------------------- the PP-OCRv4 GPU check (tools/gpu_check.py --ppocr)
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return _tool("gpu_check")
+
+
+def test_a_shrunk_split_gives_the_records_of_the_originals(gpu_check, sroie_root, tmp_path):
+    """The copy a device machine trains on: upright, 1600 px, points scaled; the 1600 px records
+    built from it match those built from the original receipts (one of them EXIF-rotated)."""
+    from wds_ocr.config import load_config
+    from wds_ocr.data.images import read_image_bytes, read_orientation
+    from wds_ocr.data.pipeline import process_sample
+    from wds_ocr.data.sources import list_source
+
+    subset = gpu_check.subset_source(sroie_root, tmp_path / "subset", (5, 0))  # sroie_020 is EXIF-rotated
+    assert read_orientation((subset / "images" / "train" / "sroie_020.jpg").read_bytes()) == 3
+    counts = gpu_check.shrink_split(subset, "train", tmp_path / "copy", 1600)
+    assert counts == {"images": 5, "words": counts["words"], "samples_in": 5, "left_out": [], "words_left_out": []}
+    config = load_config(None, ["transform.size=1600", "transform.jpeg_reduction=off"])
+    originals = list_source(subset, "train", config.source).samples
+    copies = list_source(tmp_path / "copy", "train", config.source).samples
+    assert [s.name for s in copies] == [s.name for s in originals] and sum(len(s.words) for s in copies) == counts["words"]
+    for original, copy in zip(originals, copies):
+        data = read_image_bytes(copy.image_path, copy.name)
+        assert read_orientation(data) == 1
+        a = process_sample(original, config, read_image_bytes(original.image_path, original.name))
+        b = process_sample(copy, config, data)
+        assert a.image.shape == b.image.shape
+        assert np.abs(a.image.astype(np.int16) - b.image.astype(np.int16)).mean() < 2.0  # resampling and JPEG noise
+        for p, q in zip(a.meta.polygons, b.meta.polygons):
+            assert np.abs(np.asarray(p) - np.asarray(q)).max() < 1.0  # record pixels
+        assert [w.text for w in copy.words] == [w.text for w in original.words]
+
+
+def test_the_ppocr_check_runs_end_to_end_on_the_cpu(gpu_check, synth_root, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import random_checkpoint
+    from wds_ocr.config import load_config
+
+    init = random_checkpoint(tmp_path, load_config(None, ["model.neck_channels=32"]))
+    script = str(REPO_ROOT / "tools" / "gpu_check.py")
+    prepared = tmp_path / "prepared"
+    done = subprocess.run([sys.executable, script, "--ppocr-prepare", str(prepared), "--init", str(init),
+                           "--source", str(synth_root)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["train"]["images"] == 9 and (prepared / "init.pt").is_file()
+    done = subprocess.run([sys.executable, script, "--ppocr", str(prepared), "--out", str(tmp_path / "out"),
+                           "--smoke", "--device", "cpu", "--guided-steps", "2", "--db-steps", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["build"]["records"] == 9
+    assert summary["guided"]["returncode"] == 0 and "after 2 steps" in summary["guided"]["log"][-1]
+    assert summary["db"]["returncode"] == 0 and summary["db"]["steps"] == 2
+    assert (tmp_path / "out" / "guided.pt").is_file() and (tmp_path / "out" / "db.pt").is_file()
+    import shutil
+
+    broken = shutil.copytree(synth_root, tmp_path / "broken")
+    (broken / "images" / "train" / "synth_0001.jpg").write_bytes(b"\xff\xd8\xff not a whole JPEG")
+    (broken / "images" / "train" / "stray.jpg").write_bytes((broken / "images" / "train" / "synth_0002.jpg").read_bytes())
+    counts = gpu_check.shrink_split(broken, "train", tmp_path / "copy", 1600)
+    assert counts["images"] == 8 and counts["samples_in"] == 10  # 9 annotated, one stray image
+    assert counts["left_out"] == [f"stray.jpg: image has no entry in {broken / 'jsons' / 'train.json'}",
+                                  "synth_0001.jpg: truncated JPEG: the file ends inside its header; copy or download "
+                                  "the file again (it is incomplete)"]
+    missing = subprocess.run([sys.executable, script, "--ppocr", str(tmp_path / "nothing"), "--out", str(tmp_path)],
+                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert missing.returncode == 1 and "init.pt is missing: run --ppocr-prepare" in missing.stderr
