@@ -134,10 +134,9 @@ def test_the_ppocr_check_runs_end_to_end_on_the_cpu(gpu_check, synth_root, tmp_p
     init = random_checkpoint(tmp_path, load_config(None, ["model.neck_channels=32"]))
     script = str(REPO_ROOT / "tools" / "gpu_check.py")
     prepared = tmp_path / "prepared"
-    done = subprocess.run([sys.executable, script, "--ppocr-prepare", str(prepared), "--init", str(init),
-                           "--source", str(synth_root)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout)["train"]["images"] == 9 and (prepared / "init.pt").is_file()
+    ready = gpu_check.ppocr_prepare(gpu_check.parse_args(["--ppocr-prepare", str(prepared), "--init", str(init),
+                                                          "--source", str(synth_root)]))
+    assert ready["train"]["images"] == 9 and (prepared / "init.pt").read_bytes() == init.read_bytes()
     done = subprocess.run([sys.executable, script, "--ppocr", str(prepared), "--out", str(tmp_path / "out"),
                            "--smoke", "--device", "cpu", "--guided-steps", "2", "--db-steps", "2"],
                           capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
@@ -157,6 +156,5 @@ def test_the_ppocr_check_runs_end_to_end_on_the_cpu(gpu_check, synth_root, tmp_p
     assert counts["left_out"] == [f"stray.jpg: image has no entry in {broken / 'jsons' / 'train.json'}",
                                   "synth_0001.jpg: truncated JPEG: the file ends inside its header; copy or download "
                                   "the file again (it is incomplete)"]
-    missing = subprocess.run([sys.executable, script, "--ppocr", str(tmp_path / "nothing"), "--out", str(tmp_path)],
-                             capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
-    assert missing.returncode == 1 and "init.pt is missing: run --ppocr-prepare" in missing.stderr
+    with pytest.raises(SystemExit, match="init.pt is missing: run --ppocr-prepare"):
+        gpu_check.main(["--ppocr", str(tmp_path / "nothing"), "--out", str(tmp_path)])
