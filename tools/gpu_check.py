@@ -180,6 +180,9 @@ def ppocr_prepare(args: argparse.Namespace) -> dict:
         raise SystemExit(f"gpu_check: {args.init} does not exist: run wds-ocr import-ppocr --out {args.init} first")
     if not (args.source / "jsons" / "train.json").is_file():
         raise SystemExit(f"gpu_check: {args.source} has no jsons/train.json: give --source a receipt dataset")
+    from wds_ocr.run.checkpoint import open_checkpoint
+
+    open_checkpoint(args.init).model(torch.device("cpu"))  # refused here, not after a device machine started
     out = args.ppocr_prepare
     counts = shrink_split(args.source, "train", out / "source", PPOCR_LONG_SIDE)
     shutil.copyfile(args.init, out / "init.pt")

@@ -156,5 +156,10 @@ def test_the_ppocr_check_runs_end_to_end_on_the_cpu(gpu_check, synth_root, tmp_p
     assert counts["left_out"] == [f"stray.jpg: image has no entry in {broken / 'jsons' / 'train.json'}",
                                   "synth_0001.jpg: truncated JPEG: the file ends inside its header; copy or download "
                                   "the file again (it is incomplete)"]
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="bad.pt is not a torch checkpoint"):
+        gpu_check.main(["--ppocr-prepare", str(tmp_path / "never"), "--init", str(tmp_path / "bad.pt"),
+                        "--source", str(synth_root)])
+    assert not (tmp_path / "never").exists()
     with pytest.raises(SystemExit, match="init.pt is missing: run --ppocr-prepare"):
         gpu_check.main(["--ppocr", str(tmp_path / "nothing"), "--out", str(tmp_path)])
